@@ -1,0 +1,20 @@
+"""User-facing errors: caught at the CLI edge and printed as one line with exit code 2.
+
+Bugs are not wrapped in these: they keep their tracebacks.
+"""
+
+
+class UserError(Exception):
+    """A mistake in what the user gave us (config, data, workdir, checkpoint)."""
+
+
+class ConfigError(UserError):
+    """A config key is unknown, mistyped or inconsistent with the machine."""
+
+
+class DataError(UserError):
+    """A corpus, data file or record is missing, empty or malformed."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or does not match the config."""

@@ -1,0 +1,29 @@
+"""Install with `pip install -e .` (add `[test]` for the test suite)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lm",
+    version="0.1.0",
+    description="JAX/Flax recipe for language models: pretraining, scaling laws, SFT, reward models, PPO.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lm", "lm.*", "experiments", "experiments.*", "configs", "configs.*", "tools", "tools.*"]),
+    install_requires=[
+        "jax>=0.4.35",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.9",
+        "tensorflow-datasets>=4.9.7",
+        "array_record>=0.5",
+        "sentencepiece>=0.2",
+        "ml-collections>=0.1.1",
+        "absl-py",
+        "numpy",
+        "tqdm",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "chex"],
+        "bench": ["torch==2.13.0"],
+        "slurm": ["submitit"],
+    },
+)

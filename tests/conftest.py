@@ -1,0 +1,5 @@
+"""Test setup: 8 simulated CPU devices, so sharding runs on real multi-device meshes."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
