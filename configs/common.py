@@ -1,0 +1,145 @@
+"""The base config every task extends: one place for every key and its default.
+
+A config file starts from `get_base_config()` and sets what differs. Keys are fixed here: the
+runner loads configs with `lock_config=True`, so a mistyped override fails instead of adding one.
+"""
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the defaults for every section (task, model, data, optimizer, train, mesh, ...)."""
+    c = ml_collections.ConfigDict()
+    c.task = 'pretrain'          # pretrain (sft, reward, ppo later)
+    c.seed = 0
+    c.init_from = ''             # a workdir or orbax checkpoint path to initialise parameters from
+
+    # Model: keys are the fields of lm.model.ModelConfig. Defaults are GPT-2 style.
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0       # 0: the tokenizer's vocabulary size
+    c.model.num_layers = 6
+    c.model.num_heads = 6
+    c.model.num_kv_heads = 0     # 0: same as num_heads (multi-head); fewer: grouped-query
+    c.model.head_dim = 0         # 0: d_model // num_heads
+    c.model.d_model = 384
+    c.model.d_ff = 1536
+    c.model.max_seq_len = 256
+    c.model.positions = 'learned'  # learned | rotary
+    c.model.norm = 'layernorm'     # layernorm | rmsnorm
+    c.model.mlp = 'gelu'           # gelu | swiglu
+    c.model.tie_embeddings = True
+    c.model.use_bias = True
+    c.model.dropout = 0.0
+    c.model.rope_theta = 10000.0
+    c.model.norm_eps = 1e-5
+    c.model.remat = 'none'         # none | full | dots: activation recomputation per block
+
+    c.precision = ml_collections.ConfigDict()
+    c.precision.param_dtype = 'float32'
+    c.precision.compute_dtype = 'float32'
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = 'stdlib'     # stdlib | text_files | tfds:<name>
+    c.data.files = ''            # text_files: a glob or a comma-separated list of .txt/.jsonl
+    c.data.text_field = 'text'   # the text field of .jsonl records and TFDS datasets
+    c.data.data_dir = ''         # '': $LM_DATA_DIR or ~/.cache/lm/data
+    c.data.eval_fraction = 0.05
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = 'sentencepiece'  # sentencepiece | byte
+    c.tokenizer.vocab_size = 4096
+    c.tokenizer.model_type = 'bpe'      # bpe | unigram
+    c.tokenizer.split_digits = True
+    c.tokenizer.path = ''               # a trained .model to use instead of training one
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-3
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 0.1
+    c.optimizer.decay_embeddings = False  # norms and biases are never decayed
+    c.optimizer.clip_norm = 1.0           # global gradient norm; 0 disables
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.kind = 'cosine'    # cosine | wsd (warmup-stable-decay) | constant
+    c.schedule.warmup_steps = 100
+    c.schedule.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
+    c.schedule.decay_fraction = 0.2  # wsd: fraction of the steps spent decaying
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.global_batch_size = 32
+    c.train.seq_len = 256
+    c.train.grad_accum = 1        # microbatches per step (lax.scan inside the step)
+    c.train.log_every = 10
+    c.train.eval_every = 200      # 0: only at the end
+    c.train.eval_batches = 20     # 0: the whole held-out split
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.peak_flops = 0.0      # FLOP/s per device for MFU; 0: measured by a matmul probe
+    c.train.num_samples = 3       # samples printed and saved at the end
+    c.train.sample_tokens = 64
+    c.train.sample_prompt = ''    # '': each sample starts from BOS alone
+
+    # Mesh axis sizes; -1 takes the devices left over. Their product must equal the device count.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    # Logical axis -> mesh axes (lm/sharding.py names the logical axes).
+    c.axis_rules = [
+            ('batch', ('data', 'fsdp')),
+            ('embed', 'fsdp'),
+            ('mlp', 'tensor'),
+            ('heads', 'tensor'),
+            ('kv_heads', 'tensor'),
+            ('vocab', 'tensor'),
+    ]
+    return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses a config-file argument 'size=small,smoke' into {'size': 'small', 'smoke': True}.
+
+    Only the names given in `defaults` are allowed; values take the type of their default.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        key, _, value = item.partition('=')
+        if key not in defaults:
+            raise ValueError(f'config argument {key!r} is not one of {sorted(defaults)}')
+        default = defaults[key]
+        if not value:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ('1', 'true', 'yes')
+        else:
+            out[key] = type(default)(value)
+    return out
+
+
+def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks any config to a seconds-long CPU run of the same code paths (the `smoke` variant)."""
+    c.model.num_layers = 2
+    c.model.d_model = 64
+    c.model.num_heads = 4
+    c.model.num_kv_heads = min(c.model.num_kv_heads, 2)
+    c.model.head_dim = 0
+    c.model.d_ff = 128 if c.model.mlp == 'swiglu' else 256
+    c.model.max_seq_len = 64
+    c.model.vocab_size = 0
+    c.tokenizer.kind = 'byte'
+    c.precision.compute_dtype = 'float32'
+    c.train.steps = 6
+    c.train.global_batch_size = 8
+    c.train.seq_len = 64
+    c.train.grad_accum = 1
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    c.train.eval_batches = 2
+    c.train.checkpoint_every = 3
+    c.train.num_samples = 1
+    c.train.sample_tokens = 8
+    c.schedule.warmup_steps = 2
+    return c

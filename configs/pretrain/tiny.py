@@ -1,0 +1,22 @@
+"""A small model trained on the embedded default corpus in a few minutes on 2 CPU cores."""
+from configs import common
+
+
+def get_config(arg=None):
+    del arg
+    c = common.get_base_config()
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.d_model = 256
+    c.model.d_ff = 1024
+    c.model.max_seq_len = 256
+    c.tokenizer.vocab_size = 4096
+    c.optimizer.lr = 3e-3
+    c.schedule.warmup_steps = 50
+    c.train.steps = 600
+    c.train.global_batch_size = 16
+    c.train.seq_len = 256
+    c.train.log_every = 20
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    return c

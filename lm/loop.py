@@ -1,0 +1,83 @@
+"""The one training loop every task shares: prefetch, step, log, evaluate, checkpoint.
+
+The host never waits on the device except at log, eval and checkpoint steps: batches are built
+ahead in a thread, and metrics stay on the device until a log step fetches them.
+"""
+import queue
+import threading
+import time
+from typing import Callable
+
+import jax
+
+from lm import checkpoint, metrics as metrics_lib
+
+
+class Prefetcher:
+    """Builds `batch_fn(step)` for steps start..stop-1 in a background thread, `depth` ahead."""
+
+    def __init__(self, batch_fn: Callable[[int], dict], start: int, stop: int, depth: int = 2):
+        self._queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._fill, args=(batch_fn, start, stop), daemon=True)
+        self._thread.start()
+
+    def _fill(self, batch_fn, start, stop):
+        for step in range(start, stop):
+            try:
+                self._queue.put((step, batch_fn(step), None))
+            except Exception as e:  # handed to the consumer, which re-raises it with its traceback
+                self._queue.put((step, None, e))
+                return
+
+    def get(self, step: int) -> dict:
+        """The batch for `step` (steps must be asked for in order)."""
+        got, batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        assert got == step, (got, step)
+        return batch
+
+
+def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta: dict,
+               writer: metrics_lib.MetricsWriter, tokens_per_step: int, flops_per_step: float,
+               peak_flops: float):
+    """Runs steps `state.step .. train_cfg.steps`, returns the final state.
+
+    Args:
+      step_fn: the compiled `(state, batch) -> (state, metrics)`.
+      batch_fn: `step -> batch` of global sharded arrays (a pure function of the step).
+      eval_fn: `params -> dict` of eval metrics (`eval_loss`, ...), or None.
+      tokens_per_step, flops_per_step: for tokens/s and MFU (model FLOPs, PaLM convention).
+      peak_flops: the FLOP/s of all devices together, for MFU.
+    """
+    start, total = int(state.step), int(train_cfg.steps)
+    batches = Prefetcher(batch_fn, start, total)
+    bar = metrics_lib.progress_bar(start, total)
+    clock, clock_step = time.perf_counter(), start
+    for step in range(start, total):
+        state, step_metrics = step_fn(state, batches.get(step))
+        done = step + 1
+        last = done == total
+        record = {}
+        if done % train_cfg.log_every == 0 or last:
+            record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+            seconds = time.perf_counter() - clock
+            record["tokens_seen"] = done * tokens_per_step
+            record["tokens_per_sec"] = tokens_per_step * (done - clock_step) / seconds
+            record["mfu"] = flops_per_step * (done - clock_step) / seconds / peak_flops
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                            refresh=False)
+        paused = False
+        if eval_fn is not None and ((train_cfg.eval_every and done % train_cfg.eval_every == 0) or last):
+            record.update(eval_fn(state.params))
+            paused = True
+        if record:
+            writer.write(done, record)
+        if done % train_cfg.checkpoint_every == 0 or last:
+            checkpoint.save(ckpt_mngr, done, state, meta)
+            paused = True
+        if record or paused:  # throughput counts only time spent stepping
+            clock, clock_step = time.perf_counter(), done
+        bar.update(1)
+    bar.close()
+    return state

@@ -1,0 +1,99 @@
+"""The train state pytree, its sharded creation, and the generic jitted train step.
+
+Every task supplies a `loss_fn(params, batch, rng) -> (loss_sum, aux)` where `aux` holds
+`weight` (the number of tokens or examples the sum is over) and any other sums to report; the step
+here turns it into one exact mean gradient over the whole global batch, accumulated over
+microbatches with a `lax.scan` when `grad_accum > 1`.
+"""
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """What a checkpoint holds: step (int32 scalar), params, opt_state, rng (base PRNG key)."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules):
+    """Creates the state already sharded: shapes and logical axes from `jax.eval_shape`, then one
+    `jax.jit(..., out_shardings=...)` so no full copy ever lives on one device.
+
+    Args:
+      init_params: `rng -> params` whose leaves are `nn.LogicallyPartitioned` (a Flax `init`).
+    Returns:
+      (state, state_shardings): the state and the NamedSharding tree matching it.
+    """
+    def boxed_state(rng):
+        init_rng, train_rng = jax.random.split(rng)
+        params = init_params(init_rng)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=train_rng)
+
+    rng = jax.random.PRNGKey(seed)
+    shardings = sharding.tree_shardings(jax.eval_shape(boxed_state, rng), mesh, rules)
+    state = jax.jit(lambda r: nn.meta.unbox(boxed_state(r)), out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def _microbatches(batch, grad_accum: int):
+    """`[batch, ...]` -> `[grad_accum, batch // grad_accum, ...]`, microbatch j = rows j, j+k, ...
+
+    Interleaving keeps every microbatch spread over all devices holding the batch.
+    """
+    def split(x):
+        x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+    return jax.tree.map(split, batch)
+
+
+def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, grad_accum: int = 1):
+    """One optimizer update on the global batch. Pure: `(state, batch) -> (state, metrics)`.
+
+    Args:
+      batch: dict of `[global_batch, ...]` arrays.
+      loss_fn: `(params, batch, rng) -> (loss_sum, aux)`, aux a dict with `weight` and other sums.
+    Returns:
+      the new state and a flat dict of scalar metrics (loss, grad_norm, learning_rate, and each aux
+      sum divided by the total weight).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
+    else:
+        def accumulate(carry, xs):
+            i, micro = xs
+            (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (l, a, g)), None
+        (l0, a0), g0 = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum)), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+        xs = (jnp.arange(grad_accum), _microbatches(batch, grad_accum))
+        (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, xs)
+    weight = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {k: v / weight for k, v in aux.items() if k != "weight"}
+    metrics.update(loss=loss_sum / weight, grad_norm=optax.global_norm(grads),
+                   learning_rate=schedule(state.step))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+
+def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh):
+    """`train_step` jitted once with explicit shardings and the state donated."""
+    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
