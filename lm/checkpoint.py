@@ -48,3 +48,34 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
 def abstract_like(state, shardings):
     """`jax.ShapeDtypeStruct`s with shardings: the restore target for a state shaped like `state`."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def _state_dir(path: str) -> str:
+    """The `state` item directory of a workdir, its checkpoints/ dir, or one step's directory."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(path, "state")):
+        return os.path.join(path, "state")
+    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
+    if not steps:
+        raise CheckpointError(f"no checkpoint found at {path}")
+    return os.path.join(root, str(max(steps)), "state")
+
+
+def restore_params(path: str, abstract_params):
+    """Restores only the parameters of a saved train state, into `abstract_params`' shapes/shardings.
+
+    Args:
+      path: a workdir, its checkpoints/ directory, or one step's directory (newest step is taken).
+      abstract_params: pytree of `jax.ShapeDtypeStruct` (with `.sharding`) shaped like the params.
+    """
+    directory = _state_dir(path)
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
+    try:
+        with ocp.PyTreeCheckpointer() as ckptr:
+            restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+                item={"params": abstract_params}, restore_args={"params": restore_args},
+                partial_restore=True))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"cannot restore parameters from {directory}: {str(e).splitlines()[0]}") from None
+    return restored["params"]
