@@ -1,0 +1,148 @@
+"""Benchmarks measured in one process, after warm-up, as the median of several repeats.
+
+python -m tools.bench matmul [--json OUT]
+python -m tools.bench train [--config configs/pretrain/tiny.py[:arg]] [--json OUT]
+
+`train` times the real jitted train step (random tokens, so no data preparation) and reports
+tokens/s, model FLOP/s (PaLM convention, lm/flops.py) and MFU against the matmul peak measured
+in the same process. Without --config it uses the model of the PyTorch reference in the project's
+performance notes: GPT-2 style, 6 layers, 6 heads, width 384, vocab 4096, context 256, batch 8, float32.
+"""
+import argparse
+import functools
+import importlib.util
+import json
+import resource
+import statistics
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import common
+from lm import flops, sharding
+from lm.model import Transformer
+from lm.optim import learning_rate_schedule, make_optimizer
+from lm.tasks.pretrain import lm_loss, model_config
+from lm.train_state import init_state, jit_train_step
+
+
+def load_config(spec: str | None):
+    """`path.py[:arg]` -> ConfigDict; None -> the performance-notes reference model."""
+    if spec is None:
+        c = common.get_base_config()
+        c.model.update(num_layers=6, num_heads=6, d_model=384, d_ff=1536, max_seq_len=256, use_bias=False)
+        c.tokenizer.vocab_size = 4096
+        c.train.update(global_batch_size=8, seq_len=256)
+        return c
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall seconds of `fn()` (which must block until done) for each repeat."""
+    out = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_matmul(dtype: str = "float32", n: int = 2048, repeats: int = 7) -> dict:
+    """Peak matmul FLOP/s of one device in `dtype`."""
+    peak = flops.measure_matmul_flops(dtype, n=n, repeats=repeats)
+    return {"peak_flops": peak}
+
+
+def bench_train(config, steps_per_repeat: int = 5, repeats: int = 5) -> dict:
+    """Train-step tokens/s, model FLOP/s and MFU for `config`'s model, batch and mesh."""
+    vocab = config.model.vocab_size or config.tokenizer.vocab_size
+    model_cfg = model_config(config, vocab)
+    model = Transformer(model_cfg)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.axis_rules(config.axis_rules)
+    batch_size, seq_len = config.train.global_batch_size, config.train.seq_len
+    schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
+    tx = make_optimizer(config.optimizer, schedule)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, size=(batch_size, seq_len + 1)).astype(np.int32)
+    host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                  "segment_ids": np.ones((batch_size, seq_len), np.int32),
+                  "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)),
+                  "loss_mask": np.ones((batch_size, seq_len), np.float32)}
+    peak = flops.measure_matmul_flops(model_cfg.dtype) * jax.device_count()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        init = lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        state, shardings = init_state(init, tx, 0, mesh, rules)
+        batch_sharding = sharding.batch_sharding(mesh, rules)
+        batch = sharding.global_batch(host_batch, batch_sharding)
+        loss_fn = functools.partial(lm_loss, model=model, z_loss=config.train.z_loss)
+        step = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, shardings, batch_sharding, mesh)
+        t = time.perf_counter()
+        step = step.lower(state, batch).compile()
+        compile_seconds = time.perf_counter() - t
+        holder = [state]
+
+        def run_steps():
+            for _ in range(steps_per_repeat):
+                holder[0], metrics = step(holder[0], batch)
+            jax.block_until_ready(metrics)
+
+        run_steps()  # warm-up
+        seconds = statistics.median(timed(run_steps, repeats)) / steps_per_repeat
+    tokens_per_sec = batch_size * seq_len / seconds
+    model_flops = flops.flops_per_token(model_cfg, seq_len) * tokens_per_sec
+    return {"tokens_per_sec": tokens_per_sec, "model_flops_per_sec": model_flops, "peak_flops": peak,
+            "mfu": model_flops / peak, "step_seconds": seconds, "compile_seconds": compile_seconds,
+            "params": flops.param_counts(model_cfg)["total"], **peak_memory()}
+
+
+def peak_memory() -> dict:
+    """Peak memory: the device's own counter where it has one, else the process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return {"peak_memory_bytes": stats["peak_bytes_in_use"], "peak_memory_source": "device"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_source": "process_max_rss"}
+
+
+UNITS = {"peak_flops": "FLOP/s", "model_flops_per_sec": "FLOP/s", "tokens_per_sec": "tokens/s",
+         "mfu": "fraction", "step_seconds": "s", "compile_seconds": "s", "params": "count",
+         "peak_memory_bytes": "bytes"}
+
+
+def report(bench: str, name: str, results: dict, json_path: str | None) -> None:
+    """Prints a short table; with `json_path`, appends one JSON object per figure."""
+    print(f"{bench} ({name}) on {jax.devices()[0].device_kind} x{jax.device_count()}")
+    rows = [(k, v) for k, v in results.items() if k in UNITS]
+    for k, v in rows:
+        print(f"  {k:<22} {v:>16.4g} {UNITS[k]}")
+    if json_path:
+        with open(json_path, "a") as f:
+            for k, v in rows:
+                f.write(json.dumps({"bench": bench, "name": k, "value": v, "unit": UNITS[k],
+                                    "config": name}) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Benchmarks: matmul roof, train-step throughput and MFU.")
+    p.add_argument("bench", choices=["matmul", "train"])
+    p.add_argument("--config", default=None, help="config file[:arg] (train); default: the reference model")
+    p.add_argument("--json", default=None, help="append one JSON object per figure to this file")
+    args = p.parse_args(argv)
+    if args.bench == "matmul":
+        report("matmul", "float32", bench_matmul(), args.json)
+    else:
+        report("train", args.config or "reference", bench_train(load_config(args.config)), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
