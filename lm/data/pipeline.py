@@ -1,0 +1,364 @@
+"""Corpus -> token streams -> packed rows -> the batch at step t, a pure function of (seed, t).
+
+Packing. Every document becomes [BOS] + tokens + [EOS]; a split's documents are concatenated in
+the dataset's stored order into one token stream of `num_tokens` ids. Row r is the window
+stream[r*seq_len : r*seq_len + seq_len + 1]: consecutive rows overlap by one token, so every
+token after the first is a target exactly once. The last row is padded (pad id, segment 0,
+loss_mask 0). Within a row, segments are numbered 1, 2, 3... from each BOS (a document continued
+from the previous row is segment 1, its positions restarting at 0), and a target is masked when
+it is a BOS, i.e. when it would be predicted across a document boundary.
+
+Caching. Under data_dir: the TFDS dataset (`<builder>/<config>/<version>`), the sentencepiece
+model (`tokenizers/<dataset key>/`), and the token streams with their statistics
+(`tokens/<dataset key>/<tokenizer identity>/<split>.npy|.json`, written atomically, memory-mapped
+when read). An fcntl lock on `data_dir/.prepare.lock` serialises preparation across processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from lm.data import tokenizer as tokenizer_lib
+from lm.data.tokenizer import ByteTokenizer, Tokenizer
+from lm.errors import DataError
+
+_SOURCES = "'stdlib', 'text_files' or 'tfds:<name>'"
+_READ_BATCH = 512  # documents per data-source read and per encode_batch call
+
+
+class PackedRows:
+    """One split's token stream seen as rows of seq_len (+1 for the shifted targets)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, bos_id: int = tokenizer_lib.BOS_ID,
+                 pad_id: int = tokenizer_lib.PAD_ID):
+        """tokens: [num_tokens] int (may be a memmap), documents as [BOS] + ids + [EOS]."""
+        if seq_len < 1 or len(tokens) < 2:
+            raise ValueError(f"need seq_len >= 1 and >= 2 tokens, got {seq_len} and {len(tokens)}")
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.bos_id = bos_id
+        self.pad_id = pad_id
+        self.num_tokens = len(tokens)
+        self.num_rows = -(-(self.num_tokens - 1) // seq_len)
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """indices: [n] ints in [0, num_rows) -> `pack_window` of those rows, each [n, seq_len]."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_rows):
+            raise IndexError(f"row indices must lie in [0, {self.num_rows})")
+        offsets = indices[:, None] * self.seq_len + np.arange(self.seq_len + 1)  # [n, seq_len + 1]
+        valid = offsets < self.num_tokens
+        window = np.asarray(self.tokens[np.minimum(offsets, self.num_tokens - 1)]).astype(np.int32)
+        return pack_window(np.where(valid, window, self.pad_id), valid, self.bos_id)
+
+
+def pack_window(window: np.ndarray, valid: np.ndarray, bos_id: int) -> dict[str, np.ndarray]:
+    """Model inputs of rows cut from a token stream.
+
+    window: [n, seq_len + 1] int token ids; valid: [n, seq_len + 1] bool, False for padding
+    (padding only at the end of a row). Returns inputs, targets, segment_ids, positions:
+    [n, seq_len] int32, and loss_mask: [n, seq_len] float32.
+    """
+    inputs, targets = window[:, :-1], window[:, 1:]
+    column = np.arange(inputs.shape[1])
+    real = valid[:, :-1]
+    starts = (inputs == bos_id) | (column == 0)
+    segment_ids = np.cumsum(starts, axis=1) * real
+    segment_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
+    positions = (column - segment_start) * real
+    loss_mask = real & valid[:, 1:] & (targets != bos_id)
+    return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32),
+            "segment_ids": segment_ids.astype(np.int32), "positions": positions.astype(np.int32),
+            "loss_mask": loss_mask.astype(np.float32)}
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """[num_rows] the row order of one epoch."""
+    permutation = np.random.default_rng([seed, epoch]).permutation(num_rows)
+    permutation.flags.writeable = False
+    return permutation
+
+
+def global_row_ids(num_rows: int, step: int, global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1) -> np.ndarray:
+    """[global_batch_size // process_count] row ids: this process' contiguous slice of step's batch.
+
+    Global row g = step * global_batch_size + i is row permutation(epoch)[g % num_rows], with
+    epoch = g // num_rows and the permutation seeded by (seed, epoch).
+    """
+    if global_batch_size % process_count:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
+    local = global_batch_size // process_count
+    g = step * global_batch_size + process_index * local + np.arange(local, dtype=np.int64)
+    epochs, offsets = np.divmod(g, num_rows)
+    ids = np.empty_like(g)
+    for epoch in np.unique(epochs):
+        here = epochs == epoch
+        ids[here] = _epoch_permutation(num_rows, seed, int(epoch))[offsets[here]]
+    return ids
+
+
+def batch_at_step(rows: PackedRows, step: int, global_batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
+    """This process' part of the training batch at `step`: each array [global_batch_size // process_count, seq_len]."""
+    return rows.rows(global_row_ids(rows.num_rows, step, global_batch_size, seed, process_index, process_count))
+
+
+def eval_batches(rows: PackedRows, batch_size: int, num_batches: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-order batches from row 0: each array [batch_size // process_count, seq_len].
+
+    num_batches <= 0 (or more than there are) -> ceil(num_rows / batch_size) batches covering every
+    row once; the last batch is filled with all-padding rows (loss_mask 0).
+    """
+    if batch_size % process_count:
+        raise ValueError(f"eval batch size {batch_size} is not divisible by {process_count} processes")
+    local = batch_size // process_count
+    total = -(-rows.num_rows // batch_size)
+    for b in range(total if num_batches <= 0 else min(num_batches, total)):
+        ids = b * batch_size + process_index * local + np.arange(local)
+        real = ids < rows.num_rows
+        batch = rows.rows(np.where(real, ids, 0))
+        yield {k: np.where(real[:, None], v, rows.pad_id if k in ("inputs", "targets") else 0).astype(v.dtype)
+               for k, v in batch.items()}
+
+
+def unigram_entropy(rows_or_tokens: PackedRows | np.ndarray, vocab_size: int) -> float:
+    """Entropy in nats/token of the unigram distribution of the predicted tokens.
+
+    For PackedRows: every stream token except BOS (exactly the targets with loss_mask 1). For a
+    token array [n]: all of it. A model that learnt only token frequencies reaches this eval loss.
+    """
+    if isinstance(rows_or_tokens, PackedRows):
+        tokens = np.asarray(rows_or_tokens.tokens)
+        tokens = tokens[tokens != rows_or_tokens.bos_id]
+    else:
+        tokens = np.asarray(rows_or_tokens).ravel()
+    p = np.bincount(tokens, minlength=vocab_size) / max(tokens.size, 1)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclasses.dataclass
+class LMData:
+    """What `prepare_data` returns: the tokenizer, both splits as packed rows, and a json-able info dict."""
+
+    tokenizer: Tokenizer
+    train: PackedRows
+    eval: PackedRows
+    info: dict
+
+
+@dataclasses.dataclass
+class Corpus:
+    """A prepared TFDS dataset and which of its splits and features hold the documents."""
+
+    builder: object  # tfds.core.DatasetBuilder
+    text_field: str
+    eval_split: str
+
+    @property
+    def key(self) -> str:
+        """'<builder>/<config>/<version>/<text_field>': identifies the documents."""
+        config = self.builder.builder_config.name if self.builder.builder_config else "default"
+        return f"{self.builder.name}/{config}/{self.builder.version}/{self.text_field}"
+
+    def texts(self, split: str) -> Iterator[str]:
+        """The split's documents, decoded from UTF-8, in stored order."""
+        source = self.builder.as_data_source(split=split)
+        for start in range(0, len(source), _READ_BATCH):
+            for record in source.__getitems__(list(range(start, min(start + _READ_BATCH, len(source))))):
+                value = record[self.text_field]
+                yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def prepare_data(data_cfg, tokenizer_cfg, seq_len: int) -> LMData:
+    """Builds (or reuses) the dataset, tokenizer and token streams under the data dir.
+
+    data_cfg: source ('stdlib' | 'text_files' | 'tfds:<name>'), files, text_field, data_dir
+    ('' -> $LM_DATA_DIR or ~/.cache/lm/data), eval_fraction. tokenizer_cfg: kind ('sentencepiece'
+    | 'byte'), vocab_size, model_type ('bpe' | 'unigram'), split_digits, path ('' -> train on the
+    train split once and cache it in the data dir; else load that file). User mistakes raise DataError.
+    """
+    data_dir = resolve_data_dir(_get(data_cfg, "data_dir", ""))
+    os.makedirs(data_dir, exist_ok=True)
+    with _file_lock(os.path.join(data_dir, ".prepare.lock")):
+        corpus = open_corpus(data_cfg, data_dir)
+        tokenizer, tokenizer_path = get_tokenizer(tokenizer_cfg, corpus, data_dir)
+        cache_dir = os.path.join(data_dir, "tokens", corpus.key, tokenizer.identity)
+        train, train_stats = tokenize_split(corpus, "train", tokenizer, cache_dir)
+        evals, eval_stats = tokenize_split(corpus, corpus.eval_split, tokenizer, cache_dir)
+    metadata = corpus.builder.info.metadata or {}
+    info = {
+        "source": _get(data_cfg, "source", "stdlib"),
+        "dataset": corpus.builder.name,
+        "config": corpus.builder.builder_config.name if corpus.builder.builder_config else None,
+        "version": str(corpus.builder.version),
+        "dataset_dir": os.fspath(corpus.builder.data_dir),
+        "text_field": corpus.text_field,
+        **{k: metadata[k] for k in ("python_version", "file_list_sha256", "heldout_packages") if k in metadata},
+        "splits": {"train": train_stats, "eval": {"split": corpus.eval_split, **eval_stats}},
+        "bytes_per_token": eval_stats["bytes_per_token"],
+        "tokenizer": {"kind": "byte" if isinstance(tokenizer, ByteTokenizer) else "sentencepiece",
+                      "path": tokenizer_path, "vocab_size": tokenizer.vocab_size, "identity": tokenizer.identity},
+    }
+    return LMData(tokenizer=tokenizer, train=PackedRows(train, seq_len, tokenizer.bos_id, tokenizer.pad_id),
+                  eval=PackedRows(evals, seq_len, tokenizer.bos_id, tokenizer.pad_id), info=info)
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """'' -> $LM_DATA_DIR, else ~/.cache/lm/data; '~' expanded; absolute."""
+    data_dir = data_dir or os.environ.get("LM_DATA_DIR", "") or "~/.cache/lm/data"
+    return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def open_corpus(data_cfg, data_dir: str) -> Corpus:
+    """Prepares (once) the dataset `data_cfg.source` names as ArrayRecord under data_dir."""
+    from lm.data.builders import BUILDERS
+
+    source = _get(data_cfg, "source", "stdlib")
+    eval_fraction = float(_get(data_cfg, "eval_fraction", 0.05))
+    common = dict(data_dir=data_dir, file_format="array_record")
+    if source == "stdlib":
+        builder = BUILDERS["stdlib"](eval_fraction=eval_fraction, **common)
+    elif source == "text_files":
+        builder = BUILDERS["text_files"](files=_get(data_cfg, "files", ""),
+                                         text_field=_get(data_cfg, "text_field", "text"),
+                                         eval_fraction=eval_fraction, **common)
+    elif isinstance(source, str) and source.startswith("tfds:"):
+        return _open_tfds(source.removeprefix("tfds:"), _get(data_cfg, "text_field", "text"), common)
+    else:
+        raise DataError(f"config.data.source: unknown source {source!r}; expected {_SOURCES}")
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    return Corpus(builder, "text", "validation")
+
+
+def _open_tfds(name: str, text_field: str, builder_kwargs: dict) -> Corpus:
+    """A registered TFDS dataset; downloads and prepares it when missing."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, **builder_kwargs)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"config.data.source: no TFDS dataset named {name!r}") from None
+    features = builder.info.features
+    if text_field not in features or not isinstance(features[text_field], tfds.features.Text):
+        raise DataError(f"config.data.text_field: {text_field!r} is not a text feature of TFDS dataset {name!r} "
+                        f"(features: {', '.join(sorted(features))})")
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # offline, missing optional dependency, ...: the user must act.
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            raise DataError(f"config.data.source: cannot download/prepare TFDS dataset {name!r} into "
+                            f"{builder_kwargs['data_dir']}: {type(e).__name__}: {first_line}") from None
+    splits = builder.info.splits
+    if "train" not in splits or not ({"validation", "test"} & set(splits)):
+        raise DataError(f"config.data.source: TFDS dataset {name!r} needs a 'train' and a 'validation' or "
+                        f"'test' split (has: {', '.join(sorted(splits))})")
+    return Corpus(builder, text_field, "validation" if "validation" in splits else "test")
+
+
+def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str) -> tuple[Tokenizer, str | None]:
+    """The configured tokenizer and the file it lives in (None for the byte tokenizer).
+
+    A sentencepiece model is trained on the corpus' train split once and cached under data_dir.
+    """
+    kind = _get(tokenizer_cfg, "kind", "sentencepiece")
+    if kind == "byte":
+        return ByteTokenizer(), None
+    if kind != "sentencepiece":
+        raise DataError(f"config.tokenizer.kind: unknown kind {kind!r}; expected 'sentencepiece' or 'byte'")
+    path = _get(tokenizer_cfg, "path", "")
+    if path:
+        if not os.path.isfile(path):
+            raise DataError(f"config.tokenizer.path: no such file {path!r}")
+        return tokenizer_lib.load_tokenizer(path), os.path.abspath(path)
+    vocab_size = int(_get(tokenizer_cfg, "vocab_size", 4096))
+    model_type = _get(tokenizer_cfg, "model_type", "bpe")
+    split_digits = bool(_get(tokenizer_cfg, "split_digits", True))
+    name = f"spm-{tokenizer_lib.RECIPE}-{model_type}-v{vocab_size}-digits{int(split_digits)}.model"
+    path = os.path.join(data_dir, "tokenizers", corpus.key, name)
+    if os.path.exists(path):
+        return tokenizer_lib.load_tokenizer(path), path
+    return tokenizer_lib.train_sentencepiece(corpus.texts("train"), path, vocab_size, model_type, split_digits), path
+
+
+def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: str) -> tuple[np.ndarray, dict]:
+    """The split's token stream [num_tokens] (memory-mapped from the cache) and its statistics."""
+    stream_path = os.path.join(cache_dir, f"{split}.npy")
+    stats_path = os.path.join(cache_dir, f"{split}.json")
+    if not os.path.exists(stats_path):
+        tokens, stats = tokenize_documents(corpus.texts(split), tokenizer)
+        if not stats["num_docs"]:
+            raise DataError(f"config.data.source: split {split!r} of {corpus.key} has no documents")
+        os.makedirs(cache_dir, exist_ok=True)
+        _atomic_save_npy(stream_path, tokens)
+        tokenizer_lib.atomic_write(stats_path, json.dumps(stats, indent=1).encode())
+    with open(stats_path) as f:
+        stats = json.load(f)
+    return np.load(stream_path, mmap_mode="r"), stats
+
+
+def tokenize_documents(texts: Iterable[str], tokenizer: Tokenizer) -> tuple[np.ndarray, dict]:
+    """Documents -> the stream [sum(len(doc) + 2)] of [BOS] + ids + [EOS] per document, and
+    statistics: num_docs, num_tokens (with BOS/EOS), num_bytes (UTF-8), bytes_per_token
+    (num_bytes per token without BOS/EOS)."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
+    parts, batch = [], []
+    num_docs = num_bytes = 0
+
+    def flush():
+        flat: list[int] = []
+        for ids in tokenizer.encode_batch(batch):
+            flat.append(tokenizer.bos_id)
+            flat.extend(ids)
+            flat.append(tokenizer.eos_id)
+        parts.append(np.array(flat, dtype=dtype))
+        batch.clear()
+
+    for text in texts:
+        batch.append(text)
+        num_docs += 1
+        num_bytes += len(text.encode("utf-8"))
+        if len(batch) == _READ_BATCH:
+            flush()
+    if batch:
+        flush()
+    tokens = np.concatenate(parts) if parts else np.zeros([0], dtype)
+    text_tokens = len(tokens) - 2 * num_docs
+    stats = {"num_docs": num_docs, "num_tokens": int(len(tokens)), "num_bytes": num_bytes,
+             "bytes_per_token": num_bytes / max(text_tokens, 1)}
+    return tokens, stats
+
+
+def _atomic_save_npy(path: str, array: np.ndarray) -> None:
+    """np.save to a temporary file in the same directory, then os.replace."""
+    tmp = f"{path}.tmp.{os.getpid()}.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive fcntl lock held for the `with` body (blocks until other holders finish)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _get(cfg, key: str, default):
+    """cfg[key] for a dict or ConfigDict, `default` when the key is absent."""
+    return cfg.get(key, default) if cfg is not None else default
