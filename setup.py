@@ -13,6 +13,7 @@ setup(
         "optax>=0.2.3",
         "orbax-checkpoint>=0.9",
         "tensorflow-datasets>=4.9.7",
+        "importlib_resources",  # tfds imports it for registered datasets but does not declare it
         "array_record>=0.5",
         "sentencepiece>=0.2",
         "ml-collections>=0.1.1",

@@ -56,12 +56,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompts = args.prompt or [""]
-    outs = sampling.generate(params, model_cfg, [[tok.bos_id] + tok.encode(t) for t in prompts],
+    outs = sampling.generate({"params": params}, model_cfg, [[tok.bos_id] + tok.encode(t) for t in prompts],
                              max_new_tokens=args.max_new_tokens, rng=jax.random.PRNGKey(args.seed),
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                              eos_id=tok.eos_id, pad_id=tok.pad_id)
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
-        print(f"--- sample {i} ---\n{prompt}{tok.decode(out)}")
+        print(f"--- sample {i} ---\n{prompt}{tok.decode([t for t in out if t != tok.eos_id])}")
     return 0
 
 

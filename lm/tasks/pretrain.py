@@ -89,11 +89,11 @@ def _sum_over_processes(x: float) -> float:
 def write_samples(workdir, params, model_cfg, tokenizer, train_cfg, seed) -> list[str]:
     """Generates `num_samples` continuations of the sample prompt, prints and saves them."""
     prompt = [tokenizer.bos_id] + tokenizer.encode(train_cfg.sample_prompt)
-    outs = sampling.generate(params, model_cfg, [prompt] * train_cfg.num_samples,
+    outs = sampling.generate({"params": params}, model_cfg, [prompt] * train_cfg.num_samples,
                              max_new_tokens=train_cfg.sample_tokens, rng=jax.random.PRNGKey(seed),
                              temperature=0.8, top_k=40, top_p=0.95, eos_id=tokenizer.eos_id,
                              pad_id=tokenizer.pad_id)
-    texts = [train_cfg.sample_prompt + tokenizer.decode(o) for o in outs]
+    texts = [train_cfg.sample_prompt + tokenizer.decode([t for t in o if t != tokenizer.eos_id]) for o in outs]
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "samples.txt"), "w") as f:
             for i, text in enumerate(texts):
