@@ -86,7 +86,7 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, grad_accum: i
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: v / weight for k, v in aux.items() if k != "weight"}
-    metrics.update(loss=loss_sum / weight, grad_norm=optax.global_norm(grads),
+    metrics.update(loss=loss_sum / weight, grad_norm=optax.tree.norm(grads),
                    learning_rate=schedule(state.step))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

@@ -44,6 +44,14 @@ def make_batch(seed=0, batch=16, seq=32, vocab=64):
             "positions": positions.astype(np.int32), "loss_mask": np.ones((batch, seq), np.float32)}
 
 
+def effective_spec(spec, sizes) -> P:
+    """The spec with mesh axes of size 1 dropped: how an array is really split."""
+    def keep(entry):
+        axes = [a for a in (entry if isinstance(entry, tuple) else (entry,)) if a and sizes[a] > 1]
+        return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+    return P(*map(keep, spec))
+
+
 def train_on_mesh(config, mesh_shape, steps):
     """Returns (first-step grads, losses of `steps` steps, param PartitionSpecs) on a mesh."""
     devices = jax.devices()[: int(np.prod(mesh_shape))]
@@ -64,7 +72,8 @@ def train_on_mesh(config, mesh_shape, steps):
         for _ in range(steps):
             state, metrics = step(state, batch)
             losses.append(float(metrics["loss"]))
-    specs = jax.tree.map(lambda x: x.sharding.spec, state.params)
+    sizes = dict(zip(sharding.MESH_AXES, mesh_shape))
+    specs = jax.tree.map(lambda x: effective_spec(x.sharding.spec, sizes), state.params)
     return jax.device_get(grads), np.array(losses), specs
 
 
@@ -79,9 +88,15 @@ def test_sharded_matches_one_device(reference, mesh_shape):
     config, (ref_grads, ref_losses, _) = reference
     grads, losses, specs = train_on_mesh(config, mesh_shape, steps=5)
     np.testing.assert_allclose(losses[0], ref_losses[0], rtol=1e-5)
-    for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
-        scale = np.abs(r).max() + 1e-12
-        assert np.abs(g - r).max() / scale < 1e-5, jax.tree_util.keystr(path)
+    leaves = list(zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)))
+    total = np.sqrt(sum(np.sum(r.astype(np.float64) ** 2) for _, r in leaves))
+    error = np.sqrt(sum(np.sum((g - r).astype(np.float64) ** 2) for (_, g), r in leaves))
+    assert error / total < 1e-5
+    for (path, g), r in leaves:
+        # Leaves whose true gradient is zero (the key bias: softmax ignores a per-query shift) hold
+        # only rounding noise, so a relative error means nothing there.
+        if np.linalg.norm(r) > 1e-6 * total:
+            assert np.linalg.norm(g - r) / np.linalg.norm(r) < 1e-5, jax.tree_util.keystr(path)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     assert losses[-1] < losses[0]  # the steps really trained
     embed, query, mlp_in = MESHES[mesh_shape]
