@@ -1,0 +1,162 @@
+"""Attention: causal + segment masks, rotary positions, grouped-query attention, KV cache.
+
+Pure functions; the parameterised layer lives in `lm.model`. Activations use the layout
+`[batch, seq, heads, head_dim]`; grouped-query attention splits the query heads into
+`[kv_heads, groups]` so keys and values are never repeated in memory.
+
+The KV cache (`lm.model.init_cache`) stores keys after the rotary rotation, so decoding never
+re-rotates them; `write_cache` puts a step's keys, values or segment ids at the write index.
+"""
+import jax
+import jax.numpy as jnp
+
+# Added to masked scores. Finite, so a row with every key masked stays finite (uniform).
+MASK_VALUE = -1e30
+
+
+def causal_segment_mask(q_segments, k_segments, q_slots, k_slots):
+    """Which keys each query may attend to: earlier-or-same slot and the same segment.
+
+    Args:
+      q_segments: [batch, q_len] int32 segment id of each query (0 = padding).
+      k_segments: [batch, k_len] int32 segment id of each key (0 = padding or empty slot).
+      q_slots: [batch, q_len] int32 sequence (or cache slot) index of each query.
+      k_slots: [k_len] int32 sequence (or cache slot) index of each key.
+    Returns:
+      [batch, q_len, k_len] bool. Real tokens never see padding or another packed document;
+      padding attends to padding only, so no row is empty.
+    """
+    causal = k_slots[None, None, :] <= q_slots[:, :, None]             # [batch, q, k]
+    same = q_segments[:, :, None] == k_segments[:, None, :]             # [batch, q, k]
+    return causal & same
+
+
+def rotary(x, positions, theta: float):
+    """Rotary position embedding (RoFormer; Llama's rotate-half layout) in float32.
+
+    Args:
+      x: [batch, seq, heads, head_dim] with an even head_dim.
+      positions: [batch, seq] int32.
+      theta: base of the inverse frequencies, theta^(-2i/head_dim).
+    Returns:
+      [batch, seq, heads, head_dim], x's dtype; dims (i, i + head_dim/2) are rotated as a pair.
+    """
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [half]
+    angle = positions[..., None].astype(jnp.float32) * inv_freq         # [batch, seq, half]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)               # [batch, seq, heads, half]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _probs(q, k, mask):
+    """Masked softmax of q·k in float32.
+
+    q: [batch, kv_heads, groups * q_len, head_dim] (group-major); k: [batch, kv_heads, k_len,
+    head_dim]; mask: [batch, q_len, k_len] bool -> [batch, kv_heads, groups * q_len, k_len].
+    """
+    b, kvh, n, _ = q.shape
+    lq, lk = mask.shape[1:]
+    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, n // lq, lq, lk)                    # [b, kvh, g, q, k]
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    return jax.nn.softmax(scores, axis=-1).reshape(b, kvh, n, lk)
+
+
+@jax.custom_vjp
+def _attend(q, k, v, mask):
+    """softmax(q·k masked)·v for q: [b, kvh, g*q, d], k, v: [b, kvh, k, d] -> [b, kvh, g*q, d]."""
+    return jnp.einsum('bhqk,bhkd->bhqd', _probs(q, k, mask).astype(v.dtype), v)
+
+
+def _attend_fwd(q, k, v, mask):
+    probs = _probs(q, k, mask).astype(v.dtype)                          # [b, kvh, g*q, k]
+    out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+    return out, (q, k, v, probs, out)
+
+
+def _attend_bwd(residuals, d_out):
+    """The softmax-attention gradient with the probabilities kept from the forward pass.
+
+    With the row term delta = sum(d_out * out) (= sum(d_probs * probs)), d_scores =
+    probs * (d_probs - delta); written out by hand this runs about 1.3x faster on XLA:CPU than
+    differentiating through softmax and where.
+    """
+    q, k, v, probs, out = residuals
+    d_v = jnp.einsum('bhqk,bhqd->bhkd', probs, d_out)
+    d_probs = jnp.einsum('bhqd,bhkd->bhqk', d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_scores = (probs.astype(jnp.float32) * (d_probs - delta)).astype(q.dtype)
+    d_q = jnp.einsum('bhqk,bhkd->bhqd', d_scores, k)
+    d_k = jnp.einsum('bhqk,bhqd->bhkd', d_scores, q)
+    return d_q, d_k, d_v, None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _blocked_attention(q, k, v, mask, blocks):
+    """Attention where query rows [start, end) see only keys [0, k_end), for each block.
+
+    Heads move in front of the sequence (once) so every product is a batched matmul over
+    [batch, kv_heads]; a query group shares its key/value head without copying it.
+
+    Args:
+      q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim].
+      mask: [batch, q_len, k_len] bool.
+      blocks: (start, end, k_end) triples covering the queries in order.
+    Returns:
+      [batch, q_len, heads, head_dim].
+    """
+    b, lq, h, d = q.shape
+    kvh = k.shape[2]
+    g = h // kvh
+    q = q.reshape(b, lq, kvh, g, d).transpose(0, 2, 3, 1, 4)           # [b, kvh, g, q, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [b, kvh, k, d]
+    outs = []
+    for start, end, k_end in blocks:
+        q_block = q[:, :, :, start:end].reshape(b, kvh, g * (end - start), d)
+        out = _attend(q_block, k[:, :, :k_end], v[:, :, :k_end], mask[:, start:end, :k_end])
+        outs.append(out.reshape(b, kvh, g, end - start, d))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]  # [b, kvh, g, q, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
+
+
+def dot_product_attention(q, k, v, mask):
+    """Softmax attention with grouped query heads; scores and softmax in float32.
+
+    Args:
+      q: [batch, q_len, heads, head_dim], already scaled by 1/sqrt(head_dim).
+      k: [batch, k_len, kv_heads, head_dim]; heads must be a multiple of kv_heads.
+      v: [batch, k_len, kv_heads, head_dim].
+      mask: [batch, q_len, k_len] bool, True where attending is allowed.
+    Returns:
+      [batch, q_len, heads, head_dim] in q's dtype.
+    """
+    return _blocked_attention(q, k, v, mask, [(0, q.shape[1], k.shape[1])])
+
+
+def causal_attention(q, k, v, mask, block: int = 64):
+    """Self-attention in query blocks that skip the keys the causal mask hides anyway.
+
+    Query block [s, s + block) attends to keys [0, s + block) only: 5/8 of the full work at 4
+    blocks. With the hand-written backward this is about 2x faster than one full score matrix
+    on XLA:CPU (fwd+bwd at 256 tokens; 32- and 128-token blocks were slower).
+
+    Args:
+      q: [batch, seq, heads, head_dim] scaled; k, v: [batch, seq, kv_heads, head_dim].
+      mask: [batch, seq, seq] bool, causal (combined with anything else).
+      block: queries per block.
+    Returns:
+      [batch, seq, heads, head_dim].
+    """
+    seq = q.shape[1]
+    ends = [min(s + block, seq) for s in range(0, seq, block)]
+    return _blocked_attention(q, k, v, mask, [(s, e, e) for s, e in zip(range(0, seq, block), ends)])
+
+
+def write_cache(buffer, new, index):
+    """Writes `new` [batch, seq, ...] into `buffer` [batch, max_len, ...] at slots index..index+seq."""
+    start = (0, index) + (0,) * (buffer.ndim - 2)
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)

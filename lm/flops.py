@@ -1,0 +1,75 @@
+"""Parameter counts and training FLOPs per token, computed analytically from a ModelConfig.
+
+`param_counts` is tested equal to the parameters `Transformer.init` creates; every FLOPs and MFU
+figure in the project comes from `flops_per_token`.
+"""
+from lm.model import ModelConfig
+
+
+def _layer_params(c: ModelConfig) -> int:
+    """Parameters of one block: attention, MLP and its two norms."""
+    q_width, kv_width = c.num_heads * c.head_size, c.kv_heads * c.head_size
+    attn = c.d_model * (q_width + 2 * kv_width) + q_width * c.d_model
+    mlp_in = 2 if c.mlp == 'swiglu' else 1
+    mlp = (mlp_in + 1) * c.d_model * c.d_ff
+    if c.use_bias:
+        attn += q_width + 2 * kv_width + c.d_model
+        mlp += mlp_in * c.d_ff + c.d_model
+    return attn + mlp + 2 * _norm_params(c)
+
+
+def _norm_params(c: ModelConfig) -> int:
+    """A norm's scale, plus the bias of a LayerNorm with use_bias."""
+    return c.d_model * (2 if c.norm == 'layernorm' and c.use_bias else 1)
+
+
+def param_counts(config: ModelConfig) -> dict:
+    """Parameter counts by kind.
+
+    Returns:
+      {'total', 'non_embedding', 'embedding', 'position_embedding'} ints, where total is their
+      sum. 'embedding' holds the vocabulary matrices: the token table, plus the output head when
+      it is untied. 'non_embedding' (Kaplan et al. 2020's N) is the blocks and the final norm.
+    """
+    c = config
+    embedding = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+    position = c.max_seq_len * c.d_model if c.positions == 'learned' else 0
+    non_embedding = c.num_layers * _layer_params(c) + _norm_params(c)
+    return {'total': embedding + position + non_embedding, 'non_embedding': non_embedding,
+            'embedding': embedding, 'position_embedding': position}
+
+
+def _chinchilla_forward(c: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of one sequence, Hoffmann et al. 2022 Appendix F, extended to GQA/SwiGLU.
+
+    embeddings 2·T·V·D; per layer: QKV 2·T·D·Q·(H + 2·H_kv) (paper: 2·3·T·D·Q·H),
+    logits 2·T²·Q·H, softmax 3·H·T², reduction 2·T²·Q·H, projection 2·T·Q·H·D,
+    dense 2·T·D·F·(2, or 3 for SwiGLU); final logits 2·T·D·V.
+    """
+    t, d, v, q, h = seq_len, c.d_model, c.vocab_size, c.head_size, c.num_heads
+    attention = (2 * t * d * q * (h + 2 * c.kv_heads) + 2 * t * t * q * h + 3 * h * t * t
+                 + 2 * t * t * q * h + 2 * t * q * h * d)
+    dense = 2 * t * d * c.d_ff * (3 if c.mlp == 'swiglu' else 2)
+    return 2 * t * v * d + c.num_layers * (attention + dense) + 2 * t * d * v
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, method: str = 'palm') -> float:
+    """Training (forward + backward) FLOPs per token.
+
+    Methods:
+      'palm': 6·N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, Appendix B; nanoGPT's
+        estimate_mfu), N = all parameters except position embeddings, L layers, H heads,
+        Q head_dim, T = seq_len; causal attention is not halved.
+      'chinchilla': 3 × the forward FLOPs of Hoffmann et al. 2022, Appendix F (embeddings,
+        attention QKV/logits/softmax/reduction/projection, dense, final logits), per token.
+      '6n': 6 × non-embedding parameters (Kaplan et al. 2020, C ≈ 6N).
+    """
+    counts = param_counts(config)
+    if method == 'palm':
+        n = counts['total'] - counts['position_embedding']
+        return 6.0 * n + 12.0 * config.num_layers * config.num_heads * config.head_size * seq_len
+    if method == 'chinchilla':
+        return 3.0 * _chinchilla_forward(config, seq_len) / seq_len
+    if method == '6n':
+        return 6.0 * counts['non_embedding']
+    raise ValueError(f"unknown FLOPs method {method!r}: expected 'palm', 'chinchilla' or '6n'")

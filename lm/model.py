@@ -1,0 +1,320 @@
+"""Decoder-only Transformer: GPT-2 and Llama styles from one frozen config.
+
+GPT-2: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings.
+Llama: rotary positions, RMSNorm, SwiGLU, no biases, untied head, grouped-query attention.
+Blocks are pre-norm with a final norm. Every parameter carries logical axis names
+(`lm.sharding`); activations are constrained to (BATCH, LENGTH, ACT_EMBED) at block boundaries.
+
+Speed on XLA:CPU: dense layers run on rank-2 activations `[batch*seq, width]` (rank-3 dense is
+about 2x slower forward+backward there); kernels keep their multi-axis logical shapes and are
+reshaped at use. Attention is two einsums with a `where` mask (`lm.attention`).
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm import attention
+from lm.errors import ConfigError
+from lm.sharding import (ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP,
+                         POSITIONS, VOCAB)
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots}
+# Keys that the runner fills from `config.precision`, named as the user wrote them.
+_KEY_NAMES = {'dtype': 'config.precision.compute_dtype',
+              'param_dtype': 'config.precision.param_dtype'}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Model hyperparameters; the field names are the keys of `config.model`."""
+    vocab_size: int
+    num_layers: int
+    num_heads: int
+    d_model: int
+    d_ff: int
+    max_seq_len: int
+    num_kv_heads: int = 0       # 0 -> num_heads (multi-head); fewer -> grouped-query attention
+    head_dim: int = 0           # 0 -> d_model // num_heads
+    positions: str = 'learned'  # learned | rotary
+    norm: str = 'layernorm'     # layernorm | rmsnorm
+    mlp: str = 'gelu'           # gelu | swiglu
+    tie_embeddings: bool = True
+    use_bias: bool = True       # dense and LayerNorm biases
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    remat: str = 'none'         # none | full | dots: jax.checkpoint policy per block
+    dtype: str = 'float32'      # compute dtype
+    param_dtype: str = 'float32'
+
+    def __post_init__(self):
+        for key in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_seq_len'):
+            self._require(getattr(self, key) > 0, key, 'must be positive')
+        self._require(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
+        self._require(self.num_heads % self.kv_heads == 0, 'num_kv_heads',
+                      f'must divide num_heads={self.num_heads}')
+        self._require(self.head_dim >= 0, 'head_dim', 'must be >= 0')
+        if self.head_dim == 0:
+            self._require(self.d_model % self.num_heads == 0, 'num_heads',
+                          f'must divide d_model={self.d_model} (or set head_dim)')
+        for key, allowed in (('positions', ('learned', 'rotary')), ('norm', ('layernorm', 'rmsnorm')),
+                             ('mlp', ('gelu', 'swiglu')), ('remat', ('none', 'full', 'dots')),
+                             ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES))):
+            self._require(getattr(self, key) in allowed, key, f'must be one of {", ".join(allowed)}')
+        if self.positions == 'rotary':
+            self._require(self.head_size % 2 == 0, 'head_dim',
+                          f'must be even for rotary positions (is {self.head_size})')
+        self._require(0.0 <= self.dropout < 1.0, 'dropout', 'must be in [0, 1)')
+        self._require(self.rope_theta > 0, 'rope_theta', 'must be positive')
+        self._require(self.norm_eps > 0, 'norm_eps', 'must be positive')
+
+    def _require(self, ok: bool, key: str, why: str):
+        if not ok:
+            name = _KEY_NAMES.get(key, f'config.model.{key}')
+            raise ConfigError(f'{name}={getattr(self, key)!r} {why}')
+
+    def replace(self, **changes) -> 'ModelConfig':
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def residual_std(self) -> float:
+        """GPT-2's init for projections that write into the residual stream."""
+        return 0.02 / math.sqrt(2 * self.num_layers)
+
+
+def _init(std: float, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _constant(init, axes: tuple):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Linear(nn.Module):
+    """A dense layer on rank-2 activations whose kernel keeps its multi-axis logical shape.
+
+    The kernel is `in_shape + out_shape` with logical names `axes`; it is reshaped to a matrix at
+    use. The bias (if any) has shape `out_shape`.
+    """
+    in_shape: tuple
+    out_shape: tuple
+    axes: tuple
+    config: ModelConfig
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x):
+        """x: [tokens, prod(in_shape)] -> [tokens, prod(out_shape)] in the compute dtype."""
+        cfg = self.config
+        kernel = self.param('kernel', _init(self.std, self.axes), self.in_shape + self.out_shape,
+                            cfg.params_dtype)
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        y = jnp.dot(x.astype(cfg.compute_dtype), kernel.reshape(n_in, n_out).astype(cfg.compute_dtype))
+        if cfg.use_bias:
+            bias_axes = self.axes[len(self.in_shape):]
+            bias = self.param('bias', _constant(nn.initializers.zeros, bias_axes), self.out_shape,
+                              cfg.params_dtype)
+            y = y + bias.reshape(n_out).astype(cfg.compute_dtype)
+        return y
+
+
+def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
+    """LayerNorm (bias when use_bias) or RMSNorm over the last axis; statistics in float32."""
+    common = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                  scale_init=_constant(nn.initializers.ones, (EMBED,)), name=name)
+    if cfg.norm == 'rmsnorm':
+        return nn.RMSNorm(**common)
+    return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=_constant(nn.initializers.zeros, (EMBED,)),
+                        **common)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention with optional rotary positions and KV cache."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions, layer_cache=None, cache_index=None):
+        """Attends within the sequence, or over the cache after writing this step into it.
+
+        Args:
+          x: [batch, seq, d_model].
+          mask: [batch, seq, keys] bool; keys = seq, or the cache length with a cache.
+          positions: [batch, seq] int32, used by rotary positions.
+          layer_cache: None or {'key', 'value': [batch, cache_len, kv_heads, head_dim]}.
+          cache_index: [] int32 slot where this step's keys are written.
+        Returns:
+          ([batch, seq, d_model], the updated layer cache or None).
+        """
+        cfg = self.config
+        b, l, d = x.shape
+        h, kvh, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        x = x.reshape(b * l, d)                                         # [tokens, d_model]
+        q = Linear((d,), (h, hd), (EMBED, HEADS, HEAD_DIM), cfg, name='query')(x)
+        k = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name='key')(x)
+        v = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name='value')(x)
+        q = q.reshape(b, l, h, hd) * jnp.asarray(hd ** -0.5, cfg.compute_dtype)
+        k, v = k.reshape(b, l, kvh, hd), v.reshape(b, l, kvh, hd)      # [batch, seq, kv_heads, hd]
+        if cfg.positions == 'rotary':
+            q = attention.rotary(q, positions, cfg.rope_theta)
+            k = attention.rotary(k, positions, cfg.rope_theta)
+        new_cache = None
+        if layer_cache is not None:
+            k = attention.write_cache(layer_cache['key'], k, cache_index)   # [batch, cache, kvh, hd]
+            v = attention.write_cache(layer_cache['value'], v, cache_index)
+            new_cache = {'key': k, 'value': v}
+        if layer_cache is None:
+            out = attention.causal_attention(q, k, v, mask)            # [batch, seq, heads, hd]
+        else:
+            out = attention.dot_product_attention(q, k, v, mask)
+        out = Linear((h, hd), (d,), (HEADS, HEAD_DIM, EMBED), cfg, std=cfg.residual_std,
+                     name='out')(out.reshape(b * l, h * hd))
+        return out.reshape(b, l, d), new_cache
+
+
+class Mlp(nn.Module):
+    """GELU (tanh, GPT-2) or SwiGLU (Llama) feed-forward on [tokens, d_model]."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        """x: [tokens, d_model] -> [tokens, d_model]."""
+        cfg = self.config
+        d, f = cfg.d_model, cfg.d_ff
+        if cfg.mlp == 'swiglu':
+            gate = Linear((d,), (f,), (EMBED, MLP), cfg, name='wi_gate')(x)
+            up = Linear((d,), (f,), (EMBED, MLP), cfg, name='wi_up')(x)
+            hidden = nn.silu(gate) * up                                # [tokens, d_ff]
+        else:
+            hidden = nn.gelu(Linear((d,), (f,), (EMBED, MLP), cfg, name='wi')(x), approximate=True)
+        return Linear((f,), (d,), (MLP, EMBED), cfg, std=cfg.residual_std, name='wo')(hidden)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask, positions, layer_cache, cache_index, deterministic):
+        """x: [batch, seq, d_model] -> ([batch, seq, d_model], updated layer cache or None)."""
+        cfg = self.config
+        b, l, d = x.shape
+        x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
+        dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
+        h, new_cache = Attention(cfg, name='attn')(norm_layer(cfg, 'ln_attn')(x), mask, positions,
+                                                   layer_cache, cache_index)
+        x = x + dropout(h)
+        h = Mlp(cfg, name='mlp')(norm_layer(cfg, 'ln_mlp')(x).reshape(b * l, d))
+        x = x + dropout(h.reshape(b, l, d))
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED)), new_cache
+
+
+class LMHead(nn.Module):
+    """The untied output projection; holds `kernel` [d_model, vocab]."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        return self.param('kernel', _init(0.02, (EMBED, VOCAB)), (cfg.d_model, cfg.vocab_size),
+                          cfg.params_dtype)
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: tokens -> next-token logits."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, cache=None):
+        """Next-token logits; with a cache, also writes this call's keys and values into it.
+
+        Args:
+          tokens: [batch, seq] int32.
+          positions: [batch, seq] int32 position of each token (default: 0.. from the cache index).
+          segment_ids: [batch, seq] int32 document of each token; 0 = padding (default: all 1).
+            Tokens attend only to earlier tokens of their own segment.
+          deterministic: False applies dropout (needs the 'dropout' rng).
+          cache: None, or a pytree from `init_cache`; this call's tokens fill the slots from its
+            index, and attend to every earlier filled slot of their segment.
+        Returns:
+          logits [batch, seq, vocab] float32; with a cache, (logits, new_cache).
+        """
+        cfg = self.config
+        b, l = tokens.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache['index']
+        slots = start + jnp.arange(l, dtype=jnp.int32)                 # [seq]
+        if positions is None:
+            positions = jnp.broadcast_to(slots, (b, l))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, l), jnp.int32)
+        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init(0.02, (VOCAB, EMBED)),
+                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name='token_embed')
+        x = embed(tokens)                                              # [batch, seq, d_model]
+        if cfg.positions == 'learned':
+            x = x + nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=_init(0.02, (POSITIONS, EMBED)),
+                             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                             name='pos_embed')(positions)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+
+        if cache is None:
+            key_segments, key_slots = segment_ids, slots
+        else:
+            key_segments = attention.write_cache(cache['segment_ids'], segment_ids, start)
+            key_slots = jnp.arange(key_segments.shape[1], dtype=jnp.int32)
+        mask = attention.causal_segment_mask(segment_ids, key_segments,
+                                             jnp.broadcast_to(slots, (b, l)), key_slots)
+
+        block = Block
+        if cfg.remat != 'none':
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(6,))
+        new_layers = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if cache is None else cache['layers'][i]
+            x, new_layer = block(cfg, name=f'layers_{i}')(x, mask, positions, layer_cache, start,
+                                                          deterministic)
+            new_layers.append(new_layer)
+        x = norm_layer(cfg, 'ln_final')(x).reshape(b * l, cfg.d_model)  # [tokens, d_model]
+
+        if cfg.tie_embeddings:
+            head = embed.embedding.T                                   # [d_model, vocab]
+        else:
+            head = LMHead(cfg, name='lm_head')()
+        logits = jnp.dot(x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        logits = logits.reshape(b, l, cfg.vocab_size)                  # [batch, seq, vocab]
+        if cache is None:
+            return logits
+        return logits, {'index': start + l, 'segment_ids': key_segments, 'layers': tuple(new_layers)}
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int):
+    """An empty KV cache: write index 0 and every slot empty (segment 0).
+
+    Returns:
+      {'index': [] int32, 'segment_ids': [batch, max_len] int32,
+       'layers': tuple of {'key', 'value': [batch, max_len, kv_heads, head_dim] compute dtype}}.
+    """
+    shape = (batch, max_len, config.kv_heads, config.head_size)
+    layer = lambda: {'key': jnp.zeros(shape, config.compute_dtype),
+                     'value': jnp.zeros(shape, config.compute_dtype)}
+    return {'index': jnp.zeros((), jnp.int32),
+            'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
+            'layers': tuple(layer() for _ in range(config.num_layers))}

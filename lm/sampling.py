@@ -1,0 +1,198 @@
+"""Autoregressive generation: temperature, top-k, top-p and EOS, jitted once per shape.
+
+Prompts of different lengths are left-padded to a common length rounded up to a multiple of
+`PROMPT_BUCKET` (padding is segment 0; each row's positions start at 0 at its first real
+token). `generate` prefills a KV cache in one call, then decodes one token per step inside a
+`lax.while_loop` that exits when every row has emitted EOS. `generate_recompute` runs the full
+forward pass over a fixed `[batch, bucket + max_new_tokens]` buffer each step: the no-cache
+baseline for tests and benchmarks. Both are compiled once per
+(batch, prompt bucket, max_new_tokens) shape; sampling settings are traced, not static.
+
+Returned completions contain the new tokens only, cut after the first EOS, which is included
+(so a finished completion can be told from one that ran out of tokens).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm.model import ModelConfig, Transformer, init_cache
+
+PROMPT_BUCKET = 16
+
+
+def sample_tokens(logits, rng, temperature, top_k, top_p):
+    """Draws one token per row from filtered, temperature-scaled logits.
+
+    Args:
+      logits: [batch, vocab] float32.
+      rng: a PRNG key.
+      temperature: [] float; 0 -> greedy (argmax).
+      top_k: [] int; keep the k most likely tokens (ties at the k-th kept); 0 = off.
+      top_p: [] float; keep the smallest most-likely set with probability >= top_p; 1.0 = off.
+    Returns:
+      [batch] int32 token ids.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    ranked = -jnp.sort(-scaled, axis=-1)                                # [batch, vocab] descending
+    kth = jnp.take(ranked, jnp.maximum(top_k - 1, 0), axis=-1)           # [batch]
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    ranked = jnp.where(ranked >= kth[:, None], ranked, -jnp.inf)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                         # mass ranked above each
+    n_keep = jnp.sum(before < top_p, axis=-1)                           # [batch], >= 1
+    nucleus = jnp.take_along_axis(ranked, n_keep[:, None] - 1, axis=-1)[:, 0]
+    threshold = jnp.maximum(kth, jnp.where(top_p < 1.0, nucleus, -jnp.inf))   # [batch]
+    filtered = jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
+    sampled = jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+
+def _decode(first_logits, state, next_logits, rng, settings, max_new_tokens: int):
+    """The shared loop: sample, stop rows at EOS, ask `next_logits` for the following step.
+
+    Args:
+      first_logits: [batch, vocab] float32 logits for the first new token.
+      state: the caller's loop state (a KV cache, or a token buffer).
+      next_logits: (state, step, tokens [batch]) -> (logits [batch, vocab], state), run after
+        `tokens` was sampled as new token number `step`.
+      settings: (temperature, top_k, top_p, eos_id, pad_id) traced scalars.
+    Returns:
+      [batch, max_new_tokens] int32; pad_id after each row's EOS.
+    """
+    temperature, top_k, top_p, eos_id, pad_id = settings
+    batch = first_logits.shape[0]
+
+    def emit(step, logits, out, done):
+        token = sample_tokens(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        token = jnp.where(done, pad_id, token)                          # [batch]
+        return token, out.at[:, step].set(token), done | (token == eos_id)
+
+    def body(carry):
+        step, state, token, out, done = carry
+        logits, state = next_logits(state, step, token)
+        token, out, done = emit(step + 1, logits, out, done)
+        return step + 1, state, token, out, done
+
+    def cond(carry):
+        step, _, _, _, done = carry
+        return (step + 1 < max_new_tokens) & ~jnp.all(done)
+
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    token, out, done = emit(0, first_logits, out, jnp.zeros((batch,), bool))
+    carry = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, token, out, done))
+    return carry[3]
+
+
+def _prompt_layout(lengths, width: int, prompt_width: int):
+    """Positions and segment ids of left-padded rows; columns past the prompt are generated.
+
+    Args:
+      lengths: [batch] int32 real prompt lengths; prompts end at column prompt_width - 1.
+    Returns:
+      (positions, segment_ids): [batch, width] int32; padding is segment 0 at position 0.
+    """
+    pad = prompt_width - lengths                                        # [batch]
+    column = jnp.arange(width, dtype=jnp.int32)[None, :]                # [1, width]
+    return jnp.maximum(column - pad[:, None], 0), (column >= pad[:, None]).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens'))
+def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelConfig,
+                     max_new_tokens: int):
+    """tokens: [batch, prompt] left-padded, lengths: [batch] -> [batch, max_new_tokens] int32."""
+    model = Transformer(config)
+    batch, prompt = tokens.shape
+    positions, segments = _prompt_layout(lengths, prompt, prompt)
+    cache = init_cache(config, batch, prompt + max_new_tokens)
+    logits, cache = model.apply(params, tokens, positions=positions, segment_ids=segments,
+                                cache=cache)                            # [batch, prompt, vocab]
+
+    def next_logits(cache, step, token):
+        position = (lengths + step)[:, None]                            # [batch, 1]
+        logits, cache = model.apply(params, token[:, None], positions=position,
+                                    segment_ids=jnp.ones_like(position), cache=cache)
+        return logits[:, 0], cache
+
+    return _decode(logits[:, -1], cache, next_logits, rng, settings, max_new_tokens)
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens'))
+def _generate_recompute(params, tokens, lengths, rng, settings, *, config: ModelConfig,
+                        max_new_tokens: int):
+    """As `_generate_cached`, by a full forward over [batch, prompt + max_new_tokens] per step."""
+    model = Transformer(config)
+    batch, prompt = tokens.shape
+    width = prompt + max_new_tokens
+    positions, segments = _prompt_layout(lengths, width, prompt)
+    buffer = jnp.pad(tokens, ((0, 0), (0, max_new_tokens)))             # [batch, width]
+
+    def logits_at(buffer, column):
+        logits = model.apply(params, buffer, positions=positions, segment_ids=segments)
+        return jax.lax.dynamic_index_in_dim(logits, column, axis=1, keepdims=False)
+
+    def next_logits(buffer, step, token):
+        buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, prompt + step))
+        return logits_at(buffer, prompt + step), buffer
+
+    return _decode(logits_at(buffer, prompt - 1), buffer, next_logits, rng, settings,
+                   max_new_tokens)
+
+
+def _left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
+    """Prompts -> (tokens [batch, bucket] int32 left-padded, lengths [batch] int32)."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if len(prompts) == 0 or lengths.min() == 0:
+        raise ValueError('generate needs at least one prompt, and no empty prompts')
+    if max_new_tokens < 1:
+        raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
+    if config.positions == 'learned' and lengths.max() + max_new_tokens > config.max_seq_len:
+        raise ValueError(f'longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) '
+                         f'exceeds max_seq_len={config.max_seq_len}')
+    width = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
+    tokens = np.full((len(prompts), width), pad_id, np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt):] = prompt
+    return tokens, lengths
+
+
+def _run(fn, params, config, prompts, max_new_tokens, rng, temperature, top_k, top_p, eos_id,
+         pad_id):
+    tokens, lengths = _left_pad(prompts, pad_id, config, max_new_tokens)
+    settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
+                jnp.int32(pad_id))
+    out = np.asarray(fn(params, tokens, lengths, rng, settings, config=config,
+                        max_new_tokens=max_new_tokens))                 # [batch, max_new_tokens]
+    completions = []
+    for row in out.tolist():
+        completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+    return completions
+
+
+def generate(params, config: ModelConfig, prompts: list, *, max_new_tokens: int, rng,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
+             pad_id: int = 0) -> list:
+    """Samples completions with a KV cache: one prefill call, then one token per step.
+
+    Args:
+      params: the model variables ({'params': ...}) for `Transformer(config)`.
+      prompts: batch of token id lists, any non-zero lengths.
+      max_new_tokens: tokens generated per prompt at most.
+      rng: PRNG key; step t uses fold_in(rng, t).
+      temperature: 0 -> greedy. top_k: 0 = off. top_p: 1.0 = off.
+      eos_id: a row stops after emitting it. pad_id: the left padding token.
+    Returns:
+      New tokens per prompt, cut after the first EOS (EOS included).
+    """
+    return _run(_generate_cached, params, config, prompts, max_new_tokens, rng, temperature,
+                top_k, top_p, eos_id, pad_id)
+
+
+def generate_recompute(params, config: ModelConfig, prompts: list, *, max_new_tokens: int, rng,
+                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
+                       pad_id: int = 0) -> list:
+    """As `generate`, without a cache: a full forward over the fixed padded buffer each step."""
+    return _run(_generate_recompute, params, config, prompts, max_new_tokens, rng, temperature,
+                top_k, top_p, eos_id, pad_id)
