@@ -13,7 +13,10 @@ from lm.errors import CheckpointError
 
 def manager(workdir: str, keep: int = 2, save_every: int = 1) -> ocp.CheckpointManager:
     """A CheckpointManager over workdir/checkpoints keeping the newest `keep` checkpoints."""
+    # cleanup_tmp_directories: a save cut short by a kill leaves a tmp dir that would break the
+    # next save of the same step.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
+                                           cleanup_tmp_directories=True,
                                            enable_async_checkpointing=False)
     return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
                                  item_names=("state", "meta"))

@@ -11,10 +11,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-STEPS = 240
+STEPS = 160
 ARGS = ["--config=configs/pretrain/gpt2.py:smoke", f"--config.train.steps={STEPS}",
         "--config.train.log_every=1", "--config.train.checkpoint_every=20",
-        "--config.train.eval_every=60", "--config.model.d_model=128", "--config.model.dropout=0.1",
+        "--config.train.eval_every=50", "--config.model.d_model=128", "--config.model.dropout=0.1",
         "--config.train.seq_len=64", "--config.train.global_batch_size=16", "--config.data.source=text_files"]
 
 
@@ -27,9 +27,8 @@ def corpus(tmp_path) -> str:
     return str(path)
 
 
-def start(workdir, data):
-    return subprocess.Popen([sys.executable, "-m", "experiments.run", *ARGS, f"--config.data.files={data}",
-                             f"--workdir={workdir}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def command(workdir, data) -> list[str]:
+    return [sys.executable, "-m", "experiments.run", *ARGS, f"--config.data.files={data}", f"--workdir={workdir}"]
 
 
 def logged_steps(workdir):
@@ -49,11 +48,11 @@ def final_params(workdir):
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     data = corpus(tmp_path)
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    proc = start(resumed, data)
+    proc = subprocess.Popen(command(resumed, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         steps = [r["step"] for r in logged_steps(resumed)]
-        if steps and steps[-1] >= 70:  # past a checkpoint (60) and an eval, before the next (80)
+        if steps and steps[-1] >= 80:  # past an eval (50); step 80 is logged just before its save
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -63,7 +62,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert killed_at < STEPS
 
     for workdir in (resumed, straight):
-        done = subprocess.run(start(workdir, data).args, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command(workdir, data), capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
 
     a, b = final_params(straight), final_params(resumed)
