@@ -4,8 +4,10 @@ Pure functions; the parameterised layer lives in `lm.model`. Activations use the
 `[batch, seq, heads, head_dim]`; grouped-query attention splits the query heads into
 `[kv_heads, groups]` so keys and values are never repeated in memory.
 
-The KV cache (`lm.model.init_cache`) stores keys after the rotary rotation, so decoding never
-re-rotates them; `write_cache` puts a step's keys, values or segment ids at the write index.
+Keys and values enter attention head-major, `[batch, kv_heads, seq, head_dim]`: the layout
+of the KV cache (`lm.model.init_cache`), so decoding never transposes the cache. The cache
+stores keys after the rotary rotation; `write_cache` puts a step's keys, values or segment
+ids at the write index.
 """
 import jax
 import jax.numpy as jnp
@@ -99,21 +101,20 @@ _attend.defvjp(_attend_fwd, _attend_bwd)
 def _blocked_attention(q, k, v, mask, blocks):
     """Attention where query rows [start, end) see only keys [0, k_end), for each block.
 
-    Heads move in front of the sequence (once) so every product is a batched matmul over
+    Query heads move in front of the sequence (once) so every product is a batched matmul over
     [batch, kv_heads]; a query group shares its key/value head without copying it.
 
     Args:
-      q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim].
+      q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_heads, k_len, head_dim] (head-major).
       mask: [batch, q_len, k_len] bool.
       blocks: (start, end, k_end) triples covering the queries in order.
     Returns:
       [batch, q_len, heads, head_dim].
     """
     b, lq, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     g = h // kvh
     q = q.reshape(b, lq, kvh, g, d).transpose(0, 2, 3, 1, 4)           # [b, kvh, g, q, d]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)            # [b, kvh, k, d]
     outs = []
     for start, end, k_end in blocks:
         q_block = q[:, :, :, start:end].reshape(b, kvh, g * (end - start), d)
@@ -123,18 +124,24 @@ def _blocked_attention(q, k, v, mask, blocks):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, lq, h, d)
 
 
+def heads_first(x):
+    """[batch, seq, kv_heads, head_dim] -> [batch, kv_heads, seq, head_dim] (the cache layout)."""
+    return x.transpose(0, 2, 1, 3)
+
+
 def dot_product_attention(q, k, v, mask):
     """Softmax attention with grouped query heads; scores and softmax in float32.
 
     Args:
       q: [batch, q_len, heads, head_dim], already scaled by 1/sqrt(head_dim).
-      k: [batch, k_len, kv_heads, head_dim]; heads must be a multiple of kv_heads.
-      v: [batch, k_len, kv_heads, head_dim].
+      k: [batch, kv_heads, k_len, head_dim] (head-major, as in the cache); heads must be a
+        multiple of kv_heads.
+      v: [batch, kv_heads, k_len, head_dim].
       mask: [batch, q_len, k_len] bool, True where attending is allowed.
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
     """
-    return _blocked_attention(q, k, v, mask, [(0, q.shape[1], k.shape[1])])
+    return _blocked_attention(q, k, v, mask, [(0, q.shape[1], k.shape[2])])
 
 
 def causal_attention(q, k, v, mask, block: int = 64):
@@ -145,7 +152,7 @@ def causal_attention(q, k, v, mask, block: int = 64):
     on XLA:CPU (fwd+bwd at 256 tokens; 32- and 128-token blocks were slower).
 
     Args:
-      q: [batch, seq, heads, head_dim] scaled; k, v: [batch, seq, kv_heads, head_dim].
+      q: [batch, seq, heads, head_dim] scaled; k, v: [batch, kv_heads, seq, head_dim].
       mask: [batch, seq, seq] bool, causal (combined with anything else).
       block: queries per block.
     Returns:
@@ -156,7 +163,7 @@ def causal_attention(q, k, v, mask, block: int = 64):
     return _blocked_attention(q, k, v, mask, [(s, e, e) for s, e in zip(range(0, seq, block), ends)])
 
 
-def write_cache(buffer, new, index):
-    """Writes `new` [batch, seq, ...] into `buffer` [batch, max_len, ...] at slots index..index+seq."""
-    start = (0, index) + (0,) * (buffer.ndim - 2)
+def write_cache(buffer, new, index, axis: int = 1):
+    """Writes `new` into `buffer` at slots index..index+len along `axis` (the sequence axis)."""
+    start = tuple(index if i == axis else 0 for i in range(buffer.ndim))
     return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)

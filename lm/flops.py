@@ -1,9 +1,20 @@
-"""Parameter counts and training FLOPs per token, computed analytically from a ModelConfig.
+"""Parameter counts, training FLOPs per token and the peak FLOP/s that MFU divides by.
 
 `param_counts` is tested equal to the parameters `Transformer.init` creates; every FLOPs and MFU
-figure in the project comes from `flops_per_token`.
+figure in the project comes from `flops_per_token` and `peak_flops_per_device`.
 """
-from lm.model import ModelConfig
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from lm.model import DTYPES, ModelConfig
+
+# Dense bfloat16 peak FLOP/s by device kind (vendor data sheets); other devices are measured.
+PEAK_BF16 = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
+             'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-SXM4-80GB': 312e12,
+             'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12}
 
 
 def _layer_params(c: ModelConfig) -> int:
@@ -73,3 +84,33 @@ def flops_per_token(config: ModelConfig, seq_len: int, method: str = 'palm') -> 
     if method == '6n':
         return 6.0 * counts['non_embedding']
     raise ValueError(f"unknown FLOPs method {method!r}: expected 'palm', 'chinchilla' or '6n'")
+
+
+def measure_matmul_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of one jitted [n, n] @ [n, n] matmul on the first device: median of `repeats`."""
+    a = jax.device_put(jnp.ones((n, n), DTYPES[dtype]), jax.devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        seconds.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(seconds)
+
+
+def peak_flops_per_device(configured: float, dtype: str) -> tuple:
+    """The FLOP/s that MFU divides by, and where it came from.
+
+    Args:
+      configured: `config.train.peak_flops`; > 0 wins.
+      dtype: compute dtype name; the data-sheet table holds bfloat16 peaks only.
+    Returns:
+      (FLOP/s per device, 'config' | 'data sheet: <kind>' | 'measured matmul').
+    """
+    if configured > 0:
+        return float(configured), 'config'
+    kind = jax.devices()[0].device_kind
+    if dtype == 'bfloat16' and kind in PEAK_BF16:
+        return PEAK_BF16[kind], f'data sheet: {kind}'
+    return measure_matmul_flops(dtype), 'measured matmul'

@@ -160,7 +160,7 @@ class Attention(nn.Module):
           x: [batch, seq, d_model].
           mask: [batch, seq, keys] bool; keys = seq, or the cache length with a cache.
           positions: [batch, seq] int32, used by rotary positions.
-          layer_cache: None or {'key', 'value': [batch, cache_len, kv_heads, head_dim]}.
+          layer_cache: None or {'key', 'value': [batch, kv_heads, cache_len, head_dim]}.
           cache_index: [] int32 slot where this step's keys are written.
         Returns:
           ([batch, seq, d_model], the updated layer cache or None).
@@ -177,14 +177,14 @@ class Attention(nn.Module):
         if cfg.positions == 'rotary':
             q = attention.rotary(q, positions, cfg.rope_theta)
             k = attention.rotary(k, positions, cfg.rope_theta)
-        new_cache = None
-        if layer_cache is not None:
-            k = attention.write_cache(layer_cache['key'], k, cache_index)   # [batch, cache, kvh, hd]
-            v = attention.write_cache(layer_cache['value'], v, cache_index)
-            new_cache = {'key': k, 'value': v}
+        k, v = attention.heads_first(k), attention.heads_first(v)      # [batch, kv_heads, seq, hd]
         if layer_cache is None:
+            new_cache = None
             out = attention.causal_attention(q, k, v, mask)            # [batch, seq, heads, hd]
         else:
+            k = attention.write_cache(layer_cache['key'], k, cache_index, axis=2)   # [b, kvh, cache, hd]
+            v = attention.write_cache(layer_cache['value'], v, cache_index, axis=2)
+            new_cache = {'key': k, 'value': v}
             out = attention.dot_product_attention(q, k, v, mask)
         out = Linear((h, hd), (d,), (HEADS, HEAD_DIM, EMBED), cfg, std=cfg.residual_std,
                      name='out')(out.reshape(b * l, h * hd))
@@ -310,9 +310,9 @@ def init_cache(config: ModelConfig, batch: int, max_len: int):
 
     Returns:
       {'index': [] int32, 'segment_ids': [batch, max_len] int32,
-       'layers': tuple of {'key', 'value': [batch, max_len, kv_heads, head_dim] compute dtype}}.
+       'layers': tuple of {'key', 'value': [batch, kv_heads, max_len, head_dim] compute dtype}}.
     """
-    shape = (batch, max_len, config.kv_heads, config.head_size)
+    shape = (batch, config.kv_heads, max_len, config.head_size)
     layer = lambda: {'key': jnp.zeros(shape, config.compute_dtype),
                      'value': jnp.zeros(shape, config.compute_dtype)}
     return {'index': jnp.zeros((), jnp.int32),

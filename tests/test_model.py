@@ -143,6 +143,11 @@ def test_flops_per_token():
         flops.flops_per_token(c, 4, 'kaplan')
 
 
+def test_peak_flops_is_configured_or_measured():
+    assert flops.peak_flops_per_device(1e12, 'float32') == (1e12, 'config')
+    assert flops.measure_matmul_flops('float32', n=128, repeats=2) > 1e8
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r'^config\.model\.num_heads=5 must divide d_model=384'):
         ModelConfig(vocab_size=10, num_layers=1, num_heads=5, d_model=384, d_ff=8, max_seq_len=8)
@@ -221,7 +226,8 @@ def test_attention_gradients_match_autodiff_of_a_naive_reference(blocked):
     segments = jnp.array([[1] * 70 + [2] * 80, [1] * 100 + [0] * 50])
     slots = jnp.broadcast_to(jnp.arange(seq), (b, seq))
     mask = attention.causal_segment_mask(segments, segments, slots, jnp.arange(seq))
-    fn = attention.causal_attention if blocked else attention.dot_product_attention
+    f = attention.causal_attention if blocked else attention.dot_product_attention
+    fn = lambda q, k, v, mask: f(q, attention.heads_first(k), attention.heads_first(v), mask)
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, mask) * g)
     np.testing.assert_allclose(fn(q, k, v, mask), naive_attention(q, k, v, mask), atol=1e-5)
     got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
