@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm.errors import ConfigError
 from lm.model import ModelConfig, Transformer, init_cache
 
 PROMPT_BUCKET = 16
@@ -160,8 +161,9 @@ def _left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
     if max_new_tokens < 1:
         raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
     if config.positions == 'learned' and lengths.max() + max_new_tokens > config.max_seq_len:
-        raise ValueError(f'longest prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) '
-                         f'exceeds max_seq_len={config.max_seq_len}')
+        raise ConfigError(f'config.model.max_seq_len={config.max_seq_len} is less than the longest '
+                          f'prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) '
+                          'that learned positions must cover')
     width = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lm import sampling
+from lm.errors import ConfigError
 from lm.model import ModelConfig, Transformer, init_cache
 
 TINY = dict(vocab_size=53, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_seq_len=64)
@@ -127,6 +128,6 @@ def test_generate_compiles_once_per_shape_bucket():
 
 
 def test_learned_positions_must_fit():
-    with pytest.raises(ValueError, match='max_seq_len'):
+    with pytest.raises(ConfigError, match=r'^config\.model\.max_seq_len=64 '):
         sampling.generate(None, STYLES['gpt2'], [[1] * 60], max_new_tokens=10, rng=jax.random.key(0),
                           eos_id=EOS)
