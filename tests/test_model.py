@@ -229,9 +229,9 @@ def test_attention_gradients_match_autodiff_of_a_naive_reference(blocked):
     f = attention.causal_attention if blocked else attention.dot_product_attention
     fn = lambda q, k, v, mask: f(q, attention.heads_first(k), attention.heads_first(v), mask)
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, mask) * g)
-    np.testing.assert_allclose(fn(q, k, v, mask), naive_attention(q, k, v, mask), atol=1e-5)
-    got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(naive_attention), argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v, mask), naive_attention(q, k, v, mask), atol=1e-5)
+    got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.grad(loss(naive_attention), argnums=(0, 1, 2)))(q, k, v)
     for a, w in zip(got, want):
         np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-4)
 
@@ -295,12 +295,13 @@ def test_every_parameter_has_logical_axis_names(style):
 
 
 def test_init_scales():
-    c = ModelConfig(**{**TINY, 'd_model': 256, 'd_ff': 1024, 'num_layers': 8})
+    c = ModelConfig(**{**TINY, 'd_model': 128, 'd_ff': 512, 'vocab_size': 500})
     p = nn.unbox(jax.jit(Transformer(c).init)(jax.random.key(0), jnp.ones((1, 4), jnp.int32)))['params']
-    assert np.std(p['token_embed']['embedding']) == pytest.approx(0.02, rel=0.1)
-    assert np.std(p['layers_3']['mlp']['wo']['kernel']) == pytest.approx(0.02 / 4, rel=0.1)
-    assert np.std(p['layers_3']['attn']['out']['kernel']) == pytest.approx(0.02 / 4, rel=0.1)
-    assert not np.any(p['layers_3']['mlp']['wi']['bias'])
+    assert np.std(p['token_embed']['embedding']) == pytest.approx(0.02, rel=0.05)
+    assert np.std(p['layers_1']['mlp']['wi']['kernel']) == pytest.approx(0.02, rel=0.05)
+    assert np.std(p['layers_1']['mlp']['wo']['kernel']) == pytest.approx(0.02 / 2, rel=0.05)  # 2 layers
+    assert np.std(p['layers_1']['attn']['out']['kernel']) == pytest.approx(0.02 / 2, rel=0.05)
+    assert not np.any(p['layers_1']['mlp']['wi']['bias'])
 
 
 # ---------------------------------------------------------------- losses
