@@ -1,0 +1,56 @@
+"""End-to-end training: the tiny config learns the embedded corpus; a user's book trains too."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs.pretrain import tiny
+from lm.data import pipeline
+
+BOOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+
+def train(workdir, *overrides):
+    result = subprocess.run([sys.executable, "-m", "experiments.run", "--config=configs/pretrain/tiny.py",
+                             f"--workdir={workdir}", *overrides], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def book(tmp_path) -> str:
+    """A book-sized .txt: Tiny Shakespeare when the shared data is here, else standard-library prose."""
+    if os.path.exists(BOOK):
+        return BOOK
+    import pydoc_data.topics as topics
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(topics.topics.values()))
+    return str(path)
+
+
+def test_text_files_book_trains(tmp_path):
+    records = train(tmp_path / "w", "--config.data.source=text_files", f"--config.data.files={book(tmp_path)}",
+                    "--config.train.steps=60", "--config.train.global_batch_size=8",
+                    "--config.train.log_every=10", "--config.train.eval_every=0")
+    assert records[-1]["eval_loss"] < records[0]["loss"] - 1.0  # ~8.3 -> below 7.3 nats/token
+    with open(tmp_path / "w" / "samples.txt") as f:
+        assert f.read().count("--- sample") == 3
+
+
+@pytest.mark.slow
+def test_tiny_config_beats_unigram_and_bigram(tmp_path):
+    """The README's main job, with its defaults (about 5 minutes on 2 cores).
+
+    Measured: unigram entropy 7.09 and optimistic-bigram cross-entropy BIGRAM nats/token on the
+    held-out split; the tiny model reaches EVAL nats/token (EVAL_BPB bits/byte).
+    """
+    records = train(tmp_path / "w")
+    config = tiny.get_config()
+    data = pipeline.prepare_data(config.data, config.tokenizer, config.train.seq_len)
+    vocab = data.tokenizer.vocab_size
+    unigram = pipeline.unigram_entropy(data.eval, vocab)
+    bigram = pipeline.bigram_cross_entropy(data.train, data.eval, vocab)
+    final = records[-1]["eval_loss"]
+    assert final < unigram - 1.0
+    assert final < bigram
