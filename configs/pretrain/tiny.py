@@ -1,4 +1,7 @@
-"""A small model trained on the embedded default corpus in a few minutes on 2 CPU cores."""
+"""A small model trained on the embedded default corpus in about 5 minutes on 2 CPU cores.
+
+About 600k tokens in 150 steps (~1.5 s a step on a 2-core AVX2 CPU), data preparation included.
+"""
 from configs import common
 
 
@@ -12,11 +15,12 @@ def get_config(arg=None):
     c.model.max_seq_len = 256
     c.tokenizer.vocab_size = 4096
     c.optimizer.lr = 3e-3
-    c.schedule.warmup_steps = 50
-    c.train.steps = 600
+    c.schedule.warmup_steps = 30
+    c.train.steps = 150
     c.train.global_batch_size = 16
     c.train.seq_len = 256
-    c.train.log_every = 20
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 200
+    c.train.log_every = 10
+    c.train.eval_every = 75
+    c.train.eval_batches = 10
+    c.train.checkpoint_every = 75
     return c
