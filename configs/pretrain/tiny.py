@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None):
-    del arg
+    a = common.parse_arg(arg, smoke=False)
     c = common.get_base_config()
     c.model.num_layers = 4
     c.model.num_heads = 4
@@ -23,4 +23,6 @@ def get_config(arg=None):
     c.train.eval_every = 75
     c.train.eval_batches = 10
     c.train.checkpoint_every = 75
+    if a.smoke:
+        common.shrink_for_smoke(c)
     return c
