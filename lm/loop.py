@@ -59,7 +59,7 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
         done = step + 1
         last = done == total
         record = {}
-        if done % train_cfg.log_every == 0 or last:
+        if done == 1 or done % train_cfg.log_every == 0 or last:  # step 1 shows the initial loss
             record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
             seconds = time.perf_counter() - clock
             record["tokens_seen"] = done * tokens_per_step

@@ -53,7 +53,7 @@ def test_smoke_variant_trains_end_to_end(spec, tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
-    assert [r["step"] for r in records] == [2, 4, 6]
+    assert [r["step"] for r in records] == [1, 2, 4, 6]
     assert records[-1]["loss"] < records[0]["loss"]
     assert {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "eval_loss",
             "eval_bits_per_byte"} <= set(records[-1])
