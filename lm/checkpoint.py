@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 from lm.errors import CheckpointError
 
 
-def manager(workdir: str, keep: int = 2, save_every: int = 1) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
     """A CheckpointManager over workdir/checkpoints keeping the newest `keep` checkpoints."""
     # cleanup_tmp_directories: a save cut short by a kill leaves a tmp dir that would break the
     # next save of the same step.
