@@ -63,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict()
     c.schedule.kind = 'cosine'    # cosine | wsd (warmup-stable-decay) | constant
     c.schedule.warmup_steps = 100
+    c.schedule.warmup_fraction = 0.0  # > 0: warmup is this fraction of train.steps (overrides warmup_steps)
     c.schedule.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
     c.schedule.decay_fraction = 0.2  # wsd: fraction of the steps spent decaying
 
@@ -81,6 +82,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.num_samples = 3       # samples printed and saved at the end
     c.train.sample_tokens = 64
     c.train.sample_prompt = ''    # '': each sample starts from BOS alone
+
+    # IsoFLOP members: a FLOP budget sets train.steps, so the schedule ends at the member's own budget.
+    c.scaling = ml_collections.ConfigDict()
+    c.scaling.budget = 0.0        # training FLOPs; 0: train.steps as set
+    c.scaling.flops = 'chinchilla'  # how C is counted: chinchilla (with attention) | 6nd | 6n | palm
 
     # Mesh axis sizes; -1 takes the devices left over. Their product must equal the device count.
     c.mesh = ml_collections.ConfigDict()
@@ -118,6 +124,26 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         else:
             out[key] = type(default)(value)
     return out
+
+
+def sweep(key: str, values) -> list[dict]:
+    """One sweep axis: `sweep('optimizer.lr', [1e-3, 3e-3])` -> [{'optimizer.lr': 1e-3}, ...]."""
+    return [{key: v} for v in values]
+
+
+def product(*axes: list[dict]) -> list[dict]:
+    """Every combination of the axes (the first varies slowest), each member's overrides merged."""
+    members = [{}]
+    for axis in axes:
+        members = [{**m, **a} for m in members for a in axis]
+    return members
+
+
+def zipped(*axes: list[dict]) -> list[dict]:
+    """Axes of equal length taken in step: member i merges the i-th entry of each."""
+    if len({len(a) for a in axes}) > 1:
+        raise ValueError(f"zipped axes differ in length: {[len(a) for a in axes]}")
+    return [dict(kv for part in parts for kv in part.items()) for parts in zip(*axes)]
 
 
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -3,18 +3,30 @@
 Loads the config (keys locked: a mistyped override is an error), validates it once, and dispatches
 on `config.task`. User mistakes print one line and exit 2; bugs keep their tracebacks.
 """
+import copy
 import os
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
+from experiments import sweep
+from lm import flops
 from lm.errors import ConfigError, UserError
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", flag_values=FLAGS,
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", flag_values=FLAGS)
+flags.DEFINE_string("member", None, "Run only this member of the config's sweep (the sweep runner sets it).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("parallel", 1, "Sweeps: members run at once.", flag_values=FLAGS)
+flags.DEFINE_string("launcher", "local", "Sweeps: local | slurm | submitit-local.", flag_values=FLAGS)
+flags.DEFINE_string("slurm_partition", None, "Sweeps on SLURM: the partition.", flag_values=FLAGS)
+flags.DEFINE_integer("slurm_timeout_min", 240, "Sweeps on SLURM: each member's time limit.", flag_values=FLAGS)
+flags.DEFINE_integer("slurm_gpus_per_node", 0, "Sweeps on SLURM: GPUs per member.", flag_values=FLAGS)
+flags.DEFINE_integer("slurm_cpus_per_task", 0, "Sweeps on SLURM: CPUs per member (0: the cluster's default).",
+                     flag_values=FLAGS)
 
 
 def _pretrain(config, workdir):
@@ -42,6 +54,12 @@ def validate(config) -> None:
     if t.seq_len > config.model.max_seq_len:
         raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds config.model.max_seq_len="
                           f"{config.model.max_seq_len}")
+    if config.scaling.flops not in flops.FLOPS_METHODS:
+        raise ConfigError(f"config.scaling.flops={config.scaling.flops!r}: expected one of {flops.FLOPS_METHODS}")
+    if config.scaling.budget < 0:
+        raise ConfigError(f"config.scaling.budget={config.scaling.budget} must be >= 0 (0: train.steps as set)")
+    if not 0 <= config.schedule.warmup_fraction < 1:
+        raise ConfigError(f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)")
     if t.global_batch_size % t.grad_accum:
         raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"config.train.grad_accum={t.grad_accum}")
@@ -61,12 +79,13 @@ def prepare_workdir(workdir: str) -> str:
     return workdir
 
 
-def _config_path(argv) -> str | None:
+def _config_arg(argv) -> str | None:
+    """The `--config` value as given (file[:arg]), or None."""
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1].split(":", 1)[0]
+            return arg.split("=", 1)[1]
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1].split(":", 1)[0]
+            return argv[i + 1]
     return None
 
 
@@ -85,7 +104,8 @@ def _unknown_override(argv, config) -> str:
 
 def parse_flags(argv):
     """Parses the command line; raises ConfigError with one line for any mistake in it."""
-    path = _config_path(argv)
+    config_arg = _config_arg(argv)
+    path = config_arg and config_arg.split(":", 1)[0]
     if path is None or not any(a.startswith("--workdir") for a in argv):
         raise ConfigError("--config and --workdir are required")
     if not os.path.isfile(path):
@@ -101,9 +121,51 @@ def parse_flags(argv):
     return FLAGS.config, FLAGS.workdir
 
 
+def _select_member(members, name: str):
+    for member in members or []:
+        if member.name == name:
+            return member
+    known = ", ".join(m.name for m in (members or [])[:3])
+    raise ConfigError(f"--member={name!r}: the config declares no such sweep member"
+                      + (f" (e.g. {known})" if known else " (it has no get_sweep)"))
+
+
+def _slurm_parameters() -> dict:
+    params = {"timeout_min": FLAGS.slurm_timeout_min}
+    if FLAGS.slurm_partition:
+        params["slurm_partition"] = FLAGS.slurm_partition
+    if FLAGS.slurm_gpus_per_node:
+        params["gpus_per_node"] = FLAGS.slurm_gpus_per_node
+    if FLAGS.slurm_cpus_per_task:
+        params["cpus_per_task"] = FLAGS.slurm_cpus_per_task
+    return params
+
+
+def run_sweep(config, members, argv, workdir: str) -> int:
+    """Validates every member's config, then runs the sweep; exit 0 when every member completed."""
+    for member in members:
+        member_config = copy.deepcopy(config)
+        sweep.apply_overrides(member_config, member.overrides, f"sweep member {member.name}")
+        validate(member_config)
+    config_arg = _config_arg(argv)
+    passthrough = [a for a in argv[1:] if a.startswith("--config.")]
+    counts = sweep.run_sweep(members, config_arg=config_arg, passthrough=passthrough, sweep_dir=workdir,
+                             launcher=FLAGS.launcher, parallel=FLAGS.parallel, slurm=_slurm_parameters())
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    print(f"sweep: {summary}; results in {os.path.join(workdir, 'results.csv')}")
+    return 0 if counts.get("completed", 0) == len(members) else 1
+
+
 def main(argv) -> int:
     try:
         config, workdir = parse_flags(argv)
+        config_arg = _config_arg(argv)
+        members = sweep.load_sweep(config_arg.split(":", 1)[0], _arg_of(config_arg))
+        if members and FLAGS.member is None:
+            return run_sweep(config, members, argv, prepare_workdir(workdir))
+        if FLAGS.member is not None:
+            member = _select_member(members, FLAGS.member)
+            sweep.apply_overrides(config, member.overrides, f"sweep member {member.name}")
         validate(config)
         workdir = prepare_workdir(workdir)
         TASKS[config.task](config, workdir)
@@ -111,6 +173,10 @@ def main(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _arg_of(config_arg: str) -> str | None:
+    return config_arg.split(":", 1)[1] if ":" in config_arg else None
 
 
 if __name__ == "__main__":

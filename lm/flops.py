@@ -73,6 +73,7 @@ def flops_per_token(config: ModelConfig, seq_len: int, method: str = 'palm') -> 
         Q head_dim, T = seq_len; causal attention is not halved.
       'chinchilla': 3 × the forward FLOPs of Hoffmann et al. 2022, Appendix F (embeddings,
         attention QKV/logits/softmax/reduction/projection, dense, final logits), per token.
+      '6nd': 6 × all parameters (Chinchilla's C ≈ 6ND with N the total parameter count).
       '6n': 6 × non-embedding parameters (Kaplan et al. 2020, C ≈ 6N).
     """
     counts = param_counts(config)
@@ -81,9 +82,25 @@ def flops_per_token(config: ModelConfig, seq_len: int, method: str = 'palm') -> 
         return 6.0 * n + 12.0 * config.num_layers * config.num_heads * config.head_size * seq_len
     if method == 'chinchilla':
         return 3.0 * _chinchilla_forward(config, seq_len) / seq_len
+    if method == '6nd':
+        return 6.0 * counts['total']
     if method == '6n':
         return 6.0 * counts['non_embedding']
-    raise ValueError(f"unknown FLOPs method {method!r}: expected 'palm', 'chinchilla' or '6n'")
+    raise ValueError(f"unknown FLOPs method {method!r}: expected one of {FLOPS_METHODS}")
+
+
+FLOPS_METHODS = ('palm', 'chinchilla', '6nd', '6n')
+
+
+def steps_for_budget(config: ModelConfig, seq_len: int, tokens_per_step: int, budget: float,
+                     method: str) -> int:
+    """Training steps that spend `budget` FLOPs (IsoFLOP sweeps): round(C / (FLOPs/token × tokens/step)).
+
+    At least one step; the tokens actually trained are `steps × tokens_per_step`, so the realised
+    compute differs from the budget by under half a step.
+    """
+    per_step = flops_per_token(config, seq_len, method) * tokens_per_step
+    return max(1, round(budget / per_step))
 
 
 def measure_matmul_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 7) -> float:

@@ -16,6 +16,14 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str):
+    """The JSON object in `path`, or None when the file does not exist."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """All complete records of a .jsonl file (a torn last line from a kill is ignored)."""
     if not os.path.exists(path):

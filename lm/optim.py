@@ -19,7 +19,9 @@ def learning_rate_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> op
     The schedule ends at `total_steps`, the run's own budget: a cycle longer than the run would leave
     the learning rate high at the end (Chinchilla's correction to Kaplan et al.).
     """
-    warmup = min(int(schedule_cfg.warmup_steps), total_steps)
+    fraction = float(schedule_cfg.get("warmup_fraction", 0.0))
+    warmup = round(fraction * total_steps) if fraction > 0 else int(schedule_cfg.warmup_steps)
+    warmup = min(warmup, total_steps)
     final_lr = peak_lr * float(schedule_cfg.min_lr_ratio)
     ramp = optax.linear_schedule(0.0, peak_lr, max(warmup, 1))
     rest = max(total_steps - warmup, 1)

@@ -103,6 +103,14 @@ def write_samples(workdir, params, model_cfg, tokenizer, train_cfg, seed) -> lis
     return texts
 
 
+def scaling_info(config, model_cfg: ModelConfig) -> dict:
+    """The run's D (tokens trained) and C (training FLOPs, counted by `config.scaling.flops`)."""
+    tokens = config.train.steps * config.train.global_batch_size * config.train.seq_len
+    per_token = flops.flops_per_token(model_cfg, config.train.seq_len, config.scaling.flops)
+    return {"flops_method": config.scaling.flops, "budget": config.scaling.budget,
+            "flops_per_token": per_token, "tokens": tokens, "compute": per_token * tokens}
+
+
 def run(config, workdir: str):
     """Trains (or resumes) a language model in `workdir`; returns the final train state."""
     mesh = sharding.make_mesh(config.mesh)
@@ -114,15 +122,19 @@ def run(config, workdir: str):
         tok.save(os.path.join(workdir, "tokenizer"))
     model_cfg = model_config(config, tok.vocab_size)
     model = Transformer(model_cfg)
+    seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
+    if config.scaling.budget > 0:
+        config.train.steps = flops.steps_for_budget(model_cfg, seq_len, batch_size * seq_len,
+                                                    config.scaling.budget, config.scaling.flops)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
-    seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     flops_per_token = flops.flops_per_token(model_cfg, seq_len)
     peak, peak_source = flops.peak_flops_per_device(config.train.peak_flops, model_cfg.dtype)
     counts = flops.param_counts(model_cfg)
     run_info = {"params": counts, "flops_per_token": flops_per_token, "peak_flops_per_device": peak,
                 "peak_flops_source": peak_source, "num_devices": jax.device_count(),
-                "num_processes": jax.process_count(), "mesh": dict(mesh.shape), "data": data.info}
+                "num_processes": jax.process_count(), "mesh": dict(mesh.shape), "data": data.info,
+                "scaling": scaling_info(config, model_cfg)}
     if jax.process_index() == 0:
         metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"),
                                       {**config.to_dict(), "run": run_info})
@@ -161,5 +173,6 @@ def run(config, workdir: str):
                                peak_flops=peak * jax.device_count())
         finally:
             writer.close()
-        write_samples(workdir, state.params, model_cfg, tok, config.train, config.seed)
+        if config.train.num_samples > 0:
+            write_samples(workdir, state.params, model_cfg, tok, config.train, config.seed)
     return state
