@@ -94,7 +94,9 @@ def run_member(command: list[str], workdir: str) -> str:
     launcher or inside a submitit job.
     """
     os.makedirs(workdir, exist_ok=True)
-    previous = metrics_lib.read_json(os.path.join(workdir, "status.json")) or {}
+    status_path = os.path.join(workdir, "status.json")
+    attempts = (metrics_lib.read_json(status_path) or {}).get("attempts", 0) + 1
+    metrics_lib.write_json_atomic(status_path, {"status": "running", "attempts": attempts})
     start = time.time()
     with open(os.path.join(workdir, "log.txt"), "a") as log:
         log.write(f"$ {' '.join(command)}\n")
@@ -102,9 +104,9 @@ def run_member(command: list[str], workdir: str) -> str:
         returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                                     env={**os.environ, "TQDM_MININTERVAL": "30"}).returncode
     status = "completed" if returncode == 0 else "failed"
-    metrics_lib.write_json_atomic(os.path.join(workdir, "status.json"), {
+    metrics_lib.write_json_atomic(status_path, {
         "status": status, "returncode": returncode, "error": _last_error(workdir) if returncode else "",
-        "wall_seconds": time.time() - start, "attempts": previous.get("attempts", 0) + 1})
+        "wall_seconds": time.time() - start, "attempts": attempts})
     return status
 
 
@@ -238,10 +240,10 @@ def _run_submitit(todo, jobs, sweep_dir, launcher, parallel, slurm, finished) ->
                 status = job.result()
             except Exception as e:  # the job itself died (node failure, time limit): record it
                 status = "failed"
-                workdir = os.path.join(sweep_dir, member.name)
-                previous = metrics_lib.read_json(os.path.join(workdir, "status.json")) or {}
-                metrics_lib.write_json_atomic(os.path.join(workdir, "status.json"), {
+                status_path = os.path.join(sweep_dir, member.name, "status.json")
+                previous = metrics_lib.read_json(status_path) or {}
+                metrics_lib.write_json_atomic(status_path, {
                     "status": status, "returncode": None, "error": (str(e).strip().splitlines() or [""])[-1],
-                    "wall_seconds": None, "attempts": previous.get("attempts", 0) + 1})
+                    "wall_seconds": None, "attempts": previous.get("attempts", 1)})
             finished(member, status)
         time.sleep(1.0)
