@@ -24,19 +24,21 @@ _KEY = "config.data.files"
 MAX_CHUNK_CHARS = 4096
 
 
-def resolve_files(files: str) -> list[str]:
-    """'a/*.txt,b.jsonl' -> sorted absolute file paths; DataError for a pattern matching no file."""
+def resolve_files(files: str, extensions: tuple[str, ...] = (".txt", ".jsonl")) -> list[str]:
+    """'a/*.txt,b.jsonl' -> sorted absolute file paths; DataError for a pattern matching no file
+    or a file whose name ends with none of `extensions`."""
     patterns = [p.strip() for p in files.split(",") if p.strip()]
+    kinds = " or ".join(extensions)
     if not patterns:
-        raise DataError(f"{_KEY} is empty: set it to a glob of .txt or .jsonl files")
+        raise DataError(f"{_KEY} is empty: set it to a glob of {kinds} files")
     paths = set()
     for pattern in patterns:
         matched = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
         if not matched:
             raise DataError(f"{_KEY}: no file matches {pattern!r}")
         for path in matched:
-            if not path.endswith((".txt", ".jsonl")):
-                raise DataError(f"{_KEY}: {path} is not a .txt or .jsonl file")
+            if not path.endswith(extensions):
+                raise DataError(f"{_KEY}: {path} is not a {kinds} file")
             paths.add(os.path.abspath(path))
     return sorted(paths)
 
