@@ -43,6 +43,32 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.text_field = 'text'   # the text field of .jsonl records and TFDS datasets
     c.data.data_dir = ''         # '': $LM_DATA_DIR or ~/.cache/lm/data
     c.data.eval_fraction = 0.05
+    c.data.skip_bad_records = False  # instruction data: skip (and count) bad records instead of stopping
+    c.data.tasks = 'sort,add,reverse,constrained_line'  # graded_tasks: which tasks
+    c.data.num_train = 20000     # graded_tasks: examples generated per split
+    c.data.num_eval = 500
+    c.data.task_seed = 0         # graded_tasks: the generator's seed (config.seed orders batches)
+
+    # Chat template of SFT and later stages: user + prompt + assistant, then the response and EOS.
+    c.template = ml_collections.ConfigDict()
+    c.template.user = 'User: '
+    c.template.assistant = '\nAssistant: '
+
+    # LoRA (Hu et al. 2021); rank 0 = full fine-tuning. quantize='nf4' stores the frozen base in
+    # 4-bit NF4 (QLoRA, Dettmers et al. 2023).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = ('query', 'key', 'value', 'out')  # also: wi, wi_gate, wi_up, wo (MLP)
+    c.lora.quantize = ''              # '' | 'nf4'
+    c.lora.double_quant = False       # NF4: 8-bit block scales with a float32 scale per 256 blocks
+
+    # SFT: what init_from gives, and the graded evaluation (greedy answers to held-out prompts).
+    c.sft = ml_collections.ConfigDict()
+    c.sft.reinit = False          # architecture and tokenizer from init_from, parameters random
+    c.sft.eval_prompts = 200      # held-out prompts answered greedily and graded at each eval
+    c.sft.max_new_tokens = 32
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = 'sentencepiece'  # sentencepiece | byte

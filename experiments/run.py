@@ -34,7 +34,12 @@ def _pretrain(config, workdir):
     return pretrain.run(config, workdir)
 
 
-TASKS = {"pretrain": _pretrain}
+def _sft(config, workdir):
+    from lm.tasks import sft
+    return sft.run(config, workdir)
+
+
+TASKS = {"pretrain": _pretrain, "sft": _sft}
 
 
 def _positive(config, *keys):

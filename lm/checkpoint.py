@@ -3,6 +3,7 @@
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact; the manager keeps the last K.
 """
+import json
 import os
 
 import jax
@@ -11,14 +12,14 @@ import orbax.checkpoint as ocp
 from lm.errors import CheckpointError
 
 
-def manager(workdir: str, keep: int = 2) -> ocp.CheckpointManager:
-    """A CheckpointManager over workdir/checkpoints keeping the newest `keep` checkpoints."""
+def manager(workdir: str, keep: int = 2, subdir: str = "checkpoints") -> ocp.CheckpointManager:
+    """A CheckpointManager over workdir/<subdir> keeping the newest `keep` checkpoints."""
     # cleanup_tmp_directories: a save cut short by a kill leaves a tmp dir that would break the
     # next save of the same step.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
                                            cleanup_tmp_directories=True,
                                            enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options,
                                  item_names=("state", "meta"))
 
 
@@ -46,6 +47,11 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
         raise CheckpointError(f"checkpoint {mngr.directory}/{step} does not match this config: "
                               f"{str(e).splitlines()[0]}") from None
     return step, restored.state
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON `meta` item saved with the checkpoint at `step`."""
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
 
 def abstract_like(state, shardings):
@@ -82,3 +88,24 @@ def restore_params(path: str, abstract_params):
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CheckpointError(f"cannot restore parameters from {directory}: {str(e).splitlines()[0]}") from None
     return restored["params"]
+
+
+def pretrained_run(path: str) -> tuple[str, dict]:
+    """The run directory an `init_from` path belongs to, and the config saved there.
+
+    Args:
+      path: a workdir, its checkpoints/ directory, or one step's directory.
+    Returns:
+      (run directory holding config.json and its tokenizer file, that config.json as a dict).
+    """
+    start = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(start):
+        raise CheckpointError(f"config.init_from={path!r}: no such file or directory")
+    here = start
+    for _ in range(3):
+        if os.path.isfile(os.path.join(here, "config.json")) and os.path.exists(os.path.join(here, "tokenizer")):
+            with open(os.path.join(here, "config.json")) as f:
+                return here, json.load(f)
+        here = os.path.dirname(here)
+    raise CheckpointError(f"config.init_from={path!r}: not a training workdir or a checkpoint inside one "
+                          f"(no config.json and tokenizer at it or above it)")

@@ -40,7 +40,7 @@ class Prefetcher:
 
 def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta: dict,
                writer: metrics_lib.MetricsWriter, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float):
+               peak_flops: float, after_eval: Callable | None = None):
     """Runs steps `state.step .. train_cfg.steps`, returns the final state.
 
     Args:
@@ -49,6 +49,7 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
       eval_fn: `params -> dict` of eval metrics (`eval_loss`, ...), or None.
       tokens_per_step, flops_per_step: for tokens/s and MFU (model FLOPs, PaLM convention).
       peak_flops: the FLOP/s of all devices together, for MFU.
+      after_eval: `(step, state, record) -> None`, called after each eval (e.g. keep the best).
     """
     start, total = int(state.step), int(train_cfg.steps)
     batches = Prefetcher(batch_fn, start, total)
@@ -70,6 +71,8 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
         paused = False
         if eval_fn is not None and ((train_cfg.eval_every and done % train_cfg.eval_every == 0) or last):
             record.update(eval_fn(state.params))
+            if after_eval is not None:
+                after_eval(done, state, record)
             paused = True
         if record:
             writer.write(done, record)

@@ -103,6 +103,16 @@ def write_samples(workdir, params, model_cfg, tokenizer, train_cfg, seed) -> lis
     return texts
 
 
+def throughput_info(config, model_cfg: ModelConfig, mesh) -> dict:
+    """What MFU is computed from: parameter counts, training FLOPs per token (PaLM convention) and
+    the peak FLOP/s per device with its source; plus the devices and mesh."""
+    peak, source = flops.peak_flops_per_device(config.train.peak_flops, model_cfg.dtype)
+    return {"params": flops.param_counts(model_cfg),
+            "flops_per_token": flops.flops_per_token(model_cfg, config.train.seq_len),
+            "peak_flops_per_device": peak, "peak_flops_source": source, "num_devices": jax.device_count(),
+            "num_processes": jax.process_count(), "mesh": dict(mesh.shape)}
+
+
 def scaling_info(config, model_cfg: ModelConfig) -> dict:
     """The run's D (tokens trained) and C (training FLOPs, counted by `config.scaling.flops`)."""
     tokens = config.train.steps * config.train.global_batch_size * config.train.seq_len
@@ -128,13 +138,9 @@ def run(config, workdir: str):
                                                     config.scaling.budget, config.scaling.flops)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
-    flops_per_token = flops.flops_per_token(model_cfg, seq_len)
-    peak, peak_source = flops.peak_flops_per_device(config.train.peak_flops, model_cfg.dtype)
-    counts = flops.param_counts(model_cfg)
-    run_info = {"params": counts, "flops_per_token": flops_per_token, "peak_flops_per_device": peak,
-                "peak_flops_source": peak_source, "num_devices": jax.device_count(),
-                "num_processes": jax.process_count(), "mesh": dict(mesh.shape), "data": data.info,
+    run_info = {**throughput_info(config, model_cfg, mesh), "data": data.info,
                 "scaling": scaling_info(config, model_cfg)}
+    counts, peak, peak_source = run_info["params"], run_info["peak_flops_per_device"], run_info["peak_flops_source"]
     if jax.process_index() == 0:
         metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"),
                                       {**config.to_dict(), "run": run_info})
@@ -169,7 +175,7 @@ def run(config, workdir: str):
             state = train_loop(state, step_fn=compiled, batch_fn=batch_fn, eval_fn=evaluate,
                                train_cfg=config.train, ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},
                                writer=writer, tokens_per_step=batch_size * seq_len,
-                               flops_per_step=flops_per_token * batch_size * seq_len,
+                               flops_per_step=run_info["flops_per_token"] * batch_size * seq_len,
                                peak_flops=peak * jax.device_count())
         finally:
             writer.close()

@@ -1,0 +1,154 @@
+"""Supervised fine-tuning: a pretrained model learns (prompt, response) pairs, loss on the response.
+
+init_from (a pretraining workdir or a checkpoint inside one) gives the architecture, the tokenizer
+and the starting parameters. Training reuses the pretraining loss on packed examples whose loss
+mask covers only response tokens and the closing EOS. Each eval (and once before the first step)
+reports the held-out loss and, for data with a grader, the graded score of greedy answers to
+held-out prompts; the parameters with the best score are kept in workdir/best/.
+"""
+import functools
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm import checkpoint, sampling, sharding
+from lm import metrics as metrics_lib
+from lm.data import graded_tasks, pipeline
+from lm.data import sft as sft_data
+from lm.data.tokenizer import load_tokenizer
+from lm.errors import ConfigError
+from lm.loop import train_loop
+from lm.model import Transformer
+from lm.optim import learning_rate_schedule, make_optimizer
+from lm.tasks import pretrain
+from lm.train_state import init_state, jit_train_step
+
+# Model keys that must match the pretrained parameters; the rest (dropout, remat) are the SFT run's.
+RUN_ONLY_MODEL_KEYS = ("dropout", "remat")
+
+
+def adopt_architecture(config, saved: dict) -> None:
+    """Copies the pretrained run's architecture (config.model minus RUN_ONLY_MODEL_KEYS) into `config`."""
+    for key, value in saved["model"].items():
+        if key not in RUN_ONLY_MODEL_KEYS and key in config.model:
+            config.model[key] = tuple(value) if isinstance(value, list) else value
+
+
+def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new_tokens: int):
+    """`params -> {eval_grader_score, eval_exact_match, eval_score_<task>, eval_exact_<task>}`.
+
+    Greedy answers (temperature 0, stop at EOS) to the held-out prompts of `examples`, graded by
+    each task's programmatic grader; all prompts go through the sampler as one batch.
+    """
+    prompts = [sft_data.encode_prompt(tokenizer, template_cfg, ex["prompt"]) for ex in examples]
+
+    def evaluate(params):
+        outs = sampling.generate({"params": params}, model_cfg, prompts, max_new_tokens=max_new_tokens,
+                                 rng=jax.random.PRNGKey(0), temperature=0.0, eos_id=tokenizer.eos_id,
+                                 pad_id=tokenizer.pad_id)
+        answers = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outs]
+        grades = graded_tasks.grade_batch(examples, answers)
+        record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
+        record.update({f"eval_{k}": v for k, v in grades.items()})
+        return record
+    return evaluate
+
+
+def best_keeper(workdir: str, key: str, mode: str = "max"):
+    """`(step, state, record) -> None` saving the params to workdir/best/ whenever `record[key]`
+    beats the best so far (`mode` 'max' or 'min'; the best survives restarts in best/<step>/meta)."""
+    mngr = checkpoint.manager(workdir, keep=1, subdir="best")
+    step = mngr.latest_step()
+    best = {"score": None if step is None else checkpoint.restore_meta(mngr, step).get(key)}
+    better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
+
+    def keep(step, state, record):
+        if key in record and (best["score"] is None or better(record[key], best["score"])):
+            best["score"] = record[key]
+            checkpoint.save(mngr, step, {"params": state.params}, {key: record[key], "step": step})
+    return keep
+
+
+def run(config, workdir: str):
+    """Fine-tunes (or resumes) in `workdir`; returns the final train state."""
+    if not config.init_from:
+        raise ConfigError("config.init_from: SFT starts from a pretraining workdir or a checkpoint in one")
+    run_dir, saved = checkpoint.pretrained_run(config.init_from)
+    adopt_architecture(config, saved)
+    if config.train.seq_len > config.model.max_seq_len:
+        raise ConfigError(f"config.train.seq_len={config.train.seq_len} exceeds the pretrained model's "
+                          f"max_seq_len={config.model.max_seq_len} ({run_dir})")
+    tok = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.axis_rules(config.axis_rules)
+    pretrain.check_batch_layout(config.train, mesh)
+    seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
+    data = sft_data.prepare_sft_data(config.data, config.template, tok, seq_len)
+    model_cfg = pretrain.model_config(config, tok.vocab_size)
+    model = Transformer(model_cfg)
+    run_info = {**pretrain.throughput_info(config, model_cfg, mesh), "init_from": run_dir, "data": data.info}
+    if jax.process_index() == 0:
+        tok.save(os.path.join(workdir, "tokenizer"))
+        metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"), {**config.to_dict(), "run": run_info})
+        print(f"SFT from {run_dir}: {run_info['params']['total']:,} parameters; {data.info.get('source')} "
+              f"data; mesh {run_info['mesh']}")
+    schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
+    tx = make_optimizer(config.optimizer, schedule)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        init_params = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        state, state_shardings = init_state(init_params, tx, config.seed, mesh, rules)
+        mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
+        step, restored = checkpoint.restore(mngr, checkpoint.abstract_like(state, state_shardings))
+        if restored is not None:
+            state = restored
+            print(f"resumed from step {step}")
+        elif not config.sft.reinit:
+            params = checkpoint.restore_params(
+                config.init_from, checkpoint.abstract_like(state.params, state_shardings.params))
+            opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+            state = state.replace(params=params, opt_state=opt_state)
+        batch_sharding = sharding.batch_sharding(mesh, rules)
+        loss_fn = functools.partial(pretrain.lm_loss, model=model, z_loss=config.train.z_loss)
+        step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings,
+                                 batch_sharding, mesh)
+
+        def batch_fn(step):
+            rows = pipeline.batch_at_step(data.train, step, batch_size, config.seed, jax.process_index(),
+                                          jax.process_count())
+            return sharding.global_batch(rows, batch_sharding)
+
+        compiled = step_fn.lower(state, batch_fn(int(state.step))).compile()
+        eval_step = jax.jit(functools.partial(pretrain.eval_sums, model=model))
+        eval_loss = pretrain.make_eval_fn(eval_step, data.eval, batch_size, config.train.eval_batches,
+                                          tok.token_bytes(), batch_sharding)
+        graded = [ex for ex in data.eval_examples if ex.get("task") in graded_tasks.TASKS]
+        grade = None
+        if graded:
+            grade = grader_eval_fn(model_cfg, tok, config.template, graded[:config.sft.eval_prompts],
+                                   config.sft.max_new_tokens)
+
+        def evaluate(params):
+            return {**eval_loss(params), **(grade(params) if grade else {})}
+
+        keep_best = (best_keeper(workdir, "eval_grader_score", "max") if grade
+                     else best_keeper(workdir, "eval_loss", "min"))
+        writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
+        try:
+            if int(state.step) == 0:  # the starting point, before any update
+                record = evaluate(state.params)
+                writer.write(0, record)
+                keep_best(0, state, record)
+            state = train_loop(state, step_fn=compiled, batch_fn=batch_fn, eval_fn=evaluate,
+                               train_cfg=config.train, ckpt_mngr=mngr,
+                               meta={"config": config.to_dict(), "run": run_info}, writer=writer,
+                               tokens_per_step=batch_size * seq_len,
+                               flops_per_step=run_info["flops_per_token"] * batch_size * seq_len,
+                               peak_flops=run_info["peak_flops_per_device"] * jax.device_count(),
+                               after_eval=keep_best)
+        finally:
+            writer.close()
+    return state
+
