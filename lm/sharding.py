@@ -85,3 +85,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles this process's rows `[local_batch, seq]` into global sharded arrays `[batch, seq]`."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def unboxed(tree):
+    """The values of a tree of `nn.LogicallyPartitioned` boxes (e.g. an abstract `eval_shape` of
+    `init`), without a sharding constraint: usable outside jit on shapes alone."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+                        tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -58,17 +58,21 @@ def _microbatches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, grad_accum: int = 1):
-    """One optimizer update on the global batch. Pure: `(state, batch) -> (state, metrics)`.
+def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, grad_accum: int = 1):
+    """One optimizer update on the global batch. Pure: `(state, batch[, frozen]) -> (state, metrics)`.
 
     Args:
       batch: dict of `[global_batch, ...]` arrays.
-      loss_fn: `(params, batch, rng) -> (loss_sum, aux)`, aux a dict with `weight` and other sums.
+      frozen: parameters the loss reads but nothing updates (a LoRA base), or None.
+      loss_fn: `(params, batch, rng) -> (loss_sum, aux)`, aux a dict with `weight` and other sums;
+        with `frozen`, called as `loss_fn(params, batch, rng, frozen=frozen)`.
     Returns:
       the new state and a flat dict of scalar metrics (loss, grad_norm, learning_rate, and each aux
       sum divided by the total weight).
     """
     rng = jax.random.fold_in(state.rng, state.step)
+    if frozen is not None:
+        loss_fn = functools.partial(loss_fn, frozen=frozen)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
@@ -92,8 +96,13 @@ def train_step(state: TrainState, batch, *, loss_fn, tx, schedule, grad_accum: i
     return new_state, metrics
 
 
-def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh):
-    """`train_step` jitted once with explicit shardings and the state donated."""
+def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh,
+                   frozen_shardings=None):
+    """`train_step` jitted once with explicit shardings and the state donated; with
+    `frozen_shardings`, the step takes the frozen parameters as a third argument."""
     step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum)
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+    in_shardings = (state_shardings, batch_sharding)
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(step, in_shardings=in_shardings,
                    out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -37,6 +37,11 @@ def lm_loss(params, batch, rng, *, model: Transformer, z_loss: float):
     logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"], deterministic=rng is None,
                          rngs=None if rng is None else {"dropout": rng})
+    return loss_from_logits(logits, batch, z_loss)
+
+
+def loss_from_logits(logits, batch, z_loss: float):
+    """logits: [batch, seq, vocab] -> `(loss_sum + z-loss sum, {"weight", "z_loss"})` over the loss mask."""
     loss_sum, z_sum, weight = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
     return loss_sum + z_sum, {"weight": weight, "z_loss": z_sum}
 

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import checkpoint, sampling, sharding
+from lm import checkpoint, lora, quant, sampling, sharding
 from lm import metrics as metrics_lib
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
@@ -56,9 +56,10 @@ def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max
     return evaluate
 
 
-def best_keeper(workdir: str, key: str, mode: str = "max"):
-    """`(step, state, record) -> None` saving the params to workdir/best/ whenever `record[key]`
-    beats the best so far (`mode` 'max' or 'min'; the best survives restarts in best/<step>/meta)."""
+def best_keeper(workdir: str, key: str, mode: str = "max", to_plain=lambda params: params):
+    """`(step, state, record) -> None` saving `to_plain(state.params)` (plain model parameters, LoRA
+    merged) to workdir/best/ whenever `record[key]` beats the best so far (`mode` 'max' or 'min';
+    the best survives restarts in best/<step>/meta)."""
     mngr = checkpoint.manager(workdir, keep=1, subdir="best")
     step = mngr.latest_step()
     best = {"score": None if step is None else checkpoint.restore_meta(mngr, step).get(key)}
@@ -67,8 +68,43 @@ def best_keeper(workdir: str, key: str, mode: str = "max"):
     def keep(step, state, record):
         if key in record and (best["score"] is None or better(record[key], best["score"])):
             best["score"] = record[key]
-            checkpoint.save(mngr, step, {"params": state.params}, {key: record[key], "step": step})
+            checkpoint.save(mngr, step, {"params": to_plain(state.params)}, {key: record[key], "step": step})
     return keep
+
+
+def lora_config(config) -> lora.LoraConfig:
+    """config.lora as the library's LoraConfig (rank 0: full fine-tuning)."""
+    if config.lora.quantize not in ("", "nf4"):
+        raise ConfigError(f"config.lora.quantize={config.lora.quantize!r}: expected '' or 'nf4'")
+    if config.lora.quantize and not config.lora.rank:
+        raise ConfigError("config.lora.quantize='nf4' needs config.lora.rank > 0 (QLoRA trains adapters only)")
+    return lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                           targets=tuple(config.lora.targets))
+
+
+def frozen_base(config, abstract, init_params, mesh, rules, lora_cfg):
+    """The frozen base of a LoRA run, sharded: pretrained (or random with sft.reinit), its Linear
+    kernels stored in NF4 when config.lora.quantize == 'nf4' (QLoRA)."""
+    shardings = sharding.tree_shardings(abstract, mesh, rules)
+    if config.sft.reinit:
+        base = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=shardings)(
+            jax.random.PRNGKey(config.seed))
+    else:
+        base = checkpoint.restore_params(config.init_from,
+                                         checkpoint.abstract_like(sharding.unboxed(abstract), shardings))
+    if config.lora.quantize == "nf4":
+        base = quant.quantize_params(base, lora.is_linear_kernel, double_quant=config.lora.double_quant)
+    return base
+
+
+def sft_loss(params, batch, rng, frozen=None, *, model, lora_cfg, z_loss: float):
+    """The response-only LM loss of full fine-tuning (`frozen` None) or of LoRA adapters `params`
+    on the frozen base `frozen`: `(loss_sum, {"weight", "z_loss"})` over `[batch, seq]` arrays."""
+    if frozen is None:
+        return pretrain.lm_loss(params, batch, rng, model=model, z_loss=z_loss)
+    logits = lora.apply(model, frozen, params, lora_cfg, batch["inputs"], rng=rng, deterministic=rng is None,
+                        positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return pretrain.loss_from_logits(logits, batch, z_loss)
 
 
 def run(config, workdir: str):
@@ -88,39 +124,56 @@ def run(config, workdir: str):
     data = sft_data.prepare_sft_data(config.data, config.template, tok, seq_len)
     model_cfg = pretrain.model_config(config, tok.vocab_size)
     model = Transformer(model_cfg)
-    run_info = {**pretrain.throughput_info(config, model_cfg, mesh), "init_from": run_dir, "data": data.info}
-    if jax.process_index() == 0:
-        tok.save(os.path.join(workdir, "tokenizer"))
-        metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"), {**config.to_dict(), "run": run_info})
-        print(f"SFT from {run_dir}: {run_info['params']['total']:,} parameters; {data.info.get('source')} "
-              f"data; mesh {run_info['mesh']}")
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
+    lora_cfg = lora_config(config)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         init_params = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        state, state_shardings = init_state(init_params, tx, config.seed, mesh, rules)
+        frozen = None
+        if lora_cfg.rank == 0:
+            state, state_shardings = init_state(init_params, tx, config.seed, mesh, rules)
+        else:
+            abstract = jax.eval_shape(init_params, jax.random.PRNGKey(config.seed))
+            frozen = frozen_base(config, abstract, init_params, mesh, rules, lora_cfg)
+            state, state_shardings = init_state(lambda r: lora.init_adapters(r, abstract, lora_cfg), tx,
+                                                config.seed, mesh, rules)
+        frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+        plain_params = jax.jit(lambda p, f: p if f is None else lora.merge(f, p, lora_cfg))
+
+        run_info = {**pretrain.throughput_info(config, model_cfg, mesh), "init_from": run_dir,
+                    "trainable_params": sum(x.size for x in jax.tree.leaves(state.params)), "data": data.info}
+        if lora_cfg.rank:  # frozen weights get no weight gradients: 4N of the 6N per token
+            run_info["flops_per_token"] *= 2 / 3
+        if jax.process_index() == 0:
+            tok.save(os.path.join(workdir, "tokenizer"))
+            metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"), {**config.to_dict(), "run": run_info})
+            how = f"LoRA rank {lora_cfg.rank}, {config.lora.quantize or 'float'} base" if lora_cfg.rank else "full"
+            print(f"SFT from {run_dir}: {run_info['params']['total']:,} parameters, "
+                  f"{run_info['trainable_params']:,} trained ({how}); {data.info.get('source')} data; "
+                  f"mesh {run_info['mesh']}")
         mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
         step, restored = checkpoint.restore(mngr, checkpoint.abstract_like(state, state_shardings))
         if restored is not None:
             state = restored
             print(f"resumed from step {step}")
-        elif not config.sft.reinit:
+        elif lora_cfg.rank == 0 and not config.sft.reinit:
             params = checkpoint.restore_params(
                 config.init_from, checkpoint.abstract_like(state.params, state_shardings.params))
             opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
             state = state.replace(params=params, opt_state=opt_state)
         batch_sharding = sharding.batch_sharding(mesh, rules)
-        loss_fn = functools.partial(pretrain.lm_loss, model=model, z_loss=config.train.z_loss)
+        loss_fn = functools.partial(sft_loss, model=model, lora_cfg=lora_cfg, z_loss=config.train.z_loss)
         step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings,
-                                 batch_sharding, mesh)
+                                 batch_sharding, mesh, frozen_shardings)
 
         def batch_fn(step):
             rows = pipeline.batch_at_step(data.train, step, batch_size, config.seed, jax.process_index(),
                                           jax.process_count())
             return sharding.global_batch(rows, batch_sharding)
 
-        compiled = step_fn.lower(state, batch_fn(int(state.step))).compile()
+        extra = () if frozen is None else (frozen,)
+        compiled = step_fn.lower(state, batch_fn(int(state.step)), *extra).compile()
         eval_step = jax.jit(functools.partial(pretrain.eval_sums, model=model))
         eval_loss = pretrain.make_eval_fn(eval_step, data.eval, batch_size, config.train.eval_batches,
                                           tok.token_bytes(), batch_sharding)
@@ -131,17 +184,19 @@ def run(config, workdir: str):
                                    config.sft.max_new_tokens)
 
         def evaluate(params):
+            params = plain_params(params, frozen)
             return {**eval_loss(params), **(grade(params) if grade else {})}
 
-        keep_best = (best_keeper(workdir, "eval_grader_score", "max") if grade
-                     else best_keeper(workdir, "eval_loss", "min"))
+        keep_best = best_keeper(workdir, *(("eval_grader_score", "max") if grade else ("eval_loss", "min")),
+                                to_plain=lambda p: plain_params(p, frozen))
         writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
         try:
             if int(state.step) == 0:  # the starting point, before any update
                 record = evaluate(state.params)
                 writer.write(0, record)
                 keep_best(0, state, record)
-            state = train_loop(state, step_fn=compiled, batch_fn=batch_fn, eval_fn=evaluate,
+            state = train_loop(state, step_fn=lambda s, b: compiled(s, b, *extra), batch_fn=batch_fn,
+                               eval_fn=evaluate,
                                train_cfg=config.train, ckpt_mngr=mngr,
                                meta={"config": config.to_dict(), "run": run_info}, writer=writer,
                                tokens_per_step=batch_size * seq_len,
