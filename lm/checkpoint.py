@@ -59,16 +59,21 @@ def abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def latest_step_in(directory: str) -> int:
+    """The newest step number among the checkpoint directories in `directory`."""
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()] if os.path.isdir(directory) else []
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {directory}")
+    return max(steps)
+
+
 def _state_dir(path: str) -> str:
     """The `state` item directory of a workdir, its checkpoints/ dir, or one step's directory."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(os.path.join(path, "state")):
         return os.path.join(path, "state")
     root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
-    steps = [int(d) for d in os.listdir(root) if d.isdigit()] if os.path.isdir(root) else []
-    if not steps:
-        raise CheckpointError(f"no checkpoint found at {path}")
-    return os.path.join(root, str(max(steps)), "state")
+    return os.path.join(root, str(latest_step_in(root)), "state")
 
 
 def restore_params(path: str, abstract_params):
