@@ -127,6 +127,7 @@ def run(config, workdir: str):
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
     lora_cfg = lora_config(config)
+    throughput = pretrain.throughput_info(config, model_cfg, mesh)  # measures the peak: outside the mesh
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         init_params = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
@@ -141,7 +142,7 @@ def run(config, workdir: str):
         frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
         plain_params = jax.jit(lambda p, f: p if f is None else lora.merge(f, p, lora_cfg))
 
-        run_info = {**pretrain.throughput_info(config, model_cfg, mesh), "init_from": run_dir,
+        run_info = {**throughput, "init_from": run_dir,
                     "trainable_params": sum(x.size for x in jax.tree.leaves(state.params)), "data": data.info}
         if lora_cfg.rank:  # frozen weights get no weight gradients: 4N of the 6N per token
             run_info["flops_per_token"] *= 2 / 3
