@@ -30,7 +30,7 @@ from lm.data.tokenizer import ByteTokenizer, Tokenizer
 from lm.errors import DataError
 
 _SOURCES = "'stdlib', 'text_files' or 'tfds:<name>'"
-_READ_BATCH = 512  # documents per data-source read and per encode_batch call
+READ_BATCH = 512  # documents per data-source read and per encode_batch call
 
 
 class PackedRows:
@@ -200,11 +200,16 @@ class Corpus:
 
     def texts(self, split: str) -> Iterator[str]:
         """The split's documents, decoded from UTF-8, in stored order."""
-        source = self.builder.as_data_source(split=split)
-        for start in range(0, len(source), _READ_BATCH):
-            for record in source.__getitems__(list(range(start, min(start + _READ_BATCH, len(source))))):
-                value = record[self.text_field]
-                yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        for record in read_records(self.builder, split):
+            value = record[self.text_field]
+            yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def read_records(builder, split: str) -> Iterator[dict]:
+    """The records of one split of a prepared TFDS builder, in stored order, read in batches."""
+    source = builder.as_data_source(split=split)
+    for start in range(0, len(source), READ_BATCH):
+        yield from source.__getitems__(list(range(start, min(start + READ_BATCH, len(source)))))
 
 
 def prepare_data(data_cfg, tokenizer_cfg, seq_len: int) -> LMData:
@@ -215,9 +220,9 @@ def prepare_data(data_cfg, tokenizer_cfg, seq_len: int) -> LMData:
     | 'byte'), vocab_size, model_type ('bpe' | 'unigram'), split_digits, path ('' -> train on the
     train split once and cache it in the data dir; else load that file). User mistakes raise DataError.
     """
-    data_dir = resolve_data_dir(_get(data_cfg, "data_dir", ""))
+    data_dir = resolve_data_dir(config_get(data_cfg, "data_dir", ""))
     os.makedirs(data_dir, exist_ok=True)
-    with _file_lock(os.path.join(data_dir, ".prepare.lock")):
+    with file_lock(os.path.join(data_dir, ".prepare.lock")):
         corpus = open_corpus(data_cfg, data_dir)
         tokenizer, tokenizer_path = get_tokenizer(tokenizer_cfg, corpus, data_dir)
         cache_dir = os.path.join(data_dir, "tokens", corpus.key, tokenizer.identity)
@@ -225,7 +230,7 @@ def prepare_data(data_cfg, tokenizer_cfg, seq_len: int) -> LMData:
         evals, eval_stats = tokenize_split(corpus, corpus.eval_split, tokenizer, cache_dir)
     metadata = corpus.builder.info.metadata or {}
     info = {
-        "source": _get(data_cfg, "source", "stdlib"),
+        "source": config_get(data_cfg, "source", "stdlib"),
         "dataset": corpus.builder.name,
         "config": corpus.builder.builder_config.name if corpus.builder.builder_config else None,
         "version": str(corpus.builder.version),
@@ -251,17 +256,17 @@ def open_corpus(data_cfg, data_dir: str) -> Corpus:
     """Prepares (once) the dataset `data_cfg.source` names as ArrayRecord under data_dir."""
     from lm.data.builders import BUILDERS
 
-    source = _get(data_cfg, "source", "stdlib")
-    eval_fraction = float(_get(data_cfg, "eval_fraction", 0.05))
+    source = config_get(data_cfg, "source", "stdlib")
+    eval_fraction = float(config_get(data_cfg, "eval_fraction", 0.05))
     common = dict(data_dir=data_dir, file_format="array_record")
     if source == "stdlib":
         builder = BUILDERS["stdlib"](eval_fraction=eval_fraction, **common)
     elif source == "text_files":
-        builder = BUILDERS["text_files"](files=_get(data_cfg, "files", ""),
-                                         text_field=_get(data_cfg, "text_field", "text"),
+        builder = BUILDERS["text_files"](files=config_get(data_cfg, "files", ""),
+                                         text_field=config_get(data_cfg, "text_field", "text"),
                                          eval_fraction=eval_fraction, **common)
     elif isinstance(source, str) and source.startswith("tfds:"):
-        return _open_tfds(source.removeprefix("tfds:"), _get(data_cfg, "text_field", "text"), common)
+        return _open_tfds(source.removeprefix("tfds:"), config_get(data_cfg, "text_field", "text"), common)
     else:
         raise DataError(f"config.data.source: unknown source {source!r}; expected {_SOURCES}")
     if not builder.is_prepared():
@@ -300,19 +305,19 @@ def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str) -> tuple[Tokeniz
 
     A sentencepiece model is trained on the corpus' train split once and cached under data_dir.
     """
-    kind = _get(tokenizer_cfg, "kind", "sentencepiece")
+    kind = config_get(tokenizer_cfg, "kind", "sentencepiece")
     if kind == "byte":
         return ByteTokenizer(), None
     if kind != "sentencepiece":
         raise DataError(f"config.tokenizer.kind: unknown kind {kind!r}; expected 'sentencepiece' or 'byte'")
-    path = _get(tokenizer_cfg, "path", "")
+    path = config_get(tokenizer_cfg, "path", "")
     if path:
         if not os.path.isfile(path):
             raise DataError(f"config.tokenizer.path: no such file {path!r}")
         return tokenizer_lib.load_tokenizer(path), os.path.abspath(path)
-    vocab_size = int(_get(tokenizer_cfg, "vocab_size", 4096))
-    model_type = _get(tokenizer_cfg, "model_type", "bpe")
-    split_digits = bool(_get(tokenizer_cfg, "split_digits", True))
+    vocab_size = int(config_get(tokenizer_cfg, "vocab_size", 4096))
+    model_type = config_get(tokenizer_cfg, "model_type", "bpe")
+    split_digits = bool(config_get(tokenizer_cfg, "split_digits", True))
     name = f"spm-{tokenizer_lib.RECIPE}-{model_type}-v{vocab_size}-digits{int(split_digits)}.model"
     path = os.path.join(data_dir, "tokenizers", corpus.key, name)
     if os.path.exists(path):
@@ -357,7 +362,7 @@ def tokenize_documents(texts: Iterable[str], tokenizer: Tokenizer) -> tuple[np.n
         batch.append(text)
         num_docs += 1
         num_bytes += len(text.encode("utf-8"))
-        if len(batch) == _READ_BATCH:
+        if len(batch) == READ_BATCH:
             flush()
     if batch:
         flush()
@@ -376,7 +381,7 @@ def _atomic_save_npy(path: str, array: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
     """An exclusive fcntl lock held for the `with` body (blocks until other holders finish)."""
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -386,6 +391,6 @@ def _file_lock(path: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _get(cfg, key: str, default):
+def config_get(cfg, key: str, default):
     """cfg[key] for a dict or ConfigDict, `default` when the key is absent."""
     return cfg.get(key, default) if cfg is not None else default

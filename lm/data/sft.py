@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from lm.data import pipeline
+from lm.data.pipeline import config_get
 from lm.data.tokenizer import Tokenizer
 from lm.errors import DataError
 
-_get = pipeline._get
 _SOURCES = "'alpaca', 'hh' or 'graded_tasks'"
 DEFAULT_USER, DEFAULT_ASSISTANT = "User: ", "\nAssistant: "
 MAX_LISTED = 10  # skipped examples named in info (all are counted)
@@ -39,7 +39,7 @@ MAX_LISTED = 10  # skipped examples named in info (all are counted)
 
 def format_prompt(template_cfg, prompt: str) -> str:
     """template.user + prompt + template.assistant."""
-    return _get(template_cfg, "user", DEFAULT_USER) + prompt + _get(template_cfg, "assistant", DEFAULT_ASSISTANT)
+    return config_get(template_cfg, "user", DEFAULT_USER) + prompt + config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)
 
 
 def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str) -> list[int]:
@@ -133,25 +133,25 @@ def prepare_sft_data(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int)
     num_eval, task_seed. template_cfg: user, assistant. eval_examples: the held-out examples that
     fit (dicts of the dataset's features as str, plus task and meta for every source).
     """
-    data_dir = pipeline.resolve_data_dir(_get(data_cfg, "data_dir", ""))
+    data_dir = pipeline.resolve_data_dir(config_get(data_cfg, "data_dir", ""))
     os.makedirs(data_dir, exist_ok=True)
-    with pipeline._file_lock(os.path.join(data_dir, ".prepare.lock")):
+    with pipeline.file_lock(os.path.join(data_dir, ".prepare.lock")):
         builder = open_sft_dataset(data_cfg, data_dir)
-    skip = bool(_get(data_cfg, "skip_bad_records", False))
+    skip = bool(config_get(data_cfg, "skip_bad_records", False))
     packed, kept, stats = {}, {}, {}
     for split in ("train", "validation"):
         packed[split], kept[split], stats[split] = pack_split(read_examples(builder, split), tokenizer, template_cfg,
                                                               seq_len, skip)
     metadata = builder.info.metadata or {}
     info = {
-        "source": _get(data_cfg, "source", "graded_tasks"),
+        "source": config_get(data_cfg, "source", "graded_tasks"),
         "dataset": builder.name,
         "config": builder.builder_config.name,
         "version": str(builder.version),
         "dataset_dir": os.fspath(builder.data_dir),
         "build": {k: metadata[k] for k in ("records", "hh", "tasks", "seed") if k in metadata},
-        "template": {"user": _get(template_cfg, "user", DEFAULT_USER),
-                     "assistant": _get(template_cfg, "assistant", DEFAULT_ASSISTANT)},
+        "template": {"user": config_get(template_cfg, "user", DEFAULT_USER),
+                     "assistant": config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)},
         "seq_len": seq_len,
         "tokenizer": tokenizer.identity,
         "splits": {"train": stats["train"], "eval": {"split": "validation", **stats["validation"]}},
@@ -174,17 +174,17 @@ def open_sft_dataset(data_cfg, data_dir: str):
     """The prepared TFDS builder of `data_cfg.source` (prepared now when missing)."""
     from lm.data.builders import BUILDERS
 
-    source = _get(data_cfg, "source", "graded_tasks")
+    source = config_get(data_cfg, "source", "graded_tasks")
     common = dict(data_dir=data_dir, file_format="array_record")
     if source in ("alpaca", "hh"):
-        builder = BUILDERS[source](files=_get(data_cfg, "files", ""),
-                                   eval_fraction=float(_get(data_cfg, "eval_fraction", 0.05)),
-                                   skip_bad_records=bool(_get(data_cfg, "skip_bad_records", False)), **common)
+        builder = BUILDERS[source](files=config_get(data_cfg, "files", ""),
+                                   eval_fraction=float(config_get(data_cfg, "eval_fraction", 0.05)),
+                                   skip_bad_records=bool(config_get(data_cfg, "skip_bad_records", False)), **common)
     elif source == "graded_tasks":
-        builder = BUILDERS[source](tasks=_get(data_cfg, "tasks", "sort,add,reverse,constrained_line"),
-                                   num_train=int(_get(data_cfg, "num_train", 20_000)),
-                                   num_eval=int(_get(data_cfg, "num_eval", 500)),
-                                   seed=int(_get(data_cfg, "task_seed", 0)), **common)
+        builder = BUILDERS[source](tasks=config_get(data_cfg, "tasks", "sort,add,reverse,constrained_line"),
+                                   num_train=int(config_get(data_cfg, "num_train", 20_000)),
+                                   num_eval=int(config_get(data_cfg, "num_eval", 500)),
+                                   seed=int(config_get(data_cfg, "task_seed", 0)), **common)
     else:
         raise DataError(f"config.data.source: unknown SFT source {source!r}; expected {_SOURCES}")
     if not builder.is_prepared():
@@ -195,14 +195,8 @@ def open_sft_dataset(data_cfg, data_dir: str):
 def read_examples(builder, split: str) -> list[dict]:
     """The split's examples in stored order: every feature (bytes decoded), plus task (default
     the dataset's name) and meta (default '{}')."""
-    source = builder.as_data_source(split=split)
-    examples = []
-    for start in range(0, len(source), pipeline._READ_BATCH):
-        for record in source.__getitems__(list(range(start, min(start + pipeline._READ_BATCH, len(source))))):
-            example = {"task": builder.name, "meta": "{}"}
-            example.update({k: _plain(v) for k, v in record.items()})
-            examples.append(example)
-    return examples
+    return [{"task": builder.name, "meta": "{}", **{k: _plain(v) for k, v in record.items()}}
+            for record in pipeline.read_records(builder, split)]
 
 
 def _plain(value):
