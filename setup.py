@@ -21,6 +21,9 @@ setup(
         "numpy",
         "tqdm",
         "tensorboardX",
+        "scipy",
+        "matplotlib",
+        "threadpoolctl",
     ],
     extras_require={
         "test": ["pytest>=7", "chex"],
