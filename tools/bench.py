@@ -2,16 +2,22 @@
 
 python -m tools.bench matmul [--json OUT]
 python -m tools.bench train [--config configs/pretrain/tiny.py[:arg]] [--json OUT]
+python -m tools.bench fit [--csv ../shared/data/chinchilla_epoch_svg_extracted_data.csv] [--json OUT]
 
 `train` times the real jitted train step (random tokens, so no data preparation) and reports
 tokens/s, model FLOP/s (PaLM convention, lm/flops.py) and MFU against the matmul peak measured
 in the same process. Without --config it uses the model of the PyTorch reference in the project's
 performance notes: GPT-2 style, 6 layers, 6 heads, width 384, vocab 4096, context 256, batch 8, float32.
+
+`fit` times the Chinchilla Approach 3 fit (Epoch AI's procedure, 4,500 L-BFGS starts) vectorised in
+JAX against the plain loop of scipy L-BFGS-B over the same starts and data, in the same process.
 """
 import argparse
+import csv
 import functools
 import importlib.util
 import json
+import os
 import resource
 import statistics
 import sys
@@ -26,6 +32,7 @@ from configs import common
 from lm import flops, sharding
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
+from lm.scaling import chinchilla
 from lm.tasks.pretrain import lm_loss, model_config
 from lm.train_state import init_state, jit_train_step
 
@@ -113,9 +120,49 @@ def peak_memory() -> dict:
             "peak_memory_source": "process_max_rss"}
 
 
+# Relative to the project root (the checkout holding tools/), wherever the bench is run from.
+EPOCH_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                         "chinchilla_epoch_svg_extracted_data.csv")
+
+
+def fit_data(csv_path: str):
+    """(N, D, loss [n], name): the Epoch data less its 5 highest losses (as in their refit) when
+    the file exists, else 240 points drawn from a known law (E, A, B, alpha, beta = 1.9, 500,
+    1500, 0.35, 0.32) with 0.4% multiplicative noise."""
+    if os.path.exists(csv_path):
+        with open(csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        N = np.array([float(r["Model Size"]) for r in rows])
+        C = np.array([float(r["Training FLOP"]) for r in rows])
+        loss = np.array([float(r["loss"]) for r in rows])
+        keep = np.sort(np.argsort(loss)[:-5])
+        return N[keep], C[keep] / (6 * N[keep]), loss[keep], "epoch"
+    N, D = (v.ravel() for v in np.meshgrid(np.logspace(7, 10, 16), np.logspace(8.5, 11.5, 15)))
+    noise = np.exp(np.random.default_rng(0).normal(0, 0.004, N.shape))
+    return N, D, (1.9 + 500 / N ** 0.35 + 1500 / D ** 0.32) * noise, "synthetic"
+
+
+def bench_fit(N, D, loss, repeats: int = 3) -> dict:
+    """Seconds of the vectorised Approach 3 fit over Epoch's 4,500 starts (median of `repeats`
+    after a first call; compile_seconds is that first call less the median) and of the scipy
+    L-BFGS-B loop over the same starts (once), with their best objectives."""
+    t = time.perf_counter()
+    chinchilla.fit_approach3(N, D, loss)
+    first = time.perf_counter() - t
+    fits = []
+    seconds = statistics.median(timed(lambda: fits.append(chinchilla.fit_approach3(N, D, loss)), repeats))
+    t = time.perf_counter()
+    ref = chinchilla.fit_approach3_scipy(N, D, loss)
+    scipy_seconds = time.perf_counter() - t
+    return {"fit_seconds": seconds, "scipy_fit_seconds": scipy_seconds, "speedup": scipy_seconds / seconds,
+            "compile_seconds": first - seconds, "objective": fits[-1].objective,
+            "scipy_objective": ref.objective, "starts": len(chinchilla.grid_starts()), "points": len(loss)}
+
+
 UNITS = {"peak_flops": "FLOP/s", "model_flops_per_sec": "FLOP/s", "tokens_per_sec": "tokens/s",
          "mfu": "fraction", "step_seconds": "s", "compile_seconds": "s", "params": "count",
-         "peak_memory_bytes": "bytes"}
+         "peak_memory_bytes": "bytes", "fit_seconds": "s", "scipy_fit_seconds": "s", "speedup": "x",
+         "objective": "sum Huber", "scipy_objective": "sum Huber", "starts": "count", "points": "count"}
 
 
 def report(bench: str, name: str, results: dict, json_path: str | None) -> None:
@@ -133,12 +180,17 @@ def report(bench: str, name: str, results: dict, json_path: str | None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Benchmarks: matmul roof, train-step throughput and MFU.")
-    p.add_argument("bench", choices=["matmul", "train"])
+    p.add_argument("bench", choices=["matmul", "train", "fit"])
     p.add_argument("--config", default=None, help="config file[:arg] (train); default: the reference model")
+    p.add_argument("--csv", default=EPOCH_CSV, help="Epoch's Chinchilla data (fit; default "
+                   "../shared/data/chinchilla_epoch_svg_extracted_data.csv from the project root); synthetic if absent")
     p.add_argument("--json", default=None, help="append one JSON object per figure to this file")
     args = p.parse_args(argv)
     if args.bench == "matmul":
         report("matmul", "float32", bench_matmul(), args.json)
+    elif args.bench == "fit":
+        *data, name = fit_data(args.csv)
+        report("fit", f"approach3-{name}", bench_fit(*data), args.json)
     else:
         report("train", args.config or "reference", bench_train(load_config(args.config)), args.json)
     return 0
