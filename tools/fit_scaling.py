@@ -57,7 +57,8 @@ def load(args):
 
 
 def run_approach1(args, table, keep, N, D, C, loss, budgets):
-    results.require_column(table, "name")
+    """Approach 1 on the kept runs' curves: (fit, quantities, bootstrap samples over runs, curves)."""
+    results.require_column(table, "name", " (Approach 1 reads <csv dir>/<name>/metrics.jsonl)")
     names = [table.rows[i]["name"] for i in keep]
     curves = results.read_curves(args.csv, names, N, D, C)
     fit = chinchilla.fit_approach1(*curves)
@@ -74,6 +75,7 @@ def run_approach1(args, table, keep, N, D, C, loss, budgets):
 
 
 def run_approach2(args, N, C, loss, budget, budgets):
+    """Approach 2 on runs [n]: (fit, quantities, bootstrap samples over runs, budgets of the table)."""
     fit = chinchilla.fit_approach2(N, C, loss, budget)
     budgets = [float(c) for c in fit.C] if budgets is None else budgets
 
@@ -87,6 +89,7 @@ def run_approach2(args, N, C, loss, budget, budgets):
 
 
 def run_approach3(args, N, D, loss, budgets):
+    """Approach 3 on points [n]: (fit, quantities, vectorised bootstrap samples)."""
     fit = chinchilla.fit_approach3(N, D, loss)
     samples = (bootstrap.bootstrap_approach3(N, D, loss, fit, budgets, args.bootstrap, args.seed)
                if args.bootstrap else {})
@@ -202,9 +205,12 @@ def plot(path, approach, fit, N, D, C, loss, budget, curves) -> None:
 
 
 def main(argv=None) -> int:
+    """Parses the command line, fits, prints; a user error prints one `error:` line and returns 2."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", help="CSV of runs, e.g. a sweep's results.csv")
-    p.add_argument("--approach", type=int, choices=[1, 2, 3], default=3)
+    p.add_argument("--approach", type=int, choices=[1, 2, 3], default=3,
+                   help="1: min-loss envelope of the training curves; 2: IsoFLOP parabolas; "
+                        "3: parametric L(N, D) (default)")
     p.add_argument("--bootstrap", type=int, default=0, help="resamples for confidence intervals (0: none)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
@@ -212,10 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--drop_highest", type=int, default=0, help="leave out the K rows with the highest loss")
     p.add_argument("--format", choices=["markdown", "latex", "json"], default="markdown")
     p.add_argument("--plot", default=None, help="write a figure to this .png")
-    p.add_argument("--n_col", default="N")
+    p.add_argument("--n_col", default="N", help="parameters column (N_nonembedding for Kaplan's N)")
     p.add_argument("--d_col", default=None, help="tokens column (default D if present, else C / (6 N))")
     p.add_argument("--c_col", default=None, help="FLOPs column (default C if present, else 6 N D)")
-    p.add_argument("--loss_col", default="eval_loss")
+    p.add_argument("--loss_col", default="eval_loss", help="final loss column")
     p.add_argument("--budget_col", default=None, help="Approach 2 grouping (default: budget if present)")
     args = p.parse_args(argv)
     try:

@@ -42,10 +42,10 @@ def read_table(path: str) -> Table:
     return Table(path, columns, tuple(rows), tuple(lines))
 
 
-def require_column(table: Table, name: str) -> None:
-    """Raises a DataError naming `name` and listing the columns present, if it is missing."""
+def require_column(table: Table, name: str, why: str = "") -> None:
+    """Raises a DataError naming `name` (and `why` it is needed) and the columns present, if it is missing."""
     if name not in table.columns:
-        raise DataError(f"{table.path}: no column {name!r}; columns present: {', '.join(table.columns)}")
+        raise DataError(f"{table.path}: no column {name!r}{why}; columns present: {', '.join(table.columns)}")
 
 
 def column(table: Table, name: str, positive: bool = True) -> np.ndarray:
