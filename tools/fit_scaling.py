@@ -49,7 +49,7 @@ def load(args):
     table = results.read_table(args.csv)
     N, D, C, loss = results.fit_inputs(table, args.n_col, args.loss_col, args.d_col, args.c_col)
     budget = None
-    budget_col = args.budget_col or ("budget" if "budget" in table.columns else None)
+    budget_col = args.budget_col or next((c for c in ("budget", "scaling.budget") if c in table.columns), None)
     if budget_col:
         budget = results.column(table, budget_col)
     keep = results.without_highest(loss, args.drop_highest)
@@ -74,13 +74,15 @@ def run_approach1(args, table, keep, N, D, C, loss, budgets):
     return fit, chinchilla.power_law_quantities(fit.k_N, fit.a, fit.k_D, fit.b, budgets), samples, curves
 
 
-def run_approach2(args, N, C, loss, budget, budgets):
-    """Approach 2 on runs [n]: (fit, quantities, bootstrap samples over runs, budgets of the table)."""
-    fit = chinchilla.fit_approach2(N, C, loss, budget)
+def run_approach2(args, N, D, C, loss, budget, budgets):
+    """Approach 2 on runs [n]: (fit, quantities, bootstrap samples over runs, budgets of the table).
+    D: [n] the runs' tokens when the CSV has them (D_opt is then read off the runs), else None."""
+    fit = chinchilla.fit_approach2(N, C, loss, budget, D=D)
     budgets = [float(c) for c in fit.C] if budgets is None else budgets
 
     def quantities(rows):
-        f = chinchilla.fit_approach2(N[rows], C[rows], loss[rows], None if budget is None else budget[rows])
+        f = chinchilla.fit_approach2(N[rows], C[rows], loss[rows], None if budget is None else budget[rows],
+                                     D=None if D is None else D[rows])
         return chinchilla.power_law_quantities(f.k_N, f.a, f.k_D, f.b, budgets, G=f.k_N * 6 ** f.a)
 
     samples = bootstrap.bootstrap_rows(quantities, len(N), args.bootstrap, args.seed) if args.bootstrap else {}
@@ -112,7 +114,8 @@ def fit_and_render(args) -> str:
         budgets = default_budgets(C, budget) if budgets is None else budgets
         fit, point, samples, extra = run_approach1(args, table, keep, N, D, C, loss, budgets)
     elif args.approach == 2:
-        fit, point, samples, budgets = run_approach2(args, N, C, loss, budget, budgets)
+        tokens = D if args.d_col or "D" in table.columns else None  # else D = C / (6N) already
+        fit, point, samples, budgets = run_approach2(args, N, tokens, C, loss, budget, budgets)
     else:
         budgets = default_budgets(C, budget) if budgets is None else budgets
         fit, point, samples = run_approach3(args, N, D, loss, budgets)

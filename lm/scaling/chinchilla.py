@@ -152,13 +152,16 @@ def fit_parabola(N, loss, C: float) -> Parabola:
                     bool(lo <= x_opt <= hi))
 
 
-def fit_approach2(N, C, loss, budget=None, rel_tol: float = 0.1) -> Approach2Fit:
-    """Approach 2: IsoFLOP parabolas, then N_opt = k_N C^a and D_opt = C / (6 N_opt) = k_D C^b.
+def fit_approach2(N, C, loss, budget=None, rel_tol: float = 0.1, D=None) -> Approach2Fit:
+    """Approach 2: IsoFLOP parabolas, then N_opt = k_N C^a and D_opt = k_D C^b.
 
     Args:
       N, C, loss: [n] parameters, training FLOPs and final loss of each run.
       budget: [n] nominal budget of each run (groups the runs and is their C in the power laws);
         None clusters C with `group_budgets(C, rel_tol)`.
+      D: [n] tokens of each run, or None. Given, D_opt is read off the budget's own runs (log D
+        linear in log N within a budget, at N_opt), which stays right when C is not counted as 6ND
+        (e.g. the Chinchilla formula with attention); None: D_opt = C / (6 N_opt).
     A budget enters the power laws if it has >= 3 distinct N and its parabola has a minimum
     inside its sampled range of N.
     """
@@ -175,7 +178,13 @@ def fit_approach2(N, C, loss, budget=None, rel_tol: float = 0.1) -> Approach2Fit
                         f"inside them; found {len(used)} among {len(budgets)} budgets")
     c = np.array([p.C for p in used])
     n_opt = np.array([p.N_opt for p in used])
-    d_opt = c / (6 * n_opt)
+    if D is None:
+        d_opt = c / (6 * n_opt)
+    else:
+        log_d, log_n = np.log(np.asarray(D, np.float64)), np.log(N)
+        members = [group == k for k, b in enumerate(budgets) if any(p.C == b for p in used)]
+        d_opt = np.array([np.exp(np.polyval(np.polyfit(log_n[m], log_d[m], 1), np.log(n)))
+                          for m, n in zip(members, n_opt)])
     k_n, a = fit_power_law(c, n_opt)
     k_d, b = fit_power_law(c, d_opt)
     return Approach2Fit(parabolas, c, n_opt, d_opt, k_n, a, k_d, b)
