@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments.run import TASKS
 from lm.flops import param_counts
 from lm.model import Transformer
 from lm.tasks.pretrain import model_config
@@ -21,11 +22,16 @@ CONFIGS = sorted(os.path.relpath(p)[:-3].replace(os.sep, ".") for p in glob.glob
 
 @pytest.mark.parametrize("module", CONFIGS)
 def test_config_loads_with_and_without_smoke(module):
-    get_config = importlib.import_module(module).get_config
-    config = get_config()
-    assert config.task == "pretrain"
-    smoke = get_config("smoke")
-    assert smoke.model.num_layers <= 2 and smoke.train.steps <= 10
+    config_module = importlib.import_module(module)
+    assert config_module.get_config().task in TASKS
+    smoke = config_module.get_config("smoke")
+    if hasattr(config_module, "get_sweep"):  # members set sizes and budgets
+        members = config_module.get_sweep("smoke")
+        assert len(members) <= 2 and all(m.get("scaling.budget", 0) <= 1e11 for m in members)
+    elif smoke.task == "pretrain":
+        assert smoke.model.num_layers <= 2 and smoke.train.steps <= 10
+    else:  # later stages take their model from init_from
+        assert smoke.train.steps <= 10
 
 
 def real_count(module: str, vocab: int) -> int:
