@@ -3,11 +3,15 @@
 python -m tools.bench matmul [--json OUT]
 python -m tools.bench train [--config configs/pretrain/tiny.py[:arg]] [--json OUT]
 python -m tools.bench fit [--csv ../shared/data/chinchilla_epoch_svg_extracted_data.csv] [--json OUT]
+python -m tools.bench nf4 [--config FILE[:arg]] [--json OUT]
 
 `train` times the real jitted train step (random tokens, so no data preparation) and reports
 tokens/s, model FLOP/s (PaLM convention, lm/flops.py) and MFU against the matmul peak measured
 in the same process. Without --config it uses the model of the PyTorch reference in the project's
 performance notes: GPT-2 style, 6 layers, 6 heads, width 384, vocab 4096, context 256, batch 8, float32.
+
+`nf4` measures what QLoRA's frozen base takes: bytes per parameter of the model's dense kernels
+stored in NF4 (single and double-quantised scales) against float32, by `nbytes` of what is stored.
 
 `fit` times the Chinchilla Approach 3 fit (Epoch AI's procedure, 4,500 L-BFGS starts) vectorised in
 JAX against the plain loop of scipy L-BFGS-B over the same starts and data, in the same process.
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
-from lm import flops, sharding
+from lm import flops, lora, quant, sharding
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.scaling import chinchilla
@@ -159,10 +163,28 @@ def bench_fit(N, D, loss, repeats: int = 3) -> dict:
             "scipy_objective": ref.objective, "starts": len(chinchilla.grid_starts()), "points": len(loss)}
 
 
+def bench_nf4(config) -> dict:
+    """Bytes per parameter of the model's Linear kernels in NF4 (QLoRA's frozen base) vs float32."""
+    model = Transformer(model_config(config, config.model.vocab_size or 4096))
+    params = sharding.unboxed(jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+    flat = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if lora.is_linear_kernel(tuple(getattr(k, "key", k) for k in path))]
+    kernels = [jax.random.normal(jax.random.PRNGKey(i), leaf.shape, jnp.float32) * 0.02
+               for i, (_, leaf) in enumerate(flat)]
+    n = sum(k.size for k in kernels)
+    single = sum(quant.quantize(k).nbytes for k in kernels)
+    double = sum(quant.quantize(k, double_quant=True).nbytes for k in kernels)
+    return {"quantized_params": n, "float32_bytes_per_param": 4.0, "nf4_bytes_per_param": single / n,
+            "nf4_double_quant_bytes_per_param": double / n, "nf4_compression": 4.0 * n / single}
+
+
 UNITS = {"peak_flops": "FLOP/s", "model_flops_per_sec": "FLOP/s", "tokens_per_sec": "tokens/s",
          "mfu": "fraction", "step_seconds": "s", "compile_seconds": "s", "params": "count",
          "peak_memory_bytes": "bytes", "fit_seconds": "s", "scipy_fit_seconds": "s", "speedup": "x",
-         "objective": "sum Huber", "scipy_objective": "sum Huber", "starts": "count", "points": "count"}
+         "objective": "sum Huber", "scipy_objective": "sum Huber", "starts": "count", "points": "count",
+         "quantized_params": "count", "float32_bytes_per_param": "bytes", "nf4_bytes_per_param": "bytes",
+         "nf4_double_quant_bytes_per_param": "bytes", "nf4_compression": "x"}
 
 
 def report(bench: str, name: str, results: dict, json_path: str | None) -> None:
@@ -170,7 +192,7 @@ def report(bench: str, name: str, results: dict, json_path: str | None) -> None:
     print(f"{bench} ({name}) on {jax.devices()[0].device_kind} x{jax.device_count()}")
     rows = [(k, v) for k, v in results.items() if k in UNITS]
     for k, v in rows:
-        print(f"  {k:<22} {v:>16.4g} {UNITS[k]}")
+        print(f"  {k:<34} {v:>12.4g} {UNITS[k]}")
     if json_path:
         with open(json_path, "a") as f:
             for k, v in rows:
@@ -180,7 +202,7 @@ def report(bench: str, name: str, results: dict, json_path: str | None) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Benchmarks: matmul roof, train-step throughput and MFU.")
-    p.add_argument("bench", choices=["matmul", "train", "fit"])
+    p.add_argument("bench", choices=["matmul", "train", "fit", "nf4"])
     p.add_argument("--config", default=None, help="config file[:arg] (train); default: the reference model")
     p.add_argument("--csv", default=EPOCH_CSV, help="Epoch's Chinchilla data (fit; default "
                    "../shared/data/chinchilla_epoch_svg_extracted_data.csv from the project root); synthetic if absent")
@@ -188,6 +210,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.bench == "matmul":
         report("matmul", "float32", bench_matmul(), args.json)
+    elif args.bench == "nf4":
+        report("nf4", args.config or "reference", bench_nf4(load_config(args.config)), args.json)
     elif args.bench == "fit":
         *data, name = fit_data(args.csv)
         report("fit", f"approach3-{name}", bench_fit(*data), args.json)
