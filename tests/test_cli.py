@@ -32,11 +32,14 @@ def bad_input_cases(tmp_path):
                           f"--config.data.files={empty}"], "empty.txt"),
         "unknown source": ([f"--config={TINY}", f"--workdir={w}", "--config.data.source=nowhere"], "source"),
         "unwritable workdir": ([f"--config={TINY}", f"--workdir={not_a_dir}/sub"], "workdir"),
+        "vocab not divisible": ([f"--config={TINY}:smoke", f"--workdir={w}", "--config.mesh.tensor=2"],
+                                "vocab_size=259"),
     }
 
 
 CASES = ["unknown key", "wrong type", "missing config file", "mesh does not fit", "batch not divisible",
-         "seq longer than model", "missing corpus", "empty corpus", "unknown source", "unwritable workdir"]
+         "seq longer than model", "missing corpus", "empty corpus", "unknown source", "unwritable workdir",
+         "vocab not divisible"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -65,6 +65,18 @@ def check_batch_layout(train_cfg, mesh) -> None:
                           f"divisible by the {jax.process_count()} processes")
 
 
+def check_model_layout(model_cfg: ModelConfig, mesh) -> None:
+    """Every model dimension the default axis rules shard must divide by its mesh axis."""
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    dims = [("vocab_size", model_cfg.vocab_size, "tensor", tensor), ("num_heads", model_cfg.num_heads, "tensor", tensor),
+            ("num_kv_heads", model_cfg.kv_heads, "tensor", tensor), ("d_ff", model_cfg.d_ff, "tensor", tensor),
+            ("d_model", model_cfg.d_model, "fsdp", fsdp)]
+    for name, size, axis, ways in dims:
+        if size % ways:
+            hint = " (0 takes the tokenizer's; set a multiple to pad it)" if name == "vocab_size" else ""
+            raise ConfigError(f"config.model.{name}={size} is not divisible by config.mesh.{axis}={ways}{hint}")
+
+
 def make_eval_fn(eval_step, rows, batch_size, num_batches, token_bytes, batch_sharding):
     """`params -> {eval_loss, eval_bits_per_byte}` over a fixed set of held-out batches."""
     local = list(pipeline.eval_batches(rows, batch_size, num_batches, jax.process_index(),
@@ -136,6 +148,7 @@ def run(config, workdir: str):
     if jax.process_index() == 0:
         tok.save(os.path.join(workdir, "tokenizer"))
     model_cfg = model_config(config, tok.vocab_size)
+    check_model_layout(model_cfg, mesh)
     model = Transformer(model_cfg)
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     if config.scaling.budget > 0:

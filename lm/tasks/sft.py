@@ -123,6 +123,7 @@ def run(config, workdir: str):
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     data = sft_data.prepare_sft_data(config.data, config.template, tok, seq_len)
     model_cfg = pretrain.model_config(config, tok.vocab_size)
+    pretrain.check_model_layout(model_cfg, mesh)
     model = Transformer(model_cfg)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
