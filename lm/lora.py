@@ -24,7 +24,7 @@ from flax.core import meta
 
 from lm.errors import ConfigError
 from lm.model import Linear
-from lm.quant import NF4Tensor, dequantize
+from lm.quant import NF4Tensor, dequantize, quantize_params
 
 COLLECTION = 'lora'
 # Leading kernel axes that are the layer's input, by Linear name (`lm.model`): the attention
@@ -195,3 +195,22 @@ def merge(base_params, adapters, lora_cfg: LoraConfig):
                         b.reshape(rank, -1).astype(jnp.float32)) * lora_cfg.scale
         flat[layer + ('kernel',)] = (kernel + delta.reshape(kernel.shape)).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def from_config(lora_section) -> LoraConfig:
+    """`config.lora` (rank, alpha, dropout, targets, quantize) as a LoraConfig; ConfigError on bad values."""
+    if lora_section.quantize not in ('', 'nf4'):
+        raise ConfigError(f"config.lora.quantize={lora_section.quantize!r}: expected '' or 'nf4'")
+    if lora_section.quantize and not lora_section.rank:
+        raise ConfigError("config.lora.quantize='nf4' needs config.lora.rank > 0 (QLoRA trains adapters only)")
+    return LoraConfig(rank=lora_section.rank, alpha=lora_section.alpha, dropout=lora_section.dropout,
+                      targets=tuple(lora_section.targets))
+
+
+def stored_base(base_params, lora_section):
+    """The frozen base as a run with `config.lora` keeps it: Linear kernels in NF4 for QLoRA
+    (quantize 'nf4'), else unchanged."""
+    if lora_section.quantize == 'nf4':
+        return quantize_params(base_params, is_linear_kernel, double_quant=lora_section.double_quant)
+    return base_params
+

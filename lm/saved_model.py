@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm import checkpoint, lora, quant, sharding
+from lm import checkpoint, lora, sharding
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 from lm.errors import CheckpointError, UserError
 from lm.model import ModelConfig, Transformer
@@ -50,12 +50,10 @@ def _abstract_params(model: Transformer, config, mesh):
 
 def _merged_latest(workdir: str, config, run: dict, model: Transformer, mesh):
     """Base (from the run's init_from) + the latest adapters, merged."""
-    lora_cfg = lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                               targets=tuple(config.lora.targets))
+    lora_cfg = lora.from_config(config.lora)
     boxed, abstract = _abstract_params(model, config, mesh)
-    base = checkpoint.restore_params(run.get("init_from") or config.init_from, abstract)
-    if config.lora.quantize == "nf4":
-        base = quant.quantize_params(base, lora.is_linear_kernel, double_quant=config.lora.double_quant)
+    base = lora.stored_base(checkpoint.restore_params(run.get("init_from") or config.init_from, abstract),
+                            config.lora)
     adapters_boxed = jax.eval_shape(lambda: lora.init_adapters(jax.random.PRNGKey(0), boxed, lora_cfg))
     adapter_shardings = sharding.tree_shardings(adapters_boxed, mesh, sharding.axis_rules(config.axis_rules))
     adapters = checkpoint.restore_params(

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import checkpoint, lora, quant, sampling, sharding
+from lm import checkpoint, lora, sampling, sharding
 from lm import metrics as metrics_lib
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
@@ -72,16 +72,6 @@ def best_keeper(workdir: str, key: str, mode: str = "max", to_plain=lambda param
     return keep
 
 
-def lora_config(config) -> lora.LoraConfig:
-    """config.lora as the library's LoraConfig (rank 0: full fine-tuning)."""
-    if config.lora.quantize not in ("", "nf4"):
-        raise ConfigError(f"config.lora.quantize={config.lora.quantize!r}: expected '' or 'nf4'")
-    if config.lora.quantize and not config.lora.rank:
-        raise ConfigError("config.lora.quantize='nf4' needs config.lora.rank > 0 (QLoRA trains adapters only)")
-    return lora.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                           targets=tuple(config.lora.targets))
-
-
 def frozen_base(config, abstract, init_params, mesh, rules, lora_cfg):
     """The frozen base of a LoRA run, sharded: pretrained (or random with sft.reinit), its Linear
     kernels stored in NF4 when config.lora.quantize == 'nf4' (QLoRA)."""
@@ -92,9 +82,7 @@ def frozen_base(config, abstract, init_params, mesh, rules, lora_cfg):
     else:
         base = checkpoint.restore_params(config.init_from,
                                          checkpoint.abstract_like(sharding.unboxed(abstract), shardings))
-    if config.lora.quantize == "nf4":
-        base = quant.quantize_params(base, lora.is_linear_kernel, double_quant=config.lora.double_quant)
-    return base
+    return lora.stored_base(base, config.lora)
 
 
 def sft_loss(params, batch, rng, frozen=None, *, model, lora_cfg, z_loss: float):
@@ -127,7 +115,7 @@ def run(config, workdir: str):
     model = Transformer(model_cfg)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
-    lora_cfg = lora_config(config)
+    lora_cfg = lora.from_config(config.lora)
     throughput = pretrain.throughput_info(config, model_cfg, mesh)  # measures the peak: outside the mesh
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
