@@ -13,7 +13,6 @@ from etils import epath
 
 from lm.data.builders import records
 from lm.data.builders.text_files import resolve_files
-from lm.errors import DataError
 
 
 def alpaca_example(record: object) -> dict:
@@ -51,12 +50,8 @@ class Alpaca(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        examples, summary = records.collect(self._paths, alpaca_example, self._skip_bad_records)
-        self.info.metadata["records"] = summary
-        splits = records.split_by_prompt(examples, self._eval_fraction)
-        if not splits["train"] or not splits["validation"]:
-            raise DataError(f"config.data.files: {len(examples)} examples; need 2 or more distinct "
-                            "prompts to hold one out")
+        splits, _ = records.build_splits(self.info, self._paths, alpaca_example, self._skip_bad_records,
+                                         self._eval_fraction)
         return {split: self._generate_examples(part) for split, part in splits.items()}
 
     def _generate_examples(self, examples: list[tuple[str, dict]]):

@@ -25,7 +25,6 @@ from etils import epath
 
 from lm.data.builders import records
 from lm.data.builders.text_files import resolve_files
-from lm.errors import DataError
 
 ASSISTANT = "\n\nAssistant:"
 IRREGULAR = ("prompt_mismatch", "empty_chosen_response", "empty_rejected_response")
@@ -88,14 +87,10 @@ class HH(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        examples, summary = records.collect(self._paths, hh_example, self._skip_bad_records)
-        self.info.metadata["records"] = summary
+        splits, examples = records.build_splits(self.info, self._paths, hh_example, self._skip_bad_records,
+                                                self._eval_fraction, usable=lambda e: bool(e["response"]),
+                                                what="usable dialogues")
         self.info.metadata["hh"] = irregular_summary(examples)
-        kept = [(location, e) for location, e in examples if e["response"]]
-        splits = records.split_by_prompt(kept, self._eval_fraction)
-        if not splits["train"] or not splits["validation"]:
-            raise DataError(f"config.data.files: {len(kept)} usable dialogues; need 2 or more distinct "
-                            "prompts to hold one out")
         return {split: self._generate_examples(part) for split, part in splits.items()}
 
     def _generate_examples(self, examples: list[tuple[str, dict]]):

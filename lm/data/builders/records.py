@@ -138,3 +138,18 @@ def split_by_prompt(examples: list[tuple[str, dict]], eval_fraction: float) -> d
     heldout = heldout_units(dict(counts), eval_fraction)
     return {"train": [e for e in examples if e[1]["prompt"] not in heldout],
             "validation": [e for e in examples if e[1]["prompt"] in heldout]}
+
+
+def build_splits(info, paths: list[str], to_example: Callable[[object], dict], skip_bad_records: bool,
+                 eval_fraction: float, usable: Callable[[dict], bool] = lambda example: True,
+                 what: str = "examples") -> tuple[dict, list[tuple[str, dict]]]:
+    """Collects the files' examples (summary into info.metadata['records']), keeps the `usable`
+    ones and splits them by prompt. Returns ({'train', 'validation'} lists, all examples)."""
+    examples, summary = collect(paths, to_example, skip_bad_records)
+    info.metadata["records"] = summary
+    kept = [(location, e) for location, e in examples if usable(e)]
+    splits = split_by_prompt(kept, eval_fraction)
+    if not splits["train"] or not splits["validation"]:
+        raise DataError(f"{_KEY}: {len(kept)} {what}; need 2 or more distinct prompts to hold one out")
+    return splits, examples
+
