@@ -54,9 +54,10 @@ def test_partial_credit_is_positional():
     assert _grade("add", add_meta, "1200") == (0.5, False)
     assert _grade("add", add_meta, "234") == (0.75, False)  # aligned at the units
     assert _grade("add", add_meta, "617 + 617") == (0.0, False)
+    assert _grade("reverse", {"word": "planet"}, "t e n a l p") == (1.0, True)
     assert _grade("reverse", {"word": "planet"}, "tenalp") == (1.0, True)
-    assert _grade("reverse", {"word": "planet"}, "tenxyz") == (0.5, False)
-    assert _grade("reverse", {"word": "planet"}, "planet") == (0.0, False)
+    assert _grade("reverse", {"word": "planet"}, "t e n x y z") == (0.5, False)
+    assert _grade("reverse", {"word": "planet"}, "p l a n e t") == (0.0, False)
 
 
 def test_constrained_line_scores_the_fraction_of_constraints_met():

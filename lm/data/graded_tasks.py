@@ -11,18 +11,20 @@ match. Partial credit is positional against the answer, so copying the prompt ea
 - `add`: "Add: 417 + 385" -> "802" (two numbers in 100-999). The stripped response and the
   answer's digits are aligned at the right (units with units); score = the number of equal
   characters divided by the longer length.
-- `reverse`: "Reverse: planet" -> "tenalp" (4 to 10 lowercase letters, never a palindrome; half
-  the draws from a built-in list, which distinct prompts use up quickly, the rest random). The
-  stripped response and the answer are aligned at the left; score = the number of equal
-  characters divided by the longer length.
+- `reverse`: "Reverse: p l a n e t" -> "t e n a l p" (4 to 10 lowercase letters, never a
+  palindrome; half the draws from a built-in list, which distinct prompts use up quickly, the rest
+  random). Letters are spelled out one per token, as digits are: a subword tokenizer would hide
+  them inside pieces ("silver" -> "s", "il", "ver") and make reversal a test of memorised spelling.
+  The response's letters (whitespace dropped) and the answer are aligned at the left; score = the
+  number of equal letters divided by the longer length.
 - `constrained_line` (open-ended): "Write a line of 6 to 10 words that includes 'river' and
   'light', avoids 'dark', and ends with a word rhyming with 'night'". Score = the fraction of the
   five constraints met: word count in range, each included word present, the avoided word absent,
   the last word rhymes (a different word from the same group of the built-in rhyme table). Words
   are runs of letters (an apostrophe inside a word is kept), compared in lower case. An empty or
   letterless response scores 0 (it would otherwise "avoid" the word). Many lines score 1.
-Exact match: sort, add and reverse: the stripped response (for sort, its whitespace-separated
-tokens) equals the answer; constrained_line: every constraint is met.
+Exact match: sort and add: the stripped response (for sort, its whitespace-separated tokens)
+equals the answer; reverse: its letters equal the reversed word; constrained_line: every constraint is met.
 
 Numbers are written as plain digit strings; with a digit-splitting tokenizer each digit is a token.
 A prompt belongs to the train or the validation split by a hash of its text alone, so the two are
@@ -118,12 +120,12 @@ def _generate_reverse(rng: random.Random) -> tuple[str, str, dict]:
             word = rng.choice(WORDS)
         else:
             word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 10)))
-    return f"Reverse: {word}", word[::-1], {"word": word}
+    return f"Reverse: {' '.join(word)}", " ".join(word[::-1]), {"word": word}
 
 
 def _grade_reverse(meta: dict, response: str) -> tuple[float, bool]:
-    answer, text = meta["word"][::-1], response.strip()
-    return positional_score(answer, text), text == answer
+    answer, letters = meta["word"][::-1], "".join(response.split())
+    return positional_score(answer, letters), letters == answer
 
 
 def _generate_constrained_line(rng: random.Random) -> tuple[str, str, dict]:

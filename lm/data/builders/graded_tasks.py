@@ -16,8 +16,9 @@ class GradedTasks(tfds.core.GeneratorBasedBuilder):
     """Synthetic graded tasks; splits 'train' and 'validation'; features task, prompt, response, meta, record."""
 
     # Bump when a task's generator changes: the config name only carries the arguments.
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "sort, add, reverse, constrained_line."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "sort, add, reverse, constrained_line.",
+                     "1.1.0": "reverse spells its letters out: 'Reverse: p l a n e t' -> 't e n a l p'."}
     # Where TFDS looks for a checksums file; set so that it skips its importlib_resources lookup,
     # which fails without that package (tensorflow/datasets#11212).
     code_path = epath.Path(__file__)
