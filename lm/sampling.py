@@ -72,30 +72,36 @@ def _decode(first_logits, state, next_logits, rng, settings, max_new_tokens: int
         `tokens` was sampled as new token number `step`.
       settings: (temperature, top_k, top_p, eos_id, pad_id) traced scalars.
     Returns:
-      [batch, max_new_tokens] int32; pad_id after each row's EOS.
+      (tokens [batch, max_new_tokens] int32, pad_id after each row's EOS; log-probs
+      [batch, max_new_tokens] float32 of each sampled token under the temperature-scaled softmax
+      before top-k / top-p filtering (the policy PPO trains), 0 after EOS).
     """
     temperature, top_k, top_p, eos_id, pad_id = settings
     batch = first_logits.shape[0]
 
-    def emit(step, logits, out, done):
+    def emit(step, logits, out, logps, done):
         token = sample_tokens(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
         token = jnp.where(done, pad_id, token)                          # [batch]
-        return token, out.at[:, step].set(token), done | (token == eos_id)
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=-1)[:, 0]
+        logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
+        return token, out.at[:, step].set(token), logps, done | (token == eos_id)
 
     def body(carry):
-        step, state, token, out, done = carry
+        step, state, token, out, logps, done = carry
         logits, state = next_logits(state, step, token)
-        token, out, done = emit(step + 1, logits, out, done)
-        return step + 1, state, token, out, done
+        token, out, logps, done = emit(step + 1, logits, out, logps, done)
+        return step + 1, state, token, out, logps, done
 
     def cond(carry):
-        step, _, _, _, done = carry
+        step, done = carry[0], carry[-1]
         return (step + 1 < max_new_tokens) & ~jnp.all(done)
 
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-    token, out, done = emit(0, first_logits, out, jnp.zeros((batch,), bool))
-    carry = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, token, out, done))
-    return carry[3]
+    logps = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    token, out, logps, done = emit(0, first_logits, out, logps, jnp.zeros((batch,), bool))
+    carry = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, token, out, logps, done))
+    return carry[3], carry[4]
 
 
 def _prompt_layout(lengths, width: int, prompt_width: int):
@@ -114,7 +120,8 @@ def _prompt_layout(lengths, width: int, prompt_width: int):
 @functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens'))
 def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelConfig,
                      max_new_tokens: int):
-    """tokens: [batch, prompt] left-padded, lengths: [batch] -> [batch, max_new_tokens] int32."""
+    """tokens: [batch, prompt] left-padded, lengths: [batch] -> (new tokens, their log-probs), each
+    [batch, max_new_tokens] (see `_decode`)."""
     model = Transformer(config)
     batch, prompt = tokens.shape
     positions, segments = _prompt_layout(lengths, prompt, prompt)
@@ -153,7 +160,7 @@ def _generate_recompute(params, tokens, lengths, rng, settings, *, config: Model
                    max_new_tokens)
 
 
-def _left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
+def left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
     """Prompts -> (tokens [batch, bucket] int32 left-padded, lengths [batch] int32)."""
     lengths = np.array([len(p) for p in prompts], np.int32)
     if len(prompts) == 0 or lengths.min() == 0:
@@ -171,13 +178,31 @@ def _left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
     return tokens, lengths
 
 
+def settings(temperature: float, top_k: int, top_p: float, eos_id: int, pad_id: int) -> tuple:
+    """The traced sampling settings tuple that the jitted samplers take."""
+    return (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
+            jnp.int32(pad_id))
+
+
+def sample_arrays(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
+    """The cached sampler on device arrays, for callers that keep working on device (PPO rollouts).
+
+    Args:
+      tokens: [batch, prompt] int32 left-padded prompts (`left_pad`); lengths: [batch] int32.
+      settings: from `settings(...)`.
+    Returns:
+      (new tokens [batch, max_new_tokens] int32, pad after EOS; their log-probs [batch,
+      max_new_tokens] float32 under the temperature-scaled softmax, 0 after EOS).
+    """
+    return _generate_cached(params, tokens, lengths, rng, settings, config=config,
+                            max_new_tokens=max_new_tokens)
+
+
 def _run(fn, params, config, prompts, max_new_tokens, rng, temperature, top_k, top_p, eos_id,
          pad_id):
-    tokens, lengths = _left_pad(prompts, pad_id, config, max_new_tokens)
-    settings = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
-                jnp.int32(pad_id))
-    out = np.asarray(fn(params, tokens, lengths, rng, settings, config=config,
-                        max_new_tokens=max_new_tokens))                 # [batch, max_new_tokens]
+    tokens, lengths = left_pad(prompts, pad_id, config, max_new_tokens)
+    out = np.asarray(fn(params, tokens, lengths, rng, settings(temperature, top_k, top_p, eos_id, pad_id),
+                        config=config, max_new_tokens=max_new_tokens)[0])  # [batch, max_new_tokens]
     completions = []
     for row in out.tolist():
         completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)

@@ -131,3 +131,23 @@ def test_learned_positions_must_fit():
     with pytest.raises(ConfigError, match=r'^config\.model\.max_seq_len=64 '):
         sampling.generate(None, STYLES['gpt2'], [[1] * 60], max_new_tokens=10, rng=jax.random.key(0),
                           eos_id=EOS)
+
+
+@pytest.mark.parametrize('style', sorted(STYLES))
+def test_sampler_log_probs_equal_teacher_forced_log_probs(style):
+    """PPO's on-policy check: the log-probs the sampler records are those a training forward
+    pass gives the same tokens (float32, temperature-scaled), to 1e-4; 0 after EOS."""
+    c, temperature, width = STYLES[style], 0.7, 8
+    params = params_for(c)
+    tokens, lengths = sampling.left_pad(PROMPTS, 0, c, width)
+    new, logps = sampling.sample_arrays(params, tokens, lengths, jax.random.key(3),
+                                        sampling.settings(temperature, 0, 1.0, EOS, 0), config=c,
+                                        max_new_tokens=width)
+    full = jnp.concatenate([tokens, new], axis=1)                       # [batch, prompt + width]
+    positions, segments = sampling._prompt_layout(jnp.asarray(lengths), full.shape[1], tokens.shape[1])
+    logits = Transformer(c).apply(params, full, positions=positions, segment_ids=segments)
+    scaled = jax.nn.log_softmax(logits[:, tokens.shape[1] - 1:-1] / temperature)
+    forced = jnp.take_along_axis(scaled, new[..., None], axis=-1)[..., 0]  # [batch, width]
+    before_eos = np.cumsum(np.asarray(new) == EOS, axis=1) - (np.asarray(new) == EOS) == 0
+    np.testing.assert_allclose(np.where(before_eos, forced, 0.0), logps, atol=1e-4)
+    assert np.all(np.asarray(logps)[~before_eos] == 0.0)
