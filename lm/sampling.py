@@ -104,7 +104,7 @@ def _decode(first_logits, state, next_logits, rng, settings, max_new_tokens: int
     return carry[3], carry[4]
 
 
-def _prompt_layout(lengths, width: int, prompt_width: int):
+def prompt_layout(lengths, width: int, prompt_width: int):
     """Positions and segment ids of left-padded rows; columns past the prompt are generated.
 
     Args:
@@ -124,7 +124,7 @@ def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelCon
     [batch, max_new_tokens] (see `_decode`)."""
     model = Transformer(config)
     batch, prompt = tokens.shape
-    positions, segments = _prompt_layout(lengths, prompt, prompt)
+    positions, segments = prompt_layout(lengths, prompt, prompt)
     cache = init_cache(config, batch, prompt + max_new_tokens)
     logits, cache = model.apply(params, tokens, positions=positions, segment_ids=segments,
                                 cache=cache)                            # [batch, prompt, vocab]
@@ -145,7 +145,7 @@ def _generate_recompute(params, tokens, lengths, rng, settings, *, config: Model
     model = Transformer(config)
     batch, prompt = tokens.shape
     width = prompt + max_new_tokens
-    positions, segments = _prompt_layout(lengths, width, prompt)
+    positions, segments = prompt_layout(lengths, width, prompt)
     buffer = jnp.pad(tokens, ((0, 0), (0, max_new_tokens)))             # [batch, width]
 
     def logits_at(buffer, column):

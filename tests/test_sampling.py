@@ -144,7 +144,7 @@ def test_sampler_log_probs_equal_teacher_forced_log_probs(style):
                                         sampling.settings(temperature, 0, 1.0, EOS, 0), config=c,
                                         max_new_tokens=width)
     full = jnp.concatenate([tokens, new], axis=1)                       # [batch, prompt + width]
-    positions, segments = sampling._prompt_layout(jnp.asarray(lengths), full.shape[1], tokens.shape[1])
+    positions, segments = sampling.prompt_layout(jnp.asarray(lengths), full.shape[1], tokens.shape[1])
     logits = Transformer(c).apply(params, full, positions=positions, segment_ids=segments)
     scaled = jax.nn.log_softmax(logits[:, tokens.shape[1] - 1:-1] / temperature)
     forced = jnp.take_along_axis(scaled, new[..., None], axis=-1)[..., 0]  # [batch, width]
