@@ -9,7 +9,7 @@ import ml_collections
 def get_base_config() -> ml_collections.ConfigDict:
     """Returns the defaults for every section (task, model, data, optimizer, train, mesh, ...)."""
     c = ml_collections.ConfigDict()
-    c.task = 'pretrain'          # pretrain (sft, reward, ppo later)
+    c.task = 'pretrain'          # pretrain | sft | reward | ppo | dpo | recipe
     c.seed = 0
     c.init_from = ''             # a workdir or orbax checkpoint path to initialise parameters from
 
@@ -69,6 +69,44 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.sft.reinit = False          # architecture and tokenizer from init_from, parameters random
     c.sft.eval_prompts = 200      # held-out prompts answered greedily and graded at each eval
     c.sft.max_new_tokens = 32
+
+    # Reward model (task 'reward'): comparisons, and the pairwise loss.
+    c.reward = ml_collections.ConfigDict()
+    c.reward.samples_per_prompt = 4   # graded_tasks: K responses sampled from the SFT policy per prompt
+    c.reward.temperature = 1.0        # graded_tasks: sampling temperature of those responses
+    c.reward.max_new_tokens = 32      # graded_tasks: the longest sampled response
+    c.reward.sample_batch = 256       # graded_tasks: rows per generate call (one compile per prompt bucket)
+    c.reward.num_prompts = 2000       # train prompts (graded_tasks); hh: at most this many train triples, 0 all
+    c.reward.num_eval_prompts = 200   # held-out prompts (graded_tasks); hh: at most this many, 0 all
+    c.reward.label_noise = 0.0        # probability that a train prompt's ranking is reversed
+    c.reward.margin = 0.0             # subtracted from every score difference in the loss (Llama 2)
+
+    # PPO (task 'ppo'): policy and reference from init_from (SFT), reward and value from reward_from.
+    # Defaults follow lm-human-preferences and Huang et al. 2024 where a tiny model allows.
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.reward_from = ''            # the reward-model workdir
+    c.ppo.reward = 'rm'               # rm | oracle (train on the grader itself: an upper reference)
+    c.ppo.temperature = 1.0           # sampling temperature, also applied to the trained log-probs
+    c.ppo.max_new_tokens = 32
+    c.ppo.epochs = 4                  # passes over each rollout batch
+    c.ppo.minibatches = 4             # per pass; must divide train.global_batch_size (prompts per rollout)
+    c.ppo.clip = 0.2                  # policy ratio clip
+    c.ppo.value_clip = 0.2
+    c.ppo.vf_coef = 0.1
+    c.ppo.entropy_coef = 0.0
+    c.ppo.gamma = 1.0
+    c.ppo.lam = 0.95
+    c.ppo.kl_coef = 0.05              # β of the per-token KL penalty (the start value when adaptive)
+    c.ppo.kl_target = 0.0             # > 0: adaptive β (Ziegler et al.) aiming at this KL in nats
+    c.ppo.kl_horizon = 10000
+    c.ppo.whiten_rewards = False
+    c.ppo.missing_eos_penalty = 1.0   # subtracted from the score of a response that never ends
+    c.ppo.ptx_coef = 0.0              # PPO-ptx: weight of the LM loss on SFT rows (InstructGPT: pretraining rows)
+
+    # DPO (task 'dpo'): policy and reference from init_from (SFT), comparisons from a reward-model workdir.
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.comparisons_from = ''       # the reward-model workdir whose comparisons.npz DPO trains on
+    c.dpo.beta = 0.1                  # the implicit reward's scale (the strength of the KL constraint)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = 'sentencepiece'  # sentencepiece | byte

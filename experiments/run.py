@@ -39,7 +39,27 @@ def _sft(config, workdir):
     return sft.run(config, workdir)
 
 
-TASKS = {"pretrain": _pretrain, "sft": _sft}
+def _reward(config, workdir):
+    from lm.tasks import reward
+    return reward.run(config, workdir)
+
+
+def _ppo(config, workdir):
+    from lm.tasks import ppo
+    return ppo.run(config, workdir)
+
+
+def _dpo(config, workdir):
+    from lm.tasks import dpo
+    return dpo.run(config, workdir)
+
+
+def _recipe(config, workdir):
+    from experiments import recipe
+    return recipe.run(config, workdir)
+
+
+TASKS = {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "ppo": _ppo, "dpo": _dpo, "recipe": _recipe}
 
 
 def _positive(config, *keys):

@@ -244,7 +244,8 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, cache=None):
+    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, cache=None,
+                 return_hidden=False):
         """Next-token logits; with a cache, also writes this call's keys and values into it.
 
         Args:
@@ -255,8 +256,11 @@ class Transformer(nn.Module):
           deterministic: False applies dropout (needs the 'dropout' rng).
           cache: None, or a pytree from `init_cache`; this call's tokens fill the slots from its
             index, and attend to every earlier filled slot of their segment.
+          return_hidden: return the final-normed hidden states instead of logits (no cache); an
+            untied model then has no lm_head parameter.
         Returns:
-          logits [batch, seq, vocab] float32; with a cache, (logits, new_cache).
+          logits [batch, seq, vocab] float32; with a cache, (logits, new_cache); with
+          return_hidden, hidden states [batch, seq, d_model] in the compute dtype.
         """
         cfg = self.config
         b, l = tokens.shape
@@ -292,7 +296,12 @@ class Transformer(nn.Module):
             x, new_layer = block(cfg, name=f'layers_{i}')(x, mask, positions, layer_cache, start,
                                                           deterministic)
             new_layers.append(new_layer)
-        x = norm_layer(cfg, 'ln_final')(x).reshape(b * l, cfg.d_model)  # [tokens, d_model]
+        x = norm_layer(cfg, 'ln_final')(x)                             # [batch, seq, d_model]
+        if return_hidden:
+            if cache is not None:
+                raise ValueError('return_hidden does not support a cache')
+            return x
+        x = x.reshape(b * l, cfg.d_model)                              # [tokens, d_model]
 
         if cfg.tie_embeddings:
             head = embed.embedding.T                                   # [d_model, vocab]
@@ -303,6 +312,41 @@ class Transformer(nn.Module):
         if cache is None:
             return logits
         return logits, {'index': start + l, 'segment_ids': key_segments, 'layers': tuple(new_layers)}
+
+
+class RewardModel(nn.Module):
+    """A scalar reward per sequence: the language model ('lm', a Transformer) read at each row's
+    last valid token by a Dense(1) 'head'. Its params are {'lm': plain LM params, 'head': ...}, so a
+    language model's checkpoint drops in under 'lm' (an untied model's lm_head is not used). Read at
+    every position instead (`last_index=None`), the same network is PPO's value model."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, last_index=None, *, positions=None, segment_ids=None, deterministic=True):
+        """Scores right-padded sequences, or every position of any layout.
+
+        Args:
+          tokens: [batch, seq] int32; with last_index, row i is valid through column last_index[i].
+          last_index: [batch] int32 column of each row's last valid token (its EOS), or None.
+          positions, segment_ids: [batch, seq] int32 as for Transformer; with last_index, the
+            segment ids default to 1 through last_index and 0 after.
+          deterministic: False applies dropout (needs the 'dropout' rng).
+        Returns:
+          [batch] float32 scores at last_index; without it, [batch, seq] float32 per position.
+        """
+        cfg = self.config
+        l = tokens.shape[1]
+        if last_index is not None and segment_ids is None:
+            segment_ids = (jnp.arange(l, dtype=jnp.int32)[None, :] <= last_index[:, None]).astype(jnp.int32)
+        hidden = Transformer(cfg, name='lm')(tokens, positions=positions, segment_ids=segment_ids,
+                                             deterministic=deterministic, return_hidden=True)  # [batch, seq, d_model]
+        # N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences: initial scores of about unit scale.
+        head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=1 / math.sqrt(cfg.d_model + 1), name='head')
+        if last_index is None:
+            b = tokens.shape[0]
+            return head(hidden.reshape(b * l, cfg.d_model)).reshape(b, l).astype(jnp.float32)  # [batch, seq]
+        last = jnp.take_along_axis(hidden, last_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return head(last)[:, 0].astype(jnp.float32)                   # [batch]
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):

@@ -1,0 +1,28 @@
+"""The whole InstructGPT recipe on the graded tasks, on 2 CPU cores.
+
+  python -m experiments.run --config configs/recipe/instructgpt_tiny.py --workdir runs/recipe
+
+pretrain (configs/pretrain/tiny.py) -> SFT (configs/sft/tasks_tiny.py, exactly: its best-eval
+checkpoint) -> reward model -> PPO, with DPO beside PPO and best-of-n at report time; each stage in
+DIR/<stage>/, skipped once completed. Ends with DIR/report.md and DIR/report.json.
+"""
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, smoke=False)
+    c = common.get_base_config()
+    c.task = 'recipe'
+    c.recipe = ml_collections.ConfigDict()
+    suffix = ':smoke' if a.smoke else ''
+    c.recipe.pretrain = 'configs/pretrain/tiny.py' + suffix  # '' skips a stage
+    c.recipe.sft = 'configs/sft/tasks_tiny.py' + suffix
+    c.recipe.reward = 'configs/reward/tasks_tiny.py' + suffix
+    c.recipe.ppo = 'configs/ppo/tasks_tiny.py' + suffix
+    c.recipe.dpo = 'configs/dpo/tasks_tiny.py' + suffix
+    c.recipe.eval_prompts = 40 if a.smoke else 500  # held-out prompts of the report
+    c.recipe.best_of_n = 4 if a.smoke else 16
+    c.recipe.max_new_tokens = 8 if a.smoke else 32
+    return c

@@ -1,0 +1,40 @@
+"""A reward model on the graded tasks, from an SFT run of configs/sft/tasks_tiny.py; minutes on 2 CPU cores.
+
+  python -m experiments.run --config configs/reward/tasks_tiny.py --workdir runs/rm_tiny \
+      --config.init_from=runs/sft_tiny
+
+Samples K responses of the SFT policy to held-out graded-task prompts, ranks them by the grader,
+trains on the ranked pairs and reports eval_accuracy on the held-out prompts' comparisons.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    a = common.parse_arg(arg, smoke=False)
+    c = common.get_base_config()
+    c.task = 'reward'
+    c.data.source = 'graded_tasks'
+    c.data.tasks = 'sort,add,reverse,constrained_line'
+    c.data.task_seed = 1          # any seed: the prompts are held out from SFT by hash either way
+    c.reward.samples_per_prompt = 4
+    c.reward.temperature = 1.0
+    c.reward.max_new_tokens = 32
+    c.reward.num_prompts = 3000
+    c.reward.num_eval_prompts = 400
+    c.optimizer.lr = 3e-4
+    c.optimizer.weight_decay = 0.0
+    c.schedule.warmup_fraction = 0.05
+    c.train.steps = 300
+    c.train.global_batch_size = 16   # prompts, each with its K responses
+    c.train.seq_len = 96          # the longest prompt + 32 new tokens + EOS
+    c.train.log_every = 10
+    c.train.eval_every = 50
+    c.train.eval_batches = 0      # every held-out comparison
+    c.train.checkpoint_every = 100
+    if a.smoke:  # from a tasks_tiny.py:smoke SFT run: bytes, 64 positions, add and reverse
+        c.data.tasks, c.train.seq_len = 'add,reverse', 64
+        c.reward.max_new_tokens, c.reward.sample_batch = 8, 96
+        c.reward.num_prompts, c.reward.num_eval_prompts = 48, 24  # a barely trained policy: few untied pairs
+        c.train.steps, c.train.eval_every, c.train.checkpoint_every = 6, 3, 3
+        c.train.global_batch_size, c.train.log_every = 8, 2
+    return c

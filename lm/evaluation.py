@@ -1,0 +1,116 @@
+"""Comparing policies on held-out prompts against the oracle: answers, win rates, KL to SFT, best-of-n.
+
+Definitions (those of the recipe report):
+- oracle score: the task's grader on one greedy answer per prompt;
+- win rate of a policy against SFT: mean over prompts of 1 when its oracle score beats SFT's on
+  that prompt, 1/2 on a tie, 0 otherwise; the interval is a paired bootstrap over prompts;
+- kl_to_sft: mean over prompts of the sequence KL sum_t log pi(y_t) - log pi_SFT(y_t) of responses
+  y sampled from the policy at temperature 1, in nats (a Monte-Carlo estimate of KL(pi || pi_SFT));
+- best-of-n: the SFT policy's n samples at temperature 1, the reward model picks one; its KL to
+  SFT is the analytic log n - (n - 1) / n (Stiennon et al. 2020), exact for distinct samples.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import rl, sampling
+from lm.data import graded_tasks
+from lm.data import sft as sft_data
+from lm.model import Transformer
+
+
+def encode_prompts(examples: list[dict], tokenizer, template_cfg) -> list[list[int]]:
+    """[n] examples -> [n] token lists [BOS] + formatted prompt."""
+    return [sft_data.encode_prompt(tokenizer, template_cfg, e["prompt"]) for e in examples]
+
+
+def sample_responses(params, model_cfg, prompts: list[list[int]], *, max_new_tokens: int, rng, temperature: float,
+                     eos_id: int, pad_id: int, batch: int = 256) -> list[list[int]]:
+    """[n] prompts -> [n] responses (token lists ending at EOS when there is one), `batch` at a time."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        out += sampling.generate({"params": params}, model_cfg, prompts[start:start + batch],
+                                 max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, start),
+                                 temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+    return out
+
+
+def decode(tokenizer, responses: list[list[int]]) -> list[str]:
+    """Response token lists -> text, EOS dropped."""
+    return [tokenizer.decode([t for t in r if t != tokenizer.eos_id]) for r in responses]
+
+
+def oracle_scores(examples: list[dict], answers: list[str]) -> np.ndarray:
+    """[n] grader scores of `answers` to `examples`."""
+    return np.array([graded_tasks.grade(e["task"], e["meta"], a)["score"] for e, a in zip(examples, answers)])
+
+
+def win_rate(scores: np.ndarray, baseline: np.ndarray, *, num_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Paired win rate of `scores` [n] over `baseline` [n]: {"win_rate", "win_rate_ci" [lo, hi] (95%,
+    bootstrap over prompts), "tie_rate"}."""
+    wins = np.where(scores > baseline, 1.0, np.where(scores == baseline, 0.5, 0.0))
+    draws = np.random.default_rng(seed).integers(0, len(wins), (num_bootstrap, len(wins)))
+    means = wins[draws].mean(axis=1)
+    return {"win_rate": float(wins.mean()), "win_rate_ci": [float(np.quantile(means, 0.025)),
+                                                             float(np.quantile(means, 0.975))],
+            "tie_rate": float(np.mean(scores == baseline))}
+
+
+def sequence_logprobs(model_cfg, params, prompts: list[list[int]], responses: list[list[int]], *,
+                      pad_id: int, eos_id: int, width: int) -> np.ndarray:
+    """[n] sums of log pi(response tokens | prompt) (temperature 1), teacher-forced; responses are
+    padded to `width` tokens (the sampler's max_new_tokens) and counted through their first EOS."""
+    tokens, lengths = sampling.left_pad(prompts, pad_id, model_cfg, width)
+    padded = np.full((len(responses), width), pad_id, np.int32)
+    for i, r in enumerate(responses):
+        padded[i, :len(r)] = r
+    return np.asarray(_sequence_logprobs(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(padded),
+                                         model_cfg=model_cfg, eos_id=eos_id))
+
+
+def _sequence_logprobs_impl(params, prompts, lengths, responses, *, model_cfg, eos_id: int):
+    tokens = jnp.concatenate([prompts, responses], axis=1)
+    positions, segments = sampling.prompt_layout(lengths, tokens.shape[1], prompts.shape[1])
+    logits = Transformer(model_cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segments)
+    logp = rl.token_logprobs(logits[:, prompts.shape[1] - 1:-1], responses)
+    return jnp.sum(logp * rl.response_mask(responses, eos_id), axis=1)
+
+
+_sequence_logprobs = jax.jit(_sequence_logprobs_impl, static_argnames=("model_cfg", "eos_id"))
+
+
+def kl_to_reference(model_cfg, params, ref_params, prompts, responses, *, pad_id: int, eos_id: int,
+                    width: int, batch: int = 256) -> float:
+    """Mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t) for responses y sampled from pi."""
+    kls = []
+    for s in range(0, len(prompts), batch):
+        args = (prompts[s:s + batch], responses[s:s + batch])
+        kw = dict(pad_id=pad_id, eos_id=eos_id, width=width)
+        kls.append(sequence_logprobs(model_cfg, params, *args, **kw) - sequence_logprobs(model_cfg, ref_params, *args, **kw))
+    return float(np.mean(np.concatenate(kls)))
+
+
+def best_of_n_kl(n: int) -> float:
+    """The KL of best-of-n sampling to the sampling policy: log n - (n - 1) / n nats."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int]]], *, pad_id: int) -> list[int]:
+    """For each prompt, the index of the candidate response the reward model scores highest.
+
+    Args:
+      score_fn: `(tokens [b, seq], last_index [b]) -> [b]` scores of right-padded sequences.
+      prompts: [n] token lists; candidates: [n][k] response token lists.
+    """
+    sequences = [p + r for p, group in zip(prompts, candidates) for r in group]
+    width = max(map(len, sequences))
+    tokens = np.full((len(sequences), width), pad_id, np.int32)
+    for i, s in enumerate(sequences):
+        tokens[i, :len(s)] = s
+    scores = np.asarray(score_fn(tokens, np.array([len(s) - 1 for s in sequences], np.int32)))
+    k = len(candidates[0])
+    return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()

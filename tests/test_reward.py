@@ -1,0 +1,144 @@
+"""Reward model: the last-token head, comparison arrays, HH triples, the run end to end, bad input."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import losses, sharding
+from lm.data import preferences
+from lm.data.tokenizer import ByteTokenizer
+from lm.errors import DataError
+from lm.model import ModelConfig, RewardModel, Transformer
+from lm.tasks import reward
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh_rlhf_harmless_base_test.jsonl")
+CFG = ModelConfig(vocab_size=264, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_seq_len=64)
+
+
+def test_reward_model_scores_the_last_valid_token():
+    model = RewardModel(CFG)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 250, (2, 16)), jnp.int32)
+    last = jnp.array([5, 9], jnp.int32)
+    params = sharding.unboxed(model.init(jax.random.PRNGKey(0), tokens, last)["params"])
+    lm_params = sharding.unboxed(Transformer(CFG).init(jax.random.PRNGKey(1), tokens)["params"])
+    assert set(params) == {"lm", "head"}
+    assert jax.tree.structure(params["lm"]) == jax.tree.structure(lm_params)  # an LM checkpoint drops in
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t, last))
+    score = lambda p, t: np.asarray(apply(p, t))  # noqa: E731
+    base = score(params, tokens)
+    assert base.shape == (2,) and base.dtype == np.float32
+    padding_changed = tokens.at[0, 6:].add(1).at[1, 10:].add(1)
+    np.testing.assert_array_equal(score(params, padding_changed), base)
+    response_changed = score(params, tokens.at[0, 4].add(1))
+    assert response_changed[0] != base[0] and response_changed[1] == base[1]
+    assert score({**params, "lm": lm_params}, tokens).shape == (2,)
+
+
+def test_comparisons_ranks_ties_and_label_noise():
+    assert preferences.dense_ranks([0.5, 1.0, 0.5, 0.0]) == [1, 0, 1, 2]
+    groups = [[[1, 5, 2], [1, 6, 6, 2], [1, 2]], [[1, 7, 2], [1, 8, 2]]]
+    c = preferences.build_comparisons(groups, [[1, 0, 1], [0, 0]], seq_len=6, pad_id=0)
+    assert c.tokens.shape == (2, 3, 6) and c.tokens[0, 1].tolist() == [1, 6, 6, 2, 0, 0]
+    assert c.last_index.tolist() == [[2, 3, 1], [2, 2, 0]]
+    assert c.mask.tolist() == [[True, True, True], [True, True, False]]
+    assert preferences.pair_counts(c.ranks, c.mask).tolist() == [2, 0]  # ties form no pair
+    kept = preferences.with_pairs(c)
+    assert kept.num_prompts == 1 and kept.num_pairs() == 2
+    _, _, weight = losses.ranking_loss(jnp.zeros((2, 3)), c.ranks, c.mask)
+    assert float(weight) == 1.0
+    np.testing.assert_array_equal(preferences.reverse_rankings(c.ranks, c.mask, 0.0, seed=0), c.ranks)
+    assert preferences.reverse_rankings(c.ranks, c.mask, 1.0, seed=0).tolist() == [[0, 1, 0], [0, 0, 0]]
+    ranks, mask = np.tile([0, 1], (4000, 1)), np.ones((4000, 2), bool)
+    swapped = preferences.reverse_rankings(ranks, mask, 0.3, seed=0)[:, 0] == 1
+    assert abs(swapped.mean() - 0.3) < 0.03
+
+
+def _hh_data(tmp_path, files, seq_len, skip=False):
+    data_cfg = {"source": "hh", "files": files, "eval_fraction": 0.3, "data_dir": str(tmp_path / "data"),
+                "skip_bad_records": skip}
+    return preferences.hh_comparisons(data_cfg, {}, ByteTokenizer(), seq_len, (0, 0))
+
+
+def test_hh_triples_become_two_response_comparisons(tmp_path):
+    turn = "\n\nHuman: Hi {0}\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant:"
+    rows = [{"chosen": turn.format(i) + f" Good {i}.", "rejected": turn.format(i) + " Bad."} for i in range(12)]
+    rows += [{"chosen": turn.format(20) + " Fine.", "rejected": turn.format(21) + " Other dialogue."},  # mismatch
+             {"chosen": turn.format(22) + " Fine.", "rejected": turn.format(22)},                     # empty rejected
+             {"chosen": turn.format(23), "rejected": turn.format(23) + " Bad."}]                      # empty chosen
+    (tmp_path / "hh.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    data = _hh_data(tmp_path, str(tmp_path / "hh.jsonl"), seq_len=96)
+    assert data.train.num_prompts + data.eval.num_prompts == 12 and data.eval.num_prompts > 0
+    assert data.info["train"]["num_pairs"] == data.train.num_prompts and data.info["train"]["K"] == 2
+    for split in (data.train, data.eval):
+        assert split.ranks.tolist() == [[0, 1]] * split.num_prompts and split.mask.all()
+        ends = np.take_along_axis(split.tokens, split.last_index[..., None], axis=2)[..., 0]
+        assert (ends == ByteTokenizer.eos_id).all()
+    text = [ByteTokenizer().decode(data.train.tokens[0, j, 1:data.train.last_index[0, j]]) for j in (0, 1)]
+    dialogue = r"User: \n\nHuman: Hi (\d+)\n\nAssistant: Hello\.\n\nHuman: And\?\n\nAssistant:\nAssistant: "
+    assert re.fullmatch(dialogue + r"Good \1\.", text[0]) and re.fullmatch(dialogue + r"Bad\.", text[1]), text
+    assert len(data.norm_tokens) == 12  # the chosen responses
+    with pytest.raises(DataError, match=r"seq_len=60: preference triple .*hh\.jsonl:\d+ has \d+ tokens"):
+        _hh_data(tmp_path, str(tmp_path / "hh.jsonl"), seq_len=60)
+
+
+def test_hh_real_file_counts(tmp_path):
+    if not os.path.exists(HH_FILE):
+        pytest.skip(f"{HH_FILE} is absent")
+    data = _hh_data(tmp_path, HH_FILE, seq_len=1024, skip=True)
+    kept = data.train.num_prompts + data.eval.num_prompts
+    skipped = data.info["train"]["num_skipped_too_long"] + data.info["eval"]["num_skipped_too_long"]
+    assert kept + skipped == data.info["hh"]["num_preference_pairs"] == 2303 and kept > 1500
+
+
+def run(*args, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    """A smoke SFT run's last checkpoint: 40 steps, enough for some answers to earn partial credit."""
+    pre, sft = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("sft")
+    result = run("-m", "experiments.run", "--config=configs/pretrain/tiny.py:smoke", f"--workdir={pre}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    result = run("-m", "experiments.run", "--config=configs/sft/tasks_tiny.py:smoke", f"--workdir={sft}",
+                 f"--config.init_from={pre}", "--config.optimizer.lr=3e-3", "--config.data.skip_bad_records=True",
+                 "--config.train.steps=40", "--config.train.eval_every=40", "--config.train.checkpoint_every=40")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(sft / "checkpoints" / "40")
+
+
+def test_reward_run_evaluates_keeps_best_and_normalises(sft_checkpoint, tmp_path):
+    workdir = tmp_path / "rm"
+    result = run("-m", "experiments.run", "--config=configs/reward/tasks_tiny.py:smoke", f"--workdir={workdir}",
+                 f"--config.init_from={sft_checkpoint}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    evals = [r for r in records if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert all(0 <= r["eval_accuracy"] <= 1 and "eval_train_accuracy" in r for r in evals)
+    assert {"loss", "accuracy"} <= set(records[1])
+    norm = json.loads((workdir / reward.NORM_FILE).read_text())
+    assert norm["best_eval_accuracy"] == max(r["eval_accuracy"] for r in evals) and norm["std"] > 0
+
+    data = preferences.load(str(workdir / reward.DATA_FILE))
+    assert data.train.tokens.shape[1:] == (4, 64) and data.info["label_noise"] == 0.0
+    score_fn, tok, template = reward.load_reward_model(str(workdir))
+    assert template == {"user": "User: ", "assistant": "\nAssistant: "} and tok.vocab_size == 259
+    scores = np.asarray(score_fn(data.norm_tokens, data.norm_last_index))
+    assert len(scores) == norm["num_responses"] == 4 * (48 + 24)  # every sample, tied prompts' too
+    assert abs(scores.mean()) < 1e-3 and abs(scores.std() - 1) < 1e-3
+
+
+def test_bad_reward_config_is_one_line(tmp_path):
+    result = run("-m", "experiments.run", "--config=configs/reward/tasks_tiny.py:smoke", f"--workdir={tmp_path}",
+                 "--config.init_from=/nonexistent", "--config.reward.samples_per_prompt=1")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(errors) == 1 and "config.reward.samples_per_prompt=1" in errors[0], result.stderr
