@@ -14,7 +14,9 @@ def get_config(arg=None):
     c.model.d_ff = 1024
     c.model.max_seq_len = 256
     c.tokenizer.vocab_size = 4096
-    c.optimizer.lr = 3e-3
+    # 3e-3 reaches the same loss in 150 steps but leaves blocks that SFT can hardly retrain: SFT
+    # on the graded tasks from them stalls near 0.15 while from these it follows random init.
+    c.optimizer.lr = 1e-3
     c.schedule.warmup_steps = 30
     c.train.steps = 150
     c.train.global_batch_size = 16

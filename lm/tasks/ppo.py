@@ -143,7 +143,7 @@ def ppo_loss(params, mb, *, model, value_model, cfg, prompt_width: int):
     mean_entropy = jnp.sum(entropy * mb["mask"]) / jnp.maximum(jnp.sum(mb["mask"]), 1.0)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
     stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "clip_fraction": pg_stats["clip_fraction"],
-             "approx_kl": pg_stats["approx_kl"], "value_clip_fraction": vf_stats["clip_fraction"],
+             "approx_kl": pg_stats["approx_kl"], "ratio": pg_stats["ratio_mean"], "value_clip_fraction": vf_stats["clip_fraction"],
              "explained_variance": rl.explained_variance(values, mb["returns"], mb["mask"])}
     return loss, stats
 

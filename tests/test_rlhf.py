@@ -1,0 +1,107 @@
+"""RLHF stages: PPO's on-policy consistency, DPO at initialisation, the report's statistics, and
+the whole recipe end to end on smoke configs."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lm import evaluation, sampling, sharding
+from lm.data import preferences
+from lm.model import ModelConfig, RewardModel, Transformer
+from lm.tasks import dpo, ppo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(vocab_size=61, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_seq_len=64)
+EOS, PAD = 2, 0
+
+
+def _params(module, *args, seed=0):
+    return sharding.unboxed(module.init(jax.random.PRNGKey(seed), *args)["params"])
+
+
+class _PPOSettings:
+    """The config.ppo fields the PPO functions read."""
+    max_new_tokens, temperature, reward, missing_eos_penalty = 12, 0.8, "rm", 1.0
+    whiten_rewards, gamma, lam, clip, value_clip, vf_coef, entropy_coef = False, 1.0, 0.95, 0.2, 0.2, 0.1, 0.0
+
+
+def test_ppo_first_minibatch_is_on_policy_and_kl_to_reference_is_zero():
+    model, value_model, cfg = Transformer(CFG), RewardModel(CFG), _PPOSettings()
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    policy = _params(model, tokens)
+    rm = _params(value_model, tokens, jnp.zeros((1,), jnp.int32), seed=1)
+    prompts, lengths = sampling.left_pad([[1, 5, 9], [1, 7, 7, 3, 11, 4], [1, 30]], PAD, CFG, cfg.max_new_tokens)
+    batch = {"prompts": jnp.asarray(prompts), "lengths": jnp.asarray(lengths), "index": jnp.arange(3)}
+    params = {"policy": policy, "value": rm}
+    frozen = {"reference": policy, "reward": rm, "norm": jnp.array([0.0, 1.0])}
+    settings = sampling.settings(cfg.temperature, 0, 1.0, EOS, PAD)
+    data, stats = ppo.rollout(params, frozen, batch, jax.random.PRNGKey(2), jnp.float32(0.05), model=model,
+                              value_model=value_model, cfg=cfg, settings=settings, oracle=None)
+    assert float(stats["kl"]) == 0.0                       # policy = reference
+    _, on_policy = ppo.ppo_loss(params, data, model=model, value_model=value_model, cfg=cfg,
+                                prompt_width=prompts.shape[1])
+    assert abs(float(on_policy["ratio"]) - 1.0) < 1e-5
+    assert abs(float(on_policy["approx_kl"])) < 1e-6 and float(on_policy["clip_fraction"]) == 0.0
+    # The rollout's own log-probs are those the sampler drew from (within 1e-4, float32).
+    _, sampled = sampling.sample_arrays({"params": policy}, batch["prompts"], batch["lengths"],
+                                        jax.random.PRNGKey(2), settings, config=CFG,
+                                        max_new_tokens=cfg.max_new_tokens)
+    np.testing.assert_allclose(np.asarray(data["logp"]) * np.asarray(data["mask"]), sampled, atol=1e-4)
+
+
+def test_dpo_loss_at_initialisation_is_log_two():
+    model = Transformer(CFG)
+    params = _params(model, jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(0)
+    groups = [[[1, *rng.integers(3, 60, n), EOS] for n in (4, 7, 2)], [[1, 9, 9, EOS], [1, 8, EOS]]]
+    c = preferences.build_comparisons(groups, [[0, 1, 2], [1, 0]], seq_len=12, pad_id=PAD)
+    ref = dpo.reference_logprobs(model, params, c, rows=4)
+    assert ref.shape == (2, 3) and np.all(ref[c.mask] < 0)
+    batch = {**c.take(np.arange(2)), "ref_logp": ref.astype(np.float32)}
+    loss_sum, aux = dpo.dpo_loss(params, batch, None, model=model, beta=0.1)
+    assert abs(float(loss_sum / aux["weight"]) - math.log(2)) < 1e-6
+    assert float(aux["accuracy"]) == 0.0                   # all implicit rewards equal: no pair is right yet
+
+
+def test_win_rate_counts_ties_as_half_and_brackets_its_interval():
+    ours, sft = np.array([1.0, 0.5, 0.2, 0.7]), np.array([0.5, 0.5, 0.9, 0.1])
+    result = evaluation.win_rate(ours, sft, num_bootstrap=2000)
+    assert result["win_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4) and result["tie_rate"] == 0.25
+    lo, hi = result["win_rate_ci"]
+    assert 0 <= lo <= result["win_rate"] <= hi <= 1
+    same = evaluation.win_rate(sft, sft)
+    assert same["win_rate"] == 0.5 and same["win_rate_ci"] == [0.5, 0.5] and same["tie_rate"] == 1.0
+    assert evaluation.best_of_n_kl(1) == 0.0 and evaluation.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
+    """pretrain -> SFT -> reward -> PPO, DPO, best-of-n on smoke configs, then the report; a second
+    run skips every stage and writes the same report."""
+    command = [sys.executable, "-m", "experiments.run", "--config=configs/recipe/instructgpt_tiny.py:smoke",
+               f"--workdir={tmp_path}"]
+    env = {**os.environ, "LM_DATA_DIR": str(tmp_path / "data")}
+    first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["stages"]) == {"sft", "reward", "best_of_n", "ppo", "dpo"}
+    sft = report["stages"]["sft"]
+    assert sft["win_rate_vs_sft"] == 0.5 and sft["tie_rate"] == 1.0 and abs(sft["kl_to_sft"]) < 1e-6
+    assert 0.0 <= report["stages"]["reward"]["rm_accuracy"] <= 1.0
+    for stage in ("ppo", "dpo", "best_of_n"):
+        row = report["stages"][stage]
+        assert 0.0 <= row["oracle_score"] <= 1.0 and row["win_rate_ci"][0] <= row["win_rate_vs_sft"] <= row["win_rate_ci"][1]
+        assert row["kl_to_sft"] >= -0.05, (stage, row)       # a Monte-Carlo KL estimate: non-negative up to noise
+    assert report["stages"]["best_of_n"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    ppo_metrics = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    first_step = next(r for r in ppo_metrics if r["step"] == 1)
+    assert first_step["kl"] == 0.0 and {"rm_score", "oracle_score", "clip_fraction", "explained_variance",
+                                       "value_loss", "entropy", "response_length"} <= set(first_step)
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("completed earlier, skipped") == 5, again.stdout[-2000:]
+    assert json.loads((tmp_path / "report.json").read_text()) == report
