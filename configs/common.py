@@ -63,6 +63,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lora.targets = ('query', 'key', 'value', 'out')  # also: wi, wi_gate, wi_up, wo (MLP)
     c.lora.quantize = ''              # '' | 'nf4'
     c.lora.double_quant = False       # NF4: 8-bit block scales with a float32 scale per 256 blocks
+    c.lora.lr = 0.0                   # > 0: the peak learning rate when rank > 0 (adapters take larger steps)
 
     # SFT: what init_from gives, and the graded evaluation (greedy answers to held-out prompts).
     c.sft = ml_collections.ConfigDict()

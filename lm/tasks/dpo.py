@@ -25,7 +25,7 @@ from lm import metrics as metrics_lib
 from lm.data import graded_tasks, pipeline, preferences
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
-from lm.loop import train_loop
+from lm.loop import train_with_evals
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.tasks import pretrain, reward, sft
@@ -113,7 +113,7 @@ def run(config, workdir: str):
         state, state_shardings = init_state(init_params, tx, config.seed, mesh, rules)
         policy_path = reward.policy_checkpoint(config.init_from, run_dir)
         reference = checkpoint.restore_params(policy_path,
-                                              checkpoint.abstract_like(state.params, state_shardings.params))
+                                                checkpoint.abstract_like(state.params, state_shardings.params))
         ref_train = reference_logprobs(model, reference, data.train, batch_size * k)
         ref_eval = reference_logprobs(model, reference, data.eval, batch_size * k)
         tokens_per_step = batch_size * k * data.train.tokens.shape[2]
@@ -139,7 +139,7 @@ def run(config, workdir: str):
 
         def batch_fn(step):
             ids = pipeline.global_row_ids(data.train.num_prompts, step, batch_size, config.seed,
-                                          jax.process_index(), jax.process_count())
+                                            jax.process_index(), jax.process_count())
             return sharding.global_batch(take_train(ids), batch_sharding)
 
         @jax.jit
@@ -147,45 +147,18 @@ def run(config, workdir: str):
             loss_sum, aux = dpo_loss(params, batch, None, model=model, beta=config.dpo.beta)
             return jnp.stack([loss_sum, aux["accuracy"], aux["weight"]])
 
-        eval_data = preferences.Comparisons(**data.eval.take(np.arange(data.eval.num_prompts)))
-        heldout = make_comparison_eval(eval_step, eval_data, ref_eval, batch_size, config.train.eval_batches,
-                                       batch_sharding)
+        heldout = reward.make_eval_fn(eval_step, data.eval, batch_size, config.train.eval_batches, batch_sharding,
+                                        "eval", extra={"ref_logp": ref_eval.astype(np.float32)})
         examples = graded_tasks.make_examples(config.data.tasks, config.sft.eval_prompts, config.data.task_seed,
-                                              "validation")
+                                                "validation")
         grade = sft.grader_eval_fn(model_cfg, tok, config.template, examples, config.sft.max_new_tokens)
         evaluate = lambda params: {**heldout(params), **grade(params)}
         keep_best = sft.best_keeper(workdir, "eval_grader_score", "max")
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
-        try:
-            if int(state.step) == 0:
-                record = evaluate(state.params)
-                writer.write(0, record)
-                keep_best(0, state, record)
-            state = train_loop(state, step_fn=step_fn, batch_fn=batch_fn, eval_fn=evaluate, train_cfg=config.train,
-                               ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info}, writer=writer,
-                               tokens_per_step=tokens_per_step,
-                               flops_per_step=run_info["flops_per_token"] * tokens_per_step,
-                               peak_flops=run_info["peak_flops_per_device"] * jax.device_count(),
-                               after_eval=keep_best)
-        finally:
-            writer.close()
+        state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
+                                 step_fn=step_fn, batch_fn=batch_fn, train_cfg=config.train,
+                                 ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},
+                                 tokens_per_step=tokens_per_step,
+                                 flops_per_step=run_info["flops_per_token"] * tokens_per_step,
+                                 peak_flops=run_info["peak_flops_per_device"] * jax.device_count())
     return state
 
-
-def make_comparison_eval(eval_step, comparisons, ref_logp, batch_size: int, num_batches: int, batch_sharding):
-    """`params -> {eval_loss, eval_accuracy}` on held-out comparisons (fixed batches, as the reward model's)."""
-    batches = []
-    for batch in reward.eval_batches(comparisons, batch_size, num_batches):
-        batches.append(batch)
-    ids = [np.arange(i * batch_size, (i + 1) * batch_size) for i in range(len(batches))]
-    for batch, rows in zip(batches, ids):
-        batch["ref_logp"] = ref_logp[np.minimum(rows, len(ref_logp) - 1)].astype(np.float32)
-    batches = [sharding.global_batch(b, batch_sharding) for b in batches]
-
-    def evaluate(params):
-        totals = np.zeros(3)
-        for batch in batches:
-            totals += np.asarray(jax.device_get(eval_step(params, batch)))
-        loss_sum, accuracy_sum, weight = totals
-        return {"eval_loss": loss_sum / max(weight, 1.0), "eval_accuracy": accuracy_sum / max(weight, 1.0)}
-    return evaluate

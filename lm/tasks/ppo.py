@@ -30,7 +30,7 @@ from lm import metrics as metrics_lib
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
 from lm.errors import ConfigError
-from lm.loop import train_loop
+from lm.loop import train_with_evals
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.tasks import pretrain, reward as reward_task, sft
@@ -307,24 +307,16 @@ def run(config, workdir: str):
         grade = sft.grader_eval_fn(model_cfg, tok, config.template, eval_examples, config.sft.max_new_tokens)
         evaluate = lambda params: grade(params["policy"])
         keep_best = sft.best_keeper(workdir, "eval_grader_score", "max", to_plain=lambda p: p["policy"])
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
         tokens_per_step = batch_size * (run_info["prompt_width"] + cfg.max_new_tokens)
         # Model FLOPs of one iteration: five forwards (sampling, policy, reference, value, reward;
         # a forward is a third of a training pass) and epochs x (policy + value) training passes.
         flops_per_step = tokens_per_step * throughput["flops_per_token"] * (5 / 3 + 2 * cfg.epochs)
-        try:
-            if int(state.step) == 0:
-                record = evaluate(state.params)
-                writer.write(0, record)
-                keep_best(0, state, record)
-            state = train_loop(state, step_fn=lambda s, b: step_fn(s, b, frozen), batch_fn=batch_fn,
-                               eval_fn=evaluate, train_cfg=config.train, ckpt_mngr=mngr,
-                               meta={"config": config.to_dict(), "run": run_info}, writer=writer,
-                               tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
-                               peak_flops=throughput["peak_flops_per_device"] * jax.device_count(),
-                               after_eval=keep_best)
-        finally:
-            writer.close()
+        state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
+                                 step_fn=lambda s, b: step_fn(s, b, frozen), batch_fn=batch_fn,
+                                 train_cfg=config.train, ckpt_mngr=mngr,
+                                 meta={"config": config.to_dict(), "run": run_info},
+                                 tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+                                 peak_flops=throughput["peak_flops_per_device"] * jax.device_count())
     return state
 
 

@@ -30,7 +30,7 @@ from lm import metrics as metrics_lib
 from lm.data import pipeline, preferences
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import CheckpointError, ConfigError
-from lm.loop import train_loop
+from lm.loop import train_with_evals
 from lm.model import RewardModel
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.tasks import pretrain, sft
@@ -91,10 +91,10 @@ def build_comparisons(config, tok, model_cfg, policy_params, sft_data_cfg: dict)
     r, seq_len = config.reward, config.train.seq_len
     if config.data.source == "hh":
         data = preferences.hh_comparisons(config.data, config.template, tok, seq_len,
-                                          (r.num_prompts, r.num_eval_prompts))
+                                            (r.num_prompts, r.num_eval_prompts))
     else:
         data = preferences.policy_comparisons(policy_params(), model_cfg, tok, config.template, config.data, r,
-                                              sft_data_cfg, seq_len, config.seed)
+                                                sft_data_cfg, seq_len, config.seed)
     data.train.ranks = preferences.reverse_rankings(data.train.ranks, data.train.mask, r.label_noise, config.seed)
     data.info["label_noise"] = r.label_noise
     return data
@@ -114,24 +114,30 @@ def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
     return loss_sum, {"weight": weight, "accuracy": accuracy_sum}
 
 
-def eval_batches(comparisons: preferences.Comparisons, batch_size: int, num_batches: int) -> list[dict]:
+def eval_batches(comparisons: preferences.Comparisons, batch_size: int, num_batches: int,
+                 extra: dict | None = None) -> list[dict]:
     """This process' part of fixed-order batches of `batch_size` prompts from prompt 0 (num_batches
-    <= 0: all of them); rows past the end are masked out. Arrays as `Comparisons.take`."""
+    <= 0: all of them); rows past the end are masked out. Arrays as `Comparisons.take`, plus the
+    same rows of each `extra` per-prompt array ([n, ...], e.g. DPO's reference log-probs)."""
     local = batch_size // jax.process_count()
     total = -(-comparisons.num_prompts // batch_size)
     batches = []
     for b in range(total if num_batches <= 0 else min(num_batches, total)):
         ids = b * batch_size + jax.process_index() * local + np.arange(local)
         real = ids < comparisons.num_prompts
-        batch = comparisons.take(np.where(real, ids, 0))
+        rows = np.where(real, ids, 0)
+        batch = {**comparisons.take(rows), **{name: array[rows] for name, array in (extra or {}).items()}}
         batch["mask"] = batch["mask"] & real[:, None]
         batches.append(batch)
     return batches
 
 
-def make_eval_fn(eval_step, comparisons, batch_size: int, num_batches: int, batch_sharding, prefix: str):
-    """`params -> {<prefix>_loss, <prefix>_accuracy}`, means over the prompts of fixed batches."""
-    batches = [sharding.global_batch(b, batch_sharding) for b in eval_batches(comparisons, batch_size, num_batches)]
+def make_eval_fn(eval_step, comparisons, batch_size: int, num_batches: int, batch_sharding, prefix: str,
+                 extra: dict | None = None):
+    """`params -> {<prefix>_loss, <prefix>_accuracy}`, means over the prompts of fixed batches
+    (`eval_step(params, batch)` -> [loss_sum, accuracy_sum, weight])."""
+    batches = [sharding.global_batch(b, batch_sharding)
+               for b in eval_batches(comparisons, batch_size, num_batches, extra)]
 
     def evaluate(params):
         totals = np.zeros(3)
@@ -214,11 +220,11 @@ def run(config, workdir: str):
         batch_sharding = sharding.batch_sharding(mesh, rules)
         loss_fn = functools.partial(reward_loss, model=model, margin=config.reward.margin)
         step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings,
-                                 batch_sharding, mesh)
+                                   batch_sharding, mesh)
 
         def batch_fn(step):
             ids = pipeline.global_row_ids(data.train.num_prompts, step, batch_size, config.seed,
-                                          jax.process_index(), jax.process_count())
+                                            jax.process_index(), jax.process_count())
             return sharding.global_batch(data.train.take(ids), batch_sharding)
 
         compiled = step_fn.lower(state, batch_fn(int(state.step))).compile()
@@ -235,20 +241,12 @@ def run(config, workdir: str):
         on_train = make_eval_fn(eval_step, train_subset, batch_size, 0, batch_sharding, "eval_train")
         evaluate = lambda params: {**heldout(params), **on_train(params)}
         keep_best = sft.best_keeper(workdir, "eval_accuracy", "max")
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
-        try:
-            if int(state.step) == 0:
-                record = evaluate(state.params)
-                writer.write(0, record)
-                keep_best(0, state, record)
-            state = train_loop(state, step_fn=compiled, batch_fn=batch_fn, eval_fn=evaluate, train_cfg=config.train,
-                               ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info}, writer=writer,
-                               tokens_per_step=tokens_per_step,
-                               flops_per_step=run_info["flops_per_token"] * tokens_per_step,
-                               peak_flops=run_info["peak_flops_per_device"] * jax.device_count(),
-                               after_eval=keep_best)
-        finally:
-            writer.close()
+        state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
+                                 step_fn=compiled, batch_fn=batch_fn, train_cfg=config.train,
+                                 ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},
+                                 tokens_per_step=tokens_per_step,
+                                 flops_per_step=run_info["flops_per_token"] * tokens_per_step,
+                                 peak_flops=run_info["peak_flops_per_device"] * jax.device_count())
 
         best_dir = os.path.join(workdir, "best")
         best_params = checkpoint.restore_params(best_dir, checkpoint.abstract_like(state.params, state_shardings.params))
@@ -284,7 +282,7 @@ def restore_reward_model(workdir: str):
     rules = sharding.axis_rules(config.axis_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
-                                                  jnp.zeros((1,), jnp.int32))["params"])
+                                                    jnp.zeros((1,), jnp.int32))["params"])
         abstract = checkpoint.abstract_like(sharding.unboxed(boxed), sharding.tree_shardings(boxed, mesh, rules))
         params = checkpoint.restore_params(os.path.join(workdir, "best"), abstract)
     return model, params, norm, config

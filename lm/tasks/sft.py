@@ -19,7 +19,7 @@ from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
-from lm.loop import train_loop
+from lm.loop import train_with_evals
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.tasks import pretrain
@@ -46,8 +46,8 @@ def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max
 
     def evaluate(params):
         outs = sampling.generate({"params": params}, model_cfg, prompts, max_new_tokens=max_new_tokens,
-                                 rng=jax.random.PRNGKey(0), temperature=0.0, eos_id=tokenizer.eos_id,
-                                 pad_id=tokenizer.pad_id)
+                                   rng=jax.random.PRNGKey(0), temperature=0.0, eos_id=tokenizer.eos_id,
+                                   pad_id=tokenizer.pad_id)
         answers = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outs]
         grades = graded_tasks.grade_batch(examples, answers)
         record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
@@ -81,7 +81,7 @@ def frozen_base(config, abstract, init_params, mesh, rules, lora_cfg):
             jax.random.PRNGKey(config.seed))
     else:
         base = checkpoint.restore_params(config.init_from,
-                                         checkpoint.abstract_like(sharding.unboxed(abstract), shardings))
+                                           checkpoint.abstract_like(sharding.unboxed(abstract), shardings))
     return lora.stored_base(base, config.lora)
 
 
@@ -113,9 +113,10 @@ def run(config, workdir: str):
     model_cfg = pretrain.model_config(config, tok.vocab_size)
     pretrain.check_model_layout(model_cfg, mesh)
     model = Transformer(model_cfg)
-    schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
-    tx = make_optimizer(config.optimizer, schedule)
     lora_cfg = lora.from_config(config.lora)
+    peak_lr = config.lora.lr if lora_cfg.rank and config.lora.lr else config.optimizer.lr
+    schedule = learning_rate_schedule(config.schedule, peak_lr, config.train.steps)
+    tx = make_optimizer(config.optimizer, schedule)
     throughput = pretrain.throughput_info(config, model_cfg, mesh)  # measures the peak: outside the mesh
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -127,7 +128,7 @@ def run(config, workdir: str):
             abstract = jax.eval_shape(init_params, jax.random.PRNGKey(config.seed))
             frozen = frozen_base(config, abstract, init_params, mesh, rules, lora_cfg)
             state, state_shardings = init_state(lambda r: lora.init_adapters(r, abstract, lora_cfg), tx,
-                                                config.seed, mesh, rules)
+                                                  config.seed, mesh, rules)
         frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
         plain_params = jax.jit(lambda p, f: p if f is None else lora.merge(f, p, lora_cfg))
 
@@ -155,45 +156,36 @@ def run(config, workdir: str):
         batch_sharding = sharding.batch_sharding(mesh, rules)
         loss_fn = functools.partial(sft_loss, model=model, lora_cfg=lora_cfg, z_loss=config.train.z_loss)
         step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings,
-                                 batch_sharding, mesh, frozen_shardings)
+                                   batch_sharding, mesh, frozen_shardings)
 
         def batch_fn(step):
             rows = pipeline.batch_at_step(data.train, step, batch_size, config.seed, jax.process_index(),
-                                          jax.process_count())
+                                            jax.process_count())
             return sharding.global_batch(rows, batch_sharding)
 
         extra = () if frozen is None else (frozen,)
         compiled = step_fn.lower(state, batch_fn(int(state.step)), *extra).compile()
         eval_step = jax.jit(functools.partial(pretrain.eval_sums, model=model))
         eval_loss = pretrain.make_eval_fn(eval_step, data.eval, batch_size, config.train.eval_batches,
-                                          tok.token_bytes(), batch_sharding)
+                                            tok.token_bytes(), batch_sharding)
         graded = [ex for ex in data.eval_examples if ex.get("task") in graded_tasks.TASKS]
         grade = None
         if graded:
             grade = grader_eval_fn(model_cfg, tok, config.template, graded[:config.sft.eval_prompts],
-                                   config.sft.max_new_tokens)
+                                     config.sft.max_new_tokens)
 
         def evaluate(params):
             params = plain_params(params, frozen)
             return {**eval_loss(params), **(grade(params) if grade else {})}
 
         keep_best = best_keeper(workdir, *(("eval_grader_score", "max") if grade else ("eval_loss", "min")),
-                                to_plain=lambda p: plain_params(p, frozen))
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
-        try:
-            if int(state.step) == 0:  # the starting point, before any update
-                record = evaluate(state.params)
-                writer.write(0, record)
-                keep_best(0, state, record)
-            state = train_loop(state, step_fn=lambda s, b: compiled(s, b, *extra), batch_fn=batch_fn,
-                               eval_fn=evaluate,
-                               train_cfg=config.train, ckpt_mngr=mngr,
-                               meta={"config": config.to_dict(), "run": run_info}, writer=writer,
-                               tokens_per_step=batch_size * seq_len,
-                               flops_per_step=run_info["flops_per_token"] * batch_size * seq_len,
-                               peak_flops=run_info["peak_flops_per_device"] * jax.device_count(),
-                               after_eval=keep_best)
-        finally:
-            writer.close()
+                                  to_plain=lambda p: plain_params(p, frozen))
+        state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
+                                 step_fn=lambda s, b: compiled(s, b, *extra), batch_fn=batch_fn,
+                                 train_cfg=config.train, ckpt_mngr=mngr,
+                                 meta={"config": config.to_dict(), "run": run_info},
+                                 tokens_per_step=batch_size * seq_len,
+                                 flops_per_step=run_info["flops_per_token"] * batch_size * seq_len,
+                                 peak_flops=run_info["peak_flops_per_device"] * jax.device_count())
     return state
 
