@@ -1,7 +1,8 @@
 """The runner: `python -m experiments.run --config configs/<file>.py[:arg] [--config.key=value] --workdir DIR`.
 
 Loads the config (keys locked: a mistyped override is an error), validates it once, and dispatches
-on `config.task`. User mistakes print one line and exit 2; bugs keep their tracebacks.
+on `config.task`. User mistakes print one line and exit 2; bugs keep their tracebacks; a run
+stopped by SIGTERM checkpoints and exits 75.
 """
 import copy
 import os
@@ -12,7 +13,9 @@ from ml_collections import config_flags
 
 from experiments import sweep
 from lm import flops
-from lm.errors import ConfigError, UserError
+from lm.errors import ConfigError, Preempted, UserError
+
+EX_TEMPFAIL = 75  # sysexits.h: a preempted run; launchers requeue it
 
 FLAGS = flags.FlagValues()
 config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", flag_values=FLAGS,
@@ -197,6 +200,10 @@ def main(argv) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted at step {e.step}; checkpoint saved, resume by running the same command",
+              file=sys.stderr)
+        return EX_TEMPFAIL
     return 0
 
 

@@ -5,6 +5,8 @@ killed mid-save leaves the previous checkpoints intact; the manager keeps the la
 """
 import json
 import os
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,23 +32,63 @@ def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
     mngr.wait_until_finished()
 
 
+# What orbax and tensorstore raise for a checkpoint they cannot read or fit into the target: a
+# truncated or missing array file (a bare Exception whose cause is a ValueError), a cut
+# _METADATA or _sharding (JSONDecodeError, ValueError), a missing metadata file
+# (FileNotFoundError), a missing item (KeyError), a shape or tree mismatch (ValueError, KeyError).
+_READ_ERRORS = (ValueError, KeyError, OSError)
+
+
+def _read_error(error: Exception) -> Exception | None:
+    """The read error behind `error` (itself or its cause), or None when it is something else."""
+    for e in (error, error.__cause__):
+        if isinstance(e, _READ_ERRORS):
+            return e
+    return None
+
+
+def _restore_step(mngr: ocp.CheckpointManager, abstract_state, step: int):
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+    return mngr.restore(step, args=args).state
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
-    """Restores the state at `step` (default: the latest) into the shardings of `abstract_state`.
+    """Restores the state at `step` (default: the newest readable) into the shardings of `abstract_state`.
+
+    Without `step`, checkpoints are tried newest first: unreadable ones (truncated or missing
+    files, e.g. from a full disk) are moved aside to `<step>.unreadable-<ns>` (training saves those
+    steps again; a read that failed for a passing reason loses nothing), with one warning line on
+    stderr. None readable (or none fitting this config) is a CheckpointError.
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct` with `.sharding` set (the target layout).
     Returns:
       (step, state), or (None, None) when there is no checkpoint.
     """
-    step = mngr.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
         return None, None
-    try:
-        restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {mngr.directory}/{step} does not match this config: "
-                              f"{str(e).splitlines()[0]}") from None
-    return step, restored.state
+    bad = []
+    for candidate in steps:
+        try:
+            state = _restore_step(mngr, abstract_state, candidate)
+        except Exception as e:
+            cause = _read_error(e)
+            if cause is None:
+                raise
+            bad.append((candidate, (str(cause).splitlines() or [type(cause).__name__])[0]))
+            continue
+        if bad:
+            names = ", ".join(str(s) for s, _ in bad)
+            print(f"warning: checkpoint {names} in {mngr.directory} unreadable ({bad[0][1][:200]}); "
+                  f"moved aside, resuming from step {candidate}", file=sys.stderr)
+            for s, _ in bad:
+                path = os.path.join(os.fspath(mngr.directory), str(s))
+                os.replace(path, f"{path}.unreadable-{time.time_ns()}")
+            mngr.reload()
+        return candidate, state
+    raise CheckpointError(f"no readable checkpoint in {mngr.directory} that matches this config "
+                          f"(step {bad[0][0]}: {bad[0][1][:300]})")
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:

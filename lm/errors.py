@@ -1,6 +1,7 @@
 """User-facing errors: caught at the CLI edge and printed as one line with exit code 2.
 
-Bugs are not wrapped in these: they keep their tracebacks.
+Bugs are not wrapped in these: they keep their tracebacks. `Preempted` is no error of the user's:
+the CLI turns it into exit code 75.
 """
 
 
@@ -18,3 +19,12 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not match the config."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after checkpointing `step`; not a UserError: the CLI exits 75
+    (EX_TEMPFAIL) so that launchers requeue the run, which then resumes."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}")
+        self.step = step

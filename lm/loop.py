@@ -1,16 +1,20 @@
 """The one training loop every task shares: prefetch, step, log, evaluate, checkpoint.
 
 The host never waits on the device except at log, eval and checkpoint steps: batches are built
-ahead in a thread, and metrics stay on the device until a log step fetches them.
+ahead in a thread, and metrics stay on the device until a log step fetches them. SIGTERM (what
+SLURM and cloud preemption send) ends the run after the current step with a checkpoint there.
 """
 import queue
+import signal
 import threading
 import time
 from typing import Callable
 
 import jax
+import numpy as np
 
 from lm import checkpoint, metrics as metrics_lib
+from lm.errors import Preempted
 
 
 class Prefetcher:
@@ -38,6 +42,45 @@ class Prefetcher:
         return batch
 
 
+class PreemptionFlag:
+    """While entered, SIGTERM sets a flag instead of killing the process; `stop_at(step)` says
+    whether training should stop after `step`.
+
+    With one process that is a look at a Python bool, every step. With several, all must stop at
+    the same step (each saves its shards of one checkpoint), so the flags are OR-ed across
+    processes with one small allgather every `sync_every` steps (the log steps, where the host
+    waits on the device anyway): a preemption is then noticed within `sync_every` steps, which
+    must fit the launcher's grace period (SLURM's KillWait, 30 s by default).
+    """
+
+    def __init__(self, sync_every: int):
+        self.requested = False
+        self._sync_every = sync_every
+        self._installed = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python allows no handler elsewhere
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._installed:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def stop_at(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self._sync_every:
+            return False
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
 def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta: dict,
                writer: metrics_lib.MetricsWriter, tokens_per_step: int, flops_per_step: float,
                peak_flops: float, after_eval: Callable | None = None):
@@ -50,40 +93,49 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
       tokens_per_step, flops_per_step: for tokens/s and MFU (model FLOPs, PaLM convention).
       peak_flops: the FLOP/s of all devices together, for MFU.
       after_eval: `(step, state, record) -> None`, called after each eval (e.g. keep the best).
+    Raises:
+      Preempted: on SIGTERM, after saving a checkpoint at the step reached (see PreemptionFlag).
     """
-    start, total = int(state.step), int(train_cfg.steps)
-    batches = Prefetcher(batch_fn, start, total)
-    bar = metrics_lib.progress_bar(start, total)
-    clock, clock_step = time.perf_counter(), start
-    for step in range(start, total):
-        state, step_metrics = step_fn(state, batches.get(step))
-        done = step + 1
-        last = done == total
-        record = {}
-        if done == 1 or done % train_cfg.log_every == 0 or last:  # step 1 shows the initial loss
-            record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-            seconds = time.perf_counter() - clock
-            record["tokens_seen"] = done * tokens_per_step
-            record["tokens_per_sec"] = tokens_per_step * (done - clock_step) / seconds
-            record["mfu"] = flops_per_step * (done - clock_step) / seconds / peak_flops
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                            refresh=False)
-        paused = False
-        if eval_fn is not None and ((train_cfg.eval_every and done % train_cfg.eval_every == 0) or last):
-            record.update(eval_fn(state.params))
-            if after_eval is not None:
-                after_eval(done, state, record)
-            paused = True
-        if record:
-            writer.write(done, record)
-        if done % train_cfg.checkpoint_every == 0 or last:
-            checkpoint.save(ckpt_mngr, done, state, meta)
-            paused = True
-        if record or paused:  # throughput counts only time spent stepping
-            clock, clock_step = time.perf_counter(), done
-        bar.update(1)
-    bar.close()
-    return state
+    with PreemptionFlag(train_cfg.log_every) as preemption:
+        start, total = int(state.step), int(train_cfg.steps)
+        batches = Prefetcher(batch_fn, start, total)
+        bar = metrics_lib.progress_bar(start, total)
+        clock, clock_step = time.perf_counter(), start
+        for step in range(start, total):
+            state, step_metrics = step_fn(state, batches.get(step))
+            done = step + 1
+            last = done == total
+            record = {}
+            if done == 1 or done % train_cfg.log_every == 0 or last:  # step 1 shows the initial loss
+                record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                seconds = time.perf_counter() - clock
+                record["tokens_seen"] = done * tokens_per_step
+                record["tokens_per_sec"] = tokens_per_step * (done - clock_step) / seconds
+                record["mfu"] = flops_per_step * (done - clock_step) / seconds / peak_flops
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
+                                refresh=False)
+            paused = False
+            if eval_fn is not None and ((train_cfg.eval_every and done % train_cfg.eval_every == 0) or last):
+                record.update(eval_fn(state.params))
+                if after_eval is not None:
+                    after_eval(done, state, record)
+                paused = True
+            if record:
+                writer.write(done, record)
+            saved = done % train_cfg.checkpoint_every == 0 or last
+            if saved:
+                checkpoint.save(ckpt_mngr, done, state, meta)
+                paused = True
+            if record or paused:  # throughput counts only time spent stepping
+                clock, clock_step = time.perf_counter(), done
+            bar.update(1)
+            if not last and preemption.stop_at(done):
+                if not saved:
+                    checkpoint.save(ckpt_mngr, done, state, meta)
+                bar.close()
+                raise Preempted(done)
+        bar.close()
+        return state
 
 
 def train_with_evals(state, *, workdir: str, eval_fn, after_eval: Callable, **loop_args):
