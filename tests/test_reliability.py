@@ -93,6 +93,7 @@ def test_sigterm_saves_exits_75_and_resumes_bit_identical(straight, tmp_path):
     assert [r["loss"] for r in logged(workdir)] == [r["loss"] for r in logged(straight)]
 
 
+@pytest.mark.slow
 def test_unreadable_latest_checkpoint_falls_back_to_previous(straight, tmp_path):
     workdir = str(tmp_path / "damaged")
     shutil.copytree(straight, workdir)

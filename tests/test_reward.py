@@ -22,12 +22,18 @@ HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh_rlhf_harmless_base_test
 CFG = ModelConfig(vocab_size=264, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_seq_len=64)
 
 
+def random_params(module, *args):
+    """Parameters shaped as `module.init(rng, *args)`'s, drawn by numpy (Flax's init compiles slowly)."""
+    shapes = sharding.unboxed(jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"])
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype), shapes)
+
+
 def test_reward_model_scores_the_last_valid_token():
     model = RewardModel(CFG)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 250, (2, 16)), jnp.int32)
     last = jnp.array([5, 9], jnp.int32)
-    params = sharding.unboxed(model.init(jax.random.PRNGKey(0), tokens, last)["params"])
-    lm_params = sharding.unboxed(Transformer(CFG).init(jax.random.PRNGKey(1), tokens)["params"])
+    params, lm_params = random_params(model, tokens, last), random_params(Transformer(CFG), tokens)
     assert set(params) == {"lm", "head"}
     assert jax.tree.structure(params["lm"]) == jax.tree.structure(lm_params)  # an LM checkpoint drops in
     apply = jax.jit(lambda p, t: model.apply({"params": p}, t, last))
@@ -97,19 +103,25 @@ def test_hh_real_file_counts(tmp_path):
     assert kept + skipped == data.info["hh"]["num_preference_pairs"] == 2303 and kept > 1500
 
 
-def run(*args, timeout=600):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+# The SFT run the reward model starts from is not under test: one device compiles faster.
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                                                os.environ.get("XLA_FLAGS", ""))}
 
 
 @pytest.fixture(scope="module")
 def sft_checkpoint(tmp_path_factory):
     """A smoke SFT run's last checkpoint: 40 steps, enough for some answers to earn partial credit."""
     pre, sft = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("sft")
-    result = run("-m", "experiments.run", "--config=configs/pretrain/tiny.py:smoke", f"--workdir={pre}")
+    result = run("-m", "experiments.run", "--config=configs/pretrain/tiny.py:smoke", f"--workdir={pre}",
+                 env=ONE_DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     result = run("-m", "experiments.run", "--config=configs/sft/tasks_tiny.py:smoke", f"--workdir={sft}",
-                 f"--config.init_from={pre}", "--config.optimizer.lr=3e-3", "--config.data.skip_bad_records=True",
-                 "--config.train.steps=40", "--config.train.eval_every=40", "--config.train.checkpoint_every=40")
+                 f"--config.init_from={pre}", "--config.optimizer.lr=3e-3", "--config.train.steps=40",
+                 "--config.train.eval_every=40", "--config.train.checkpoint_every=40", env=ONE_DEVICE)
     assert result.returncode == 0, result.stderr[-2000:]
     return str(sft / "checkpoints" / "40")
 

@@ -80,6 +80,7 @@ def test_win_rate_counts_ties_as_half_and_brackets_its_interval():
     assert evaluation.best_of_n_kl(1) == 0.0 and evaluation.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
     """pretrain -> SFT -> reward -> PPO, DPO, best-of-n on smoke configs, then the report; a second
     run skips every stage and writes the same report."""

@@ -33,7 +33,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 100
     if a.smoke:  # from a tasks_tiny.py:smoke SFT run: bytes, 64 positions, add and reverse
         c.data.tasks, c.train.seq_len = 'add,reverse', 64
-        c.reward.max_new_tokens, c.reward.sample_batch = 8, 96
+        c.reward.max_new_tokens, c.reward.sample_batch = 8, 288  # all 4 x 72 rows in one call
         c.reward.num_prompts, c.reward.num_eval_prompts = 48, 24  # a barely trained policy: few untied pairs
         c.train.steps, c.train.eval_every, c.train.checkpoint_every = 6, 3, 3
         c.train.global_batch_size, c.train.log_every = 8, 2

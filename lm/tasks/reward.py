@@ -83,7 +83,7 @@ def fingerprint(config, policy_path: str) -> str:
                        "seed": config.seed}, sort_keys=True)
 
 
-def build_comparisons(config, tok, model_cfg, policy_params, sft_data_cfg: dict) -> preferences.PreferenceData:
+def prepare_comparisons(config, tok, model_cfg, policy_params, sft_data_cfg: dict) -> preferences.PreferenceData:
     """The comparisons of config.data.source, label noise applied to the train split.
 
     policy_params: `() -> params` of the SFT policy (called only to sample graded-task responses).
@@ -193,7 +193,7 @@ def run(config, workdir: str):
         key = fingerprint(config, policy_path)
         data = preferences.load(data_path, key)
         if data is None:
-            data = build_comparisons(config, tok, model_cfg, policy, saved.get("data", {}))
+            data = prepare_comparisons(config, tok, model_cfg, policy, saved.get("data", {}))
             if is_main:
                 preferences.save(data_path, data, key)
         k = data.train.tokens.shape[1]
