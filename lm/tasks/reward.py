@@ -91,10 +91,10 @@ def prepare_comparisons(config, tok, model_cfg, policy_params, sft_data_cfg: dic
     r, seq_len = config.reward, config.train.seq_len
     if config.data.source == "hh":
         data = preferences.hh_comparisons(config.data, config.template, tok, seq_len,
-                                            (r.num_prompts, r.num_eval_prompts))
+                                          (r.num_prompts, r.num_eval_prompts))
     else:
         data = preferences.policy_comparisons(policy_params(), model_cfg, tok, config.template, config.data, r,
-                                                sft_data_cfg, seq_len, config.seed)
+                                              sft_data_cfg, seq_len, config.seed)
     data.train.ranks = preferences.reverse_rankings(data.train.ranks, data.train.mask, r.label_noise, config.seed)
     data.info["label_noise"] = r.label_noise
     return data
