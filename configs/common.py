@@ -32,6 +32,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.rope_theta = 10000.0
     c.model.norm_eps = 1e-5
     c.model.remat = 'none'         # none | full | dots: activation recomputation per block
+    c.model.attention = 'xla'      # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
 
     c.precision = ml_collections.ConfigDict()
     c.precision.param_dtype = 'float32'
@@ -61,6 +62,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 16.0
     c.lora.dropout = 0.0
     c.lora.targets = ('query', 'key', 'value', 'out')  # also: wi, wi_gate, wi_up, wo (MLP)
+    c.lora.modules_to_save = ()       # trained in full beside the adapters: token_embed, pos_embed, ln_final, lm_head
     c.lora.quantize = ''              # '' | 'nf4'
     c.lora.double_quant = False       # NF4: 8-bit block scales with a float32 scale per 256 blocks
     c.lora.lr = 0.0                   # > 0: the peak learning rate when rank > 0 (adapters take larger steps)

@@ -163,6 +163,23 @@ def causal_attention(q, k, v, mask, block: int = 64):
     return _blocked_attention(q, k, v, mask, [(s, e, e) for s, e in zip(range(0, seq, block), ends)])
 
 
+def fused_attention(q, k, v, mask, implementation: str = 'cudnn'):
+    """cuDNN's fused (flash) attention: no [seq, seq] score matrix in memory. NVIDIA GPUs only.
+
+    The mask reaches cuDNN as an additive bias (exact packed-document semantics); the causal
+    flag lets it skip the key blocks above the diagonal.
+
+    Args:
+      q: [batch, seq, heads, head_dim], already scaled; k, v: [batch, seq, kv_heads, head_dim].
+      mask: [batch, seq, seq] bool, causal (combined with anything else).
+      implementation: 'cudnn', or 'xla' (any backend: the same call, for tests on CPU).
+    Returns:
+      [batch, seq, heads, head_dim].
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0, is_causal=True,
+                                        implementation=implementation)
+
+
 def write_cache(buffer, new, index, axis: int = 1):
     """Writes `new` into `buffer` at slots index..index+len along `axis` (the sequence axis)."""
     start = tuple(index if i == axis else 0 for i in range(buffer.ndim))

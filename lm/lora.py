@@ -11,6 +11,12 @@ Adapters mirror the Linear paths of the parameters, e.g.
 `{'layers_0': {'attn': {'query': {'a': [d_model, r], 'b': [r, heads, head_dim]}}}}`.
 A keeps the kernel's input axes and B its output axes, with their logical names, so adapters
 shard by the same axis rules as the model; the rank axis is never sharded.
+
+`modules_to_save` (PEFT's name) lists top-level modules outside the blocks ('token_embed',
+'pos_embed', 'ln_final', 'lm_head') trained in full beside the adapters: their trained copy sits
+in the same tree at its own key and replaces the frozen one. A model pretrained on other text
+needs this to move its (tied) token embeddings towards the new data's tokens, which no adapter
+inside the blocks can do.
 """
 import dataclasses
 import math
@@ -30,15 +36,19 @@ COLLECTION = 'lora'
 # Leading kernel axes that are the layer's input, by Linear name (`lm.model`): the attention
 # output projection's kernel is [heads, head_dim, d_model]; every other one has one input axis.
 INPUT_AXES = {'query': 1, 'key': 1, 'value': 1, 'out': 2, 'wi': 1, 'wi_gate': 1, 'wi_up': 1, 'wo': 1}
+# Top-level modules of `lm.model.Transformer` outside the blocks, which can be trained in full.
+SAVABLE_MODULES = ('token_embed', 'pos_embed', 'ln_final', 'lm_head')
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """rank 0 turns LoRA off (full fine-tuning); `targets` are Linear names from INPUT_AXES."""
+    """rank 0 turns LoRA off (full fine-tuning); `targets` are Linear names from INPUT_AXES;
+    `modules_to_save` are names from SAVABLE_MODULES trained in full."""
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple = ('query', 'key', 'value', 'out')
+    modules_to_save: tuple = ()
 
     def __post_init__(self):
         if self.rank < 0:
@@ -48,6 +58,9 @@ class LoraConfig:
         unknown = sorted(set(self.targets) - set(INPUT_AXES))
         if unknown:
             raise ConfigError(f'lora targets has {unknown}, not among {sorted(INPUT_AXES)}')
+        unknown = sorted(set(self.modules_to_save) - set(SAVABLE_MODULES))
+        if unknown:
+            raise ConfigError(f'lora modules_to_save has {unknown}, not among {list(SAVABLE_MODULES)}')
 
     @property
     def scale(self) -> float:
@@ -68,19 +81,21 @@ def _kernel_info(leaf) -> tuple[tuple, Any]:
 
 
 def init_adapters(rng: jax.Array, base_params, lora_cfg: LoraConfig):
-    """Adapters for every targeted Linear kernel of `base_params`; {} when rank is 0.
+    """The trainable tree: adapters for every targeted Linear kernel of `base_params`, and the
+    base's own `modules_to_save`; {} when rank is 0.
 
     A [*in_shape, r] is normal with std 1 / sqrt(prod(in_shape)) and B [r, *out_shape] is zero,
     so the adapted model starts equal to the base. Adapters are float32. When the base kernels are
     `nn.LogicallyPartitioned` (from `model.init` or `jax.eval_shape` of it), A and B are too, with
     names (*kernel input names, None) and (None, *kernel output names); plain kernels (arrays,
-    abstract arrays or NF4Tensors) give plain adapters.
+    abstract arrays or NF4Tensors) give plain adapters. A saved module is `base_params[name]`
+    itself, or zeros of its shape when the base is abstract (`copy_saved_modules` fills it in).
 
     Args:
       rng: a PRNG key.
       base_params: the model's params (nested dict), boxed or not.
     Returns:
-      {path...: {'a': A, 'b': B}} nested like `base_params`.
+      {path...: {'a': A, 'b': B}} nested like `base_params`, plus {name: module params}.
     """
     if lora_cfg.rank == 0:
         return {}
@@ -96,7 +111,25 @@ def init_adapters(rng: jax.Array, base_params, lora_cfg: LoraConfig):
             a = nn.LogicallyPartitioned(a, tuple(names[:k]) + (None,))
             b = nn.LogicallyPartitioned(b, (None,) + tuple(names[k:]))
         out[path + ('a',)], out[path + ('b',)] = a, b
-    return traverse_util.unflatten_dict(out)
+    missing = [name for name in lora_cfg.modules_to_save if name not in base_params]
+    if missing:
+        raise ConfigError(f'config.lora.modules_to_save names {missing}: the model has no such module '
+                          f'(it has {sorted(k for k in base_params if k in SAVABLE_MODULES)})')
+    placeholder = lambda x: jnp.zeros(x.shape, x.dtype) if isinstance(x, jax.ShapeDtypeStruct) else x
+    saved = {name: jax.tree.map(placeholder, base_params[name]) for name in lora_cfg.modules_to_save}
+    return {**traverse_util.unflatten_dict(out), **saved}
+
+
+def copy_saved_modules(trainable, base_params, lora_cfg: LoraConfig):
+    """`trainable` with its saved modules set to the base's values (the start of a LoRA run)."""
+    return {**trainable, **{name: base_params[name] for name in lora_cfg.modules_to_save}}
+
+
+def split_trainable(trainable, lora_cfg: LoraConfig) -> tuple:
+    """(adapters, saved modules) of a trainable tree from `init_adapters`."""
+    saved = set(lora_cfg.modules_to_save)
+    return ({k: v for k, v in trainable.items() if k not in saved},
+            {k: v for k, v in trainable.items() if k in saved})
 
 
 def trainable_count(adapters) -> int:
@@ -165,14 +198,16 @@ def apply(model: nn.Module, base_params, adapters, lora_cfg: LoraConfig, tokens:
     Args:
       model: an `lm.model.Transformer` (any module built from `lm.model.Linear`).
       base_params: frozen params (unboxed); Linear kernels may be `NF4Tensor`s.
-      adapters: from `init_adapters` (unboxed).
+      adapters: the trainable tree from `init_adapters` (unboxed); its saved modules replace
+        the base's.
       tokens: [batch, seq] int32.
       rng: the dropout key, needed when deterministic=False.
       kwargs: the rest of the model's call (positions, segment_ids, cache).
     Returns:
       whatever the model returns: logits [batch, seq, vocab] float32 (and a cache if given one).
     """
-    variables = {'params': base_params, COLLECTION: adapters}
+    adapters, saved = split_trainable(adapters, lora_cfg)
+    variables = {'params': {**base_params, **saved}, COLLECTION: adapters}
     rngs = None if deterministic else {'dropout': rng}
     with adapted(lora_cfg, deterministic):
         return model.apply(variables, tokens, deterministic=deterministic, rngs=rngs, **kwargs)
@@ -184,7 +219,8 @@ def merge(base_params, adapters, lora_cfg: LoraConfig):
     What an exporter saves as an ordinary checkpoint: `model.apply({'params': merge(...)}, ...)`
     equals `apply(model, base_params, adapters, ...)`. Kernels keep their shape and dtype.
     """
-    flat = traverse_util.flatten_dict(base_params)
+    adapters, saved = split_trainable(adapters, lora_cfg)
+    flat = traverse_util.flatten_dict({**base_params, **saved})
     flat = {p: dequantize(v) if isinstance(v, NF4Tensor) else v for p, v in flat.items()}
     pieces = traverse_util.flatten_dict(adapters)
     for layer in {path[:-1] for path in pieces}:
@@ -204,7 +240,8 @@ def from_config(lora_section) -> LoraConfig:
     if lora_section.quantize and not lora_section.rank:
         raise ConfigError("config.lora.quantize='nf4' needs config.lora.rank > 0 (QLoRA trains adapters only)")
     return LoraConfig(rank=lora_section.rank, alpha=lora_section.alpha, dropout=lora_section.dropout,
-                      targets=tuple(lora_section.targets))
+                      targets=tuple(lora_section.targets),
+                      modules_to_save=tuple(lora_section.get('modules_to_save', ())))
 
 
 def stored_base(base_params, lora_section):

@@ -48,6 +48,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     remat: str = 'none'         # none | full | dots: jax.checkpoint policy per block
+    attention: str = 'xla'      # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
     dtype: str = 'float32'      # compute dtype
     param_dtype: str = 'float32'
 
@@ -63,6 +64,7 @@ class ModelConfig:
                           f'must divide d_model={self.d_model} (or set head_dim)')
         for key, allowed in (('positions', ('learned', 'rotary')), ('norm', ('layernorm', 'rmsnorm')),
                              ('mlp', ('gelu', 'swiglu')), ('remat', ('none', 'full', 'dots')),
+                             ('attention', ('xla', 'cudnn')),
                              ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES))):
             self._require(getattr(self, key) in allowed, key, f'must be one of {", ".join(allowed)}')
         if self.positions == 'rotary':
@@ -177,6 +179,8 @@ class Attention(nn.Module):
         if cfg.positions == 'rotary':
             q = attention.rotary(q, positions, cfg.rope_theta)
             k = attention.rotary(k, positions, cfg.rope_theta)
+        if layer_cache is None and cfg.attention == 'cudnn':
+            return self._project_out(attention.fused_attention(q, k, v, mask), b, l), None
         k, v = attention.heads_first(k), attention.heads_first(v)      # [batch, kv_heads, seq, hd]
         if layer_cache is None:
             new_cache = None
@@ -186,9 +190,15 @@ class Attention(nn.Module):
             v = attention.write_cache(layer_cache['value'], v, cache_index, axis=2)
             new_cache = {'key': k, 'value': v}
             out = attention.dot_product_attention(q, k, v, mask)
+        return self._project_out(out, b, l), new_cache
+
+    def _project_out(self, out, b: int, l: int):
+        """[batch, seq, heads, head_dim] -> [batch, seq, d_model] through the 'out' projection."""
+        cfg = self.config
+        h, hd, d = cfg.num_heads, cfg.head_size, cfg.d_model
         out = Linear((h, hd), (d,), (HEADS, HEAD_DIM, EMBED), cfg, std=cfg.residual_std,
                      name='out')(out.reshape(b * l, h * hd))
-        return out.reshape(b, l, d), new_cache
+        return out.reshape(b, l, d)
 
 
 class Mlp(nn.Module):

@@ -195,6 +195,33 @@ def test_adapted_forward_equals_base_then_merged(style):
         np.testing.assert_array_equal(fn['lora'](params, {}, tokens), base)
 
 
+def test_modules_to_save_replace_the_base_and_merge():
+    """A saved module is a trained copy of the base's: it starts equal, its change shows in the
+    adapted forward and in the merged params, and the frozen base keeps the old values."""
+    model, abstract, params = setup('gpt2')
+    cfg = lora.LoraConfig(rank=4, targets=('query',), modules_to_save=('token_embed', 'ln_final'))
+    shapes = jax.eval_shape(lambda r: lora.init_adapters(r, abstract, cfg), jax.random.key(0))
+    assert set(shapes) == {'layers_0', 'layers_1', 'token_embed', 'ln_final'}
+    assert shapes['token_embed']['embedding'].names == abstract['token_embed']['embedding'].names
+    trainable = lora.copy_saved_modules(nn.unbox(lora.init_adapters(jax.random.key(0), abstract, cfg)),
+                                        params, cfg)
+    tokens = tokens_for()
+    forward = jax.jit(lambda p, a: lora.apply(model, p, a, cfg, tokens))
+    plain = jax.jit(lambda p: model.apply({'params': p}, tokens))
+    base = plain(params)
+    np.testing.assert_array_equal(forward(params, trainable), base)
+    trainable['token_embed'] = {'embedding': trainable['token_embed']['embedding'] * 1.5}
+    changed = forward(params, trainable)
+    assert rel(changed, base) > 0.1
+    merged = lora.merge(params, trainable, cfg)
+    assert rel(plain(merged), changed) < 1e-5
+    np.testing.assert_array_equal(merged['token_embed']['embedding'], params['token_embed']['embedding'] * 1.5)
+    with pytest.raises(ConfigError, match='modules_to_save'):
+        lora.LoraConfig(rank=4, modules_to_save=('layers_0',))
+    with pytest.raises(ConfigError, match='no such module'):
+        lora.init_adapters(jax.random.key(0), abstract, lora.LoraConfig(rank=4, modules_to_save=('lm_head',)))
+
+
 def test_single_linear_gradients_match_manual():
     layer = Linear((2, 3), (4,), ('heads', 'head_dim', 'embed'), ModelConfig(**SMALL))
     rng = np.random.default_rng(0)

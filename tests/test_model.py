@@ -218,16 +218,20 @@ def naive_attention(q, k, v, mask):
     return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(scores, axis=-1), v)
 
 
-@pytest.mark.parametrize('blocked', [False, True])
-def test_attention_gradients_match_autodiff_of_a_naive_reference(blocked):
+@pytest.mark.parametrize('kind', ['full', 'blocked', 'fused'])
+def test_attention_gradients_match_autodiff_of_a_naive_reference(kind):
+    """'fused' is the cuDNN path's call made with XLA's implementation: same layout, mask, scale."""
     b, seq, h, kvh, d = 2, 150, 4, 2, 8
     q, k, v, g = (jax.random.normal(key, (b, seq, n, d))
                   for key, n in zip(jax.random.split(jax.random.key(0), 4), (h, kvh, kvh, h)))
     segments = jnp.array([[1] * 70 + [2] * 80, [1] * 100 + [0] * 50])
     slots = jnp.broadcast_to(jnp.arange(seq), (b, seq))
     mask = attention.causal_segment_mask(segments, segments, slots, jnp.arange(seq))
-    f = attention.causal_attention if blocked else attention.dot_product_attention
-    fn = lambda q, k, v, mask: f(q, attention.heads_first(k), attention.heads_first(v), mask)
+    if kind == 'fused':
+        fn = functools.partial(attention.fused_attention, implementation='xla')
+    else:
+        f = attention.causal_attention if kind == 'blocked' else attention.dot_product_attention
+        fn = lambda q, k, v, mask: f(q, attention.heads_first(k), attention.heads_first(v), mask)
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, mask) * g)
     np.testing.assert_allclose(jax.jit(fn)(q, k, v, mask), naive_attention(q, k, v, mask), atol=1e-5)
     got = jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)

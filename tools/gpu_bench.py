@@ -16,7 +16,9 @@ import sys
 import tempfile
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense bfloat16 (H100 SXM data sheet)
-RUNS = (("125m", 1024), ("125m", 2048), ("350m", 1024), ("350m", 2048))
+# (size, seq, attention): cuDNN's fused attention throughout, and XLA's at the bar's config for contrast.
+RUNS = (("350m", 2048, "cudnn"), ("350m", 2048, "xla"), ("125m", 1024, "cudnn"), ("125m", 2048, "cudnn"),
+        ("350m", 1024, "cudnn"))
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain",
                       "gpt_bench.py")
 COLUMNS = (("tokens_per_sec", "tokens/s", 1.0), ("mfu", "MFU (measured roof)", 1.0),
@@ -29,8 +31,8 @@ def commands(json_path: str, smoke: bool) -> list:
     bench = [sys.executable, "-m", "tools.bench"]
     n, timing = (["--matmul_n", "256"], ["--steps", "2", "--repeats", "2"]) if smoke else (["--matmul_n", "8192"], [])
     out = [bench + ["matmul", "--dtype", "bfloat16", *n, "--json", json_path]]
-    for size, seq in RUNS:
-        arg = f"size={size},seq={seq}" + (",smoke" if smoke else "")
+    for size, seq, attention in RUNS:
+        arg = f"size={size},seq={seq},attention={attention}" + (",smoke" if smoke else "")
         out.append(bench + ["train", "--config", f"{CONFIG}:{arg}", "--torch", "none", *n, *timing,
                             "--nominal_peak", f"{H100_BF16_PEAK:g}", "--json", json_path])
     return out
@@ -53,13 +55,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="bfloat16 roof and ~125M / ~350M train-step MFU on one GPU.")
     p.add_argument("--json", default=None, help="append the bench's JSON figures to this file")
     p.add_argument("--smoke", action="store_true", help="the smoke variants on any machine (a CPU check)")
+    p.add_argument("--timeout", type=float, default=240, help="seconds allowed to each bench process")
     args = p.parse_args(argv)
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "figures.jsonl")
         for cmd in commands(path, args.smoke):
             print("$ python " + " ".join(cmd[1:]), flush=True)
-            failed += subprocess.run(cmd).returncode != 0
+            try:
+                failed += subprocess.run(cmd, timeout=args.timeout).returncode != 0
+            except subprocess.TimeoutExpired:
+                print(f"timed out after {args.timeout} s", flush=True)
+                failed += 1
         records = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
     if args.json:
         with open(args.json, "a") as f:

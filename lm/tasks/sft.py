@@ -148,7 +148,9 @@ def run(config, workdir: str):
         if restored is not None:
             state = restored
             print(f"resumed from step {step}")
-        elif lora_cfg.rank == 0 and not config.sft.reinit:
+        elif lora_cfg.rank:
+            state = state.replace(params=lora.copy_saved_modules(state.params, frozen, lora_cfg))
+        elif not config.sft.reinit:
             params = checkpoint.restore_params(
                 config.init_from, checkpoint.abstract_like(state.params, state_shardings.params))
             opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
