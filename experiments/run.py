@@ -1,7 +1,7 @@
 """The runner: `python -m experiments.run --config configs/<file>.py[:arg] [--config.key=value] --workdir DIR`.
 
-Loads the config (keys locked: a mistyped override is an error), validates it once, and dispatches
-on `config.task`. User mistakes print one line and exit 2; bugs keep their tracebacks; a run
+Loads the config (keys locked: a mistyped override is an error), validates it once, joins the other
+processes when there are several (`lm.distributed`), and dispatches on `config.task`. User mistakes print one line and exit 2; bugs keep their tracebacks; a run
 stopped by SIGTERM checkpoints and exits 75.
 """
 import copy
@@ -12,7 +12,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import sweep
-from lm import flops
+from lm import distributed, flops
 from lm.errors import ConfigError, Preempted, UserError
 
 EX_TEMPFAIL = 75  # sysexits.h: a preempted run; launchers requeue it
@@ -28,6 +28,12 @@ flags.DEFINE_string("launcher", "local", "Sweeps: local | slurm | submitit-local
 flags.DEFINE_string("slurm_partition", None, "Sweeps on SLURM: the partition.", flag_values=FLAGS)
 flags.DEFINE_integer("slurm_timeout_min", 240, "Sweeps on SLURM: each member's time limit.", flag_values=FLAGS)
 flags.DEFINE_integer("slurm_gpus_per_node", 0, "Sweeps on SLURM: GPUs per member.", flag_values=FLAGS)
+flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0 (default: "
+                    "$JAX_COORDINATOR_ADDRESS, or a cluster manager's).", flag_values=FLAGS)
+flags.DEFINE_integer("num_processes", None, "Several processes: how many (default: $JAX_NUM_PROCESSES).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("process_id", None, "Several processes: this one's index (default: $JAX_PROCESS_ID).",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("slurm_cpus_per_task", 0, "Sweeps on SLURM: CPUs per member (0: the cluster's default).",
                      flag_values=FLAGS)
 
@@ -196,6 +202,7 @@ def main(argv) -> int:
             sweep.apply_overrides(config, member.overrides, f"sweep member {member.name}")
         validate(config)
         workdir = prepare_workdir(workdir)
+        distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         TASKS[config.task](config, workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,74 @@
+"""Several real processes (`tools.launch_local`, gloo collectives) train like one process with the
+same devices: equal losses step by step, and checkpoints one process restores."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm import distributed, saved_model
+from lm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESHES = {"data": ["--config.mesh.data=-1"], "fsdp": ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]}
+
+
+def run_command(workdir, mesh: str) -> list:
+    return [sys.executable, "-m", "experiments.run", "--config", "configs/pretrain/tiny.py:smoke",
+            "--workdir", str(workdir), "--config.train.steps=10", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=10", "--config.train.num_samples=0", *MESHES[mesh]]
+
+
+def losses(workdir) -> list:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def run(cmd, env_devices: int | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    if env_devices:
+        flags.append(f"--xla_force_host_platform_device_count={env_devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("mesh", ["data", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_two_processes_equal_one(tmp_path, mesh):
+    one = run(run_command(tmp_path / "one", mesh), env_devices=8)
+    assert one.returncode == 0, one.stderr[-2000:]
+    launcher = [sys.executable, "-m", "tools.launch_local", "--num_processes", "2", "--devices_per_process", "4",
+                "--"]
+    two = run(launcher + run_command(tmp_path / "two", mesh), env_devices=None)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    config = json.load(open(tmp_path / "two" / "config.json"))
+    assert config["run"]["num_processes"] == 2
+    a, b = np.array(losses(tmp_path / "one")), np.array(losses(tmp_path / "two"))
+    assert len(a) == len(b) == 10
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    # The 2-process checkpoint restores here, in one process, to the 1-process run's parameters
+    # (atol for values near zero, e.g. biases of order 1e-7, where summation order shows).
+    p1 = saved_model.load(str(tmp_path / "one"), "latest").params
+    p2 = saved_model.load(str(tmp_path / "two"), "latest").params
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+
+
+def test_partial_coordinator_flags_are_a_config_error(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="go together"):
+        distributed.initialize("127.0.0.1:1234", None, None)
+    with pytest.raises(ConfigError, match="process_id"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="JAX_NUM_PROCESSES"):
+        distributed.initialize()
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    assert distributed.initialize() is False  # one process: nothing to join
