@@ -145,6 +145,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 20     # 0: the whole held-out split
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
+    c.train.on_nonfinite = 'stop'  # a step with a non-finite loss or gradient norm: stop | skip (its update)
+    c.train.inject_nan_at_step = -1  # fault injection for tests: this step's gradients are NaN
     c.train.peak_flops = 0.0      # FLOP/s per device for MFU; 0: measured by a matmul probe
     c.train.num_samples = 3       # samples printed and saved at the end
     c.train.sample_tokens = 64

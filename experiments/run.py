@@ -94,6 +94,8 @@ def validate(config) -> None:
         raise ConfigError(f"config.scaling.budget={config.scaling.budget} must be >= 0 (0: train.steps as set)")
     if not 0 <= config.schedule.warmup_fraction < 1:
         raise ConfigError(f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)")
+    if t.on_nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
     if t.global_batch_size % t.grad_accum:
         raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"config.train.grad_accum={t.grad_accum}")

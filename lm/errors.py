@@ -21,6 +21,10 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not match the config."""
 
 
+class Diverged(UserError):
+    """A step's loss or gradient norm was not finite under config.train.on_nonfinite='stop'."""
+
+
 class Preempted(Exception):
     """Training stopped on SIGTERM after checkpointing `step`; not a UserError: the CLI exits 75
     (EX_TEMPFAIL) so that launchers requeue the run, which then resumes."""

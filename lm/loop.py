@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from lm import checkpoint, metrics as metrics_lib
-from lm.errors import Preempted
+from lm.errors import Diverged, Preempted
 
 
 class Prefetcher:
@@ -81,6 +81,35 @@ class PreemptionFlag:
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
+def _skipped(state) -> int | None:
+    """The state's count of dropped non-finite steps (a host sync), or None for states without one."""
+    count = getattr(state, "skipped_steps", None)
+    return None if count is None else int(jax.device_get(count))
+
+
+class NonFiniteGuard:
+    """Applies config.train.on_nonfinite to the step's `skipped_steps` count, read where the host
+    reads the device anyway (log and checkpoint steps): 'stop' raises Diverged before anything is
+    saved from past the bad step; 'skip' lets the run go on and reports the count at the end."""
+
+    def __init__(self, policy: str, start_count: int | None):
+        self.policy, self.start = policy, start_count
+        self.last_saved = None
+
+    def check(self, step: int, count) -> None:
+        if self.start is None or count is None or count <= self.start or self.policy != "stop":
+            return
+        kept = f"the checkpoint of step {self.last_saved} is kept" if self.last_saved else "no checkpoint was written"
+        raise Diverged(f"non-finite loss or gradient norm at or before step {step} ({int(count - self.start)} "
+                       f"step(s); their updates were not applied); {kept}; "
+                       f"config.train.on_nonfinite='skip' drops such steps and goes on")
+
+    def summary(self, count) -> str | None:
+        if self.start is None or count is None or count <= self.start:
+            return None
+        return f"skipped {int(count - self.start)} step(s) with a non-finite loss or gradient norm"
+
+
 def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta: dict,
                writer: metrics_lib.MetricsWriter, tokens_per_step: int, flops_per_step: float,
                peak_flops: float, after_eval: Callable | None = None):
@@ -95,11 +124,14 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
       after_eval: `(step, state, record) -> None`, called after each eval (e.g. keep the best).
     Raises:
       Preempted: on SIGTERM, after saving a checkpoint at the step reached (see PreemptionFlag).
+      Diverged: a non-finite step under train_cfg.on_nonfinite == 'stop' (see NonFiniteGuard).
     """
-    with PreemptionFlag(train_cfg.log_every) as preemption:
-        start, total = int(state.step), int(train_cfg.steps)
+    guard = NonFiniteGuard(train_cfg.on_nonfinite, _skipped(state))
+    start, total = int(state.step), int(train_cfg.steps)
+    guard.last_saved = start or None  # a resumed run starts from its checkpoint
+    # The bar closes on any exit, so an error line never shares its line.
+    with PreemptionFlag(train_cfg.log_every) as preemption, metrics_lib.progress_bar(start, total) as bar:
         batches = Prefetcher(batch_fn, start, total)
-        bar = metrics_lib.progress_bar(start, total)
         clock, clock_step = time.perf_counter(), start
         for step in range(start, total):
             state, step_metrics = step_fn(state, batches.get(step))
@@ -122,20 +154,25 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
                 paused = True
             if record:
                 writer.write(done, record)
+                guard.check(done, record.get("skipped_steps"))
             saved = done % train_cfg.checkpoint_every == 0 or last
             if saved:
+                guard.check(done, _skipped(state))
                 checkpoint.save(ckpt_mngr, done, state, meta)
+                guard.last_saved = done
                 paused = True
             if record or paused:  # throughput counts only time spent stepping
                 clock, clock_step = time.perf_counter(), done
             bar.update(1)
             if not last and preemption.stop_at(done):
                 if not saved:
+                    guard.check(done, _skipped(state))
                     checkpoint.save(ckpt_mngr, done, state, meta)
-                bar.close()
                 raise Preempted(done)
-        bar.close()
-        return state
+    note = guard.summary(_skipped(state))
+    if note and jax.process_index() == 0:
+        print(note)
+    return state
 
 
 def train_with_evals(state, *, workdir: str, eval_fn, after_eval: Callable, **loop_args):

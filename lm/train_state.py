@@ -3,7 +3,9 @@
 Every task supplies a `loss_fn(params, batch, rng) -> (loss_sum, aux)` where `aux` holds
 `weight` (the number of tokens or examples the sum is over) and any other sums to report; the step
 here turns it into one exact mean gradient over the whole global batch, accumulated over
-microbatches with a `lax.scan` when `grad_accum > 1`.
+microbatches with a `lax.scan` when `grad_accum > 1`. A step whose loss or gradient norm is not
+finite changes nothing but the step counter and `skipped_steps`: no non-finite value ever enters
+the parameters, the optimizer state or a checkpoint, and the host needs no sync to ensure it.
 """
 import functools
 from typing import Any, Callable
@@ -19,11 +21,13 @@ from lm import sharding
 
 @flax.struct.dataclass
 class TrainState:
-    """What a checkpoint holds: step (int32 scalar), params, opt_state, rng (base PRNG key)."""
+    """What a checkpoint holds: step (int32 scalar), params, opt_state, rng (base PRNG key), and
+    skipped_steps (int32 scalar: steps whose update was dropped for a non-finite loss or gradient)."""
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    skipped_steps: jax.Array
 
 
 def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules):
@@ -39,7 +43,7 @@ def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: in
         init_rng, train_rng = jax.random.split(rng)
         params = init_params(init_rng)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=train_rng)
+                          opt_state=tx.init(params), rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32))
 
     rng = jax.random.PRNGKey(seed)
     shardings = sharding.tree_shardings(jax.eval_shape(boxed_state, rng), mesh, rules)
@@ -58,7 +62,8 @@ def _microbatches(batch, grad_accum: int):
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, grad_accum: int = 1):
+def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, grad_accum: int = 1,
+               nan_at_step: int = -1):
     """One optimizer update on the global batch. Pure: `(state, batch[, frozen]) -> (state, metrics)`.
 
     Args:
@@ -66,9 +71,11 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, 
       frozen: parameters the loss reads but nothing updates (a LoRA base), or None.
       loss_fn: `(params, batch, rng) -> (loss_sum, aux)`, aux a dict with `weight` and other sums;
         with `frozen`, called as `loss_fn(params, batch, rng, frozen=frozen)`.
+      nan_at_step: a fault-injection hook for tests: the gradients of this step are NaN.
     Returns:
-      the new state and a flat dict of scalar metrics (loss, grad_norm, learning_rate, and each aux
-      sum divided by the total weight).
+      the new state and a flat dict of scalar metrics (loss, grad_norm, learning_rate,
+      skipped_steps so far, and each aux sum divided by the total weight). A non-finite step keeps
+      the old params and opt_state.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     if frozen is not None:
@@ -87,20 +94,28 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, 
         (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, xs)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
+    if nan_at_step >= 0:
+        grads = jax.tree.map(lambda g: jnp.where(state.step == nan_at_step, jnp.nan, g), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     metrics = {k: v / weight for k, v in aux.items() if k != "weight"}
-    metrics.update(loss=loss_sum / weight, grad_norm=optax.tree.norm(grads),
-                   learning_rate=schedule(state.step))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics.update(loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   skipped_steps=skipped)
+    new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
+                              opt_state=keep_if_finite(opt_state, state.opt_state), skipped_steps=skipped)
     return new_state, metrics
 
 
 def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh,
-                   frozen_shardings=None):
+                   frozen_shardings=None, nan_at_step: int = -1):
     """`train_step` jitted once with explicit shardings and the state donated; with
     `frozen_shardings`, the step takes the frozen parameters as a third argument."""
-    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum)
+    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum,
+                             nan_at_step=nan_at_step)
     in_shardings = (state_shardings, batch_sharding)
     if frozen_shardings is not None:
         in_shardings += (frozen_shardings,)

@@ -132,3 +132,29 @@ def test_preemption_flag_catches_sigterm_and_restores_the_handler():
         time.sleep(0.01)  # Python runs the handler between bytecodes
         assert preemption.stop_at(2)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_nonfinite_step_skipped_under_skip_policy(tmp_path):
+    workdir = str(tmp_path / "skip")
+    done = run_to_end(command(workdir, "--config.train.steps=8", "--config.train.inject_nan_at_step=4",
+                              "--config.train.on_nonfinite=skip", "--config.train.checkpoint_every=4"))
+    records = logged(workdir)
+    assert [r["skipped_steps"] for r in records if r["step"] in (4, 5, 8)] == [0, 1, 1]
+    assert [r["grad_norm"] for r in records if r["step"] == 5] == ["nan"]  # step index 4 is the 5th
+    assert "skipped 1 step(s) with a non-finite loss or gradient norm" in done.stdout
+    for leaf in jax.tree.leaves(params_at(workdir, 8)):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_nonfinite_step_stops_under_stop_policy_keeping_the_last_good_checkpoint(tmp_path):
+    workdir = str(tmp_path / "stop")
+    done = subprocess.run(command(workdir, "--config.train.steps=12", "--config.train.inject_nan_at_step=4",
+                                  "--config.train.checkpoint_every=3", "--config.train.log_every=4"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "non-finite" in error[0] and "step 3 is kept" in error[0], done.stderr[-1000:]
+    assert checkpoint_steps(workdir) == [3]  # the step-6 save came after the bad step: refused
+    for leaf in jax.tree.leaves(params_at(workdir, 3)):
+        assert np.all(np.isfinite(leaf))

@@ -177,7 +177,7 @@ def run(config, workdir: str):
         batch_sharding = sharding.batch_sharding(mesh, rules)
         loss_fn = functools.partial(lm_loss, model=model, z_loss=config.train.z_loss)
         step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings,
-                                 batch_sharding, mesh)
+                                 batch_sharding, mesh, nan_at_step=config.train.inject_nan_at_step)
 
         def batch_fn(step):
             rows = pipeline.batch_at_step(data.train, step, batch_size, config.seed,
