@@ -47,6 +47,42 @@ def _read_error(error: Exception) -> Exception | None:
     return None
 
 
+def _path_name(path) -> str:
+    """A pytree key path as 'a/b/0/c', the same for a dataclass or namedtuple and the dicts orbax saves."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
+def _shapes(tree) -> dict:
+    """{path name: shape} of a pytree of arrays, abstract arrays or orbax ArrayMetadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_name(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+
+
+def saved_shapes(state_dir: str) -> dict:
+    """{path name: shape} of the arrays saved in a checkpoint's `state` item (from its metadata)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        metadata = ckptr.metadata(state_dir).item_metadata
+    return _shapes(metadata.tree if hasattr(metadata, "tree") else metadata)
+
+
+def mismatch(saved: dict, wanted: dict) -> str | None:
+    """The first difference between saved and wanted {path: shape}, parameters first, or None."""
+    for path in sorted(set(saved) | set(wanted), key=lambda p: (not p.startswith("params"), p)):
+        if path not in saved:
+            return f"{path} is not in the checkpoint"
+        if path not in wanted:
+            return f"the checkpoint has {path}, which this config's state has not"
+        if saved[path] != wanted[path]:
+            return f"{path} has shape {saved[path]} in the checkpoint, {wanted[path]} in this config"
+    return None
+
+
 def _restore_step(mngr: ocp.CheckpointManager, abstract_state, step: int):
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     return mngr.restore(step, args=args).state
@@ -58,7 +94,9 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     Without `step`, checkpoints are tried newest first: unreadable ones (truncated or missing
     files, e.g. from a full disk) are moved aside to `<step>.unreadable-<ns>` (training saves those
     steps again; a read that failed for a passing reason loses nothing), with one warning line on
-    stderr. None readable (or none fitting this config) is a CheckpointError.
+    stderr. None readable is a CheckpointError. A readable checkpoint whose arrays differ from this
+    config's (another model size, another state layout) is a CheckpointError naming the first
+    differing parameter, and nothing is moved.
 
     Args:
       abstract_state: a pytree of `jax.ShapeDtypeStruct` with `.sharding` set (the target layout).
@@ -69,7 +107,17 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     if not steps:
         return None, None
     bad = []
+    wanted = _shapes(abstract_state)
     for candidate in steps:
+        try:
+            saved = saved_shapes(os.path.join(os.fspath(mngr.directory), str(candidate), "state"))
+        except Exception:
+            saved = None
+        # No readable array metadata: the restore below fails and says how.
+        different = bool(saved) and mismatch(saved, wanted)
+        if different:
+            raise CheckpointError(f"checkpoint {candidate} in {mngr.directory} does not fit this config: "
+                                  f"{different}")
         try:
             state = _restore_step(mngr, abstract_state, candidate)
         except Exception as e:

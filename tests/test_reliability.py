@@ -158,3 +158,17 @@ def test_nonfinite_step_stops_under_stop_policy_keeping_the_last_good_checkpoint
     assert checkpoint_steps(workdir) == [3]  # the step-6 save came after the bad step: refused
     for leaf in jax.tree.leaves(params_at(workdir, 3)):
         assert np.all(np.isfinite(leaf))
+
+
+def test_checkpoint_of_another_model_size_is_one_line_naming_the_parameter(straight, tmp_path):
+    workdir = str(tmp_path / "resized")
+    shutil.copytree(straight, workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    done = subprocess.run(command(workdir, "--config.model.d_ff=128"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, done.stderr[-1000:]
+    assert "does not fit this config" in error[0] and "params/layers_0/mlp/wi" in error[0], error[0]
+    assert "(256,) in the checkpoint, (128,) in this config" in error[0], error[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing moved aside
