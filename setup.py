@@ -26,7 +26,7 @@ setup(
         "threadpoolctl",
     ],
     extras_require={
-        "test": ["pytest>=7", "chex", "submitit"],  # the sweep tests run the SLURM path locally
+        "test": ["pytest>=7", "chex", "submitit", "hypothesis"],  # the sweep tests run the SLURM path locally
         "bench": ["torch==2.13.0"],
         "slurm": ["submitit"],
     },

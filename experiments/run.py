@@ -12,30 +12,38 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import sweep
-from lm import distributed, flops
+from lm import distributed, flops, lora
+from lm.tasks.pretrain import model_config
 from lm.errors import ConfigError, Preempted, UserError
 
 EX_TEMPFAIL = 75  # sysexits.h: a preempted run; launchers requeue it
 
-FLAGS = flags.FlagValues()
-config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", flag_values=FLAGS,
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", flag_values=FLAGS)
-flags.DEFINE_string("member", None, "Run only this member of the config's sweep (the sweep runner sets it).",
-                    flag_values=FLAGS)
-flags.DEFINE_integer("parallel", 1, "Sweeps: members run at once.", flag_values=FLAGS)
-flags.DEFINE_string("launcher", "local", "Sweeps: local | slurm | submitit-local.", flag_values=FLAGS)
-flags.DEFINE_string("slurm_partition", None, "Sweeps on SLURM: the partition.", flag_values=FLAGS)
-flags.DEFINE_integer("slurm_timeout_min", 240, "Sweeps on SLURM: each member's time limit.", flag_values=FLAGS)
-flags.DEFINE_integer("slurm_gpus_per_node", 0, "Sweeps on SLURM: GPUs per member.", flag_values=FLAGS)
-flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0 (default: "
-                    "$JAX_COORDINATOR_ADDRESS, or a cluster manager's).", flag_values=FLAGS)
-flags.DEFINE_integer("num_processes", None, "Several processes: how many (default: $JAX_NUM_PROCESSES).",
-                     flag_values=FLAGS)
-flags.DEFINE_integer("process_id", None, "Several processes: this one's index (default: $JAX_PROCESS_ID).",
-                     flag_values=FLAGS)
-flags.DEFINE_integer("slurm_cpus_per_task", 0, "Sweeps on SLURM: CPUs per member (0: the cluster's default).",
-                     flag_values=FLAGS)
+def define_flags() -> flags.FlagValues:
+    """A fresh set of the runner's flags: each `main(argv)` parses into its own, so the runner can
+    be called in-process again and again (config_flags defines one flag per override it meets)."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", flag_values=fv,
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", flag_values=fv)
+    flags.DEFINE_string("member", None, "Run only this member of the config's sweep (the sweep runner sets it).",
+                        flag_values=fv)
+    flags.DEFINE_integer("parallel", 1, "Sweeps: members run at once.", flag_values=fv)
+    flags.DEFINE_string("launcher", "local", "Sweeps: local | slurm | submitit-local.", flag_values=fv)
+    flags.DEFINE_string("slurm_partition", None, "Sweeps on SLURM: the partition.", flag_values=fv)
+    flags.DEFINE_integer("slurm_timeout_min", 240, "Sweeps on SLURM: each member's time limit.", flag_values=fv)
+    flags.DEFINE_integer("slurm_gpus_per_node", 0, "Sweeps on SLURM: GPUs per member.", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0 (default: "
+                        "$JAX_COORDINATOR_ADDRESS, or a cluster manager's).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Several processes: how many (default: $JAX_NUM_PROCESSES).",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "Several processes: this one's index (default: $JAX_PROCESS_ID).",
+                         flag_values=fv)
+    flags.DEFINE_integer("slurm_cpus_per_task", 0, "Sweeps on SLURM: CPUs per member (0: the cluster's default).",
+                         flag_values=fv)
+    return fv
+
+
+FLAGS = define_flags()
 
 
 def _pretrain(config, workdir):
@@ -94,6 +102,8 @@ def validate(config) -> None:
         raise ConfigError(f"config.scaling.budget={config.scaling.budget} must be >= 0 (0: train.steps as set)")
     if not 0 <= config.schedule.warmup_fraction < 1:
         raise ConfigError(f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)")
+    model_config(config, vocab_size=1)  # the model's and LoRA's own checks, before any data is prepared
+    lora.from_config(config.lora)
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
     if t.global_batch_size % t.grad_accum:
@@ -146,6 +156,9 @@ def parse_flags(argv):
         raise ConfigError("--config and --workdir are required")
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
+    global FLAGS
+    FLAGS = define_flags()
+    saved_argv, sys.argv = sys.argv, list(argv)  # config_flags finds the override flags in sys.argv
     try:
         FLAGS(argv)
     except flags.Error as e:
@@ -154,6 +167,8 @@ def parse_flags(argv):
         raise ConfigError(f"{lines[0]}{cause}") from None
     except (AttributeError, KeyError):  # config_flags' way of saying an override names no key
         raise ConfigError(_unknown_override(argv, FLAGS["config"].value)) from None
+    finally:
+        sys.argv = saved_argv
     return FLAGS.config, FLAGS.workdir
 
 

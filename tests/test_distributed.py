@@ -19,7 +19,8 @@ MESHES = {"data": ["--config.mesh.data=-1"], "fsdp": ["--config.mesh.data=1", "-
 def run_command(workdir, mesh: str) -> list:
     return [sys.executable, "-m", "experiments.run", "--config", "configs/pretrain/tiny.py:smoke",
             "--workdir", str(workdir), "--config.train.steps=10", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=10", "--config.train.num_samples=0", *MESHES[mesh]]
+            "--config.train.checkpoint_every=10", "--config.train.num_samples=0",
+            "--config.model.vocab_size=264", *MESHES[mesh]]  # 264: divisible by tensor=2 (bytes: 259)
 
 
 def losses(workdir) -> list:
@@ -55,6 +56,13 @@ def test_two_processes_equal_one(tmp_path, mesh):
     p2 = saved_model.load(str(tmp_path / "two"), "latest").params
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    if mesh == "fsdp":  # the whole train state resumes on another topology: 1 process, data=2 x tensor=2
+        resumed = run(run_command(tmp_path / "two", mesh)[:-len(MESHES[mesh])] +
+                      ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.train.steps=12"], env_devices=4)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "resumed from step 10" in resumed.stdout
+        after = losses(tmp_path / "two")
+        assert len(after) == 12 and all(np.isfinite(after[10:]))
 
 
 def test_partial_coordinator_flags_are_a_config_error(monkeypatch):

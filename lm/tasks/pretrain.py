@@ -145,10 +145,10 @@ def run(config, workdir: str):
     check_batch_layout(config.train, mesh)
     data = pipeline.prepare_data(config.data, config.tokenizer, config.train.seq_len)
     tok = data.tokenizer
-    if jax.process_index() == 0:
-        tok.save(os.path.join(workdir, "tokenizer"))
     model_cfg = model_config(config, tok.vocab_size)
     check_model_layout(model_cfg, mesh)
+    if jax.process_index() == 0:
+        tok.save(os.path.join(workdir, "tokenizer"))
     model = Transformer(model_cfg)
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     if config.scaling.budget > 0:
