@@ -29,6 +29,7 @@ def book(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow  # about 3 minutes: a whole book through text_files (../shared/checks/foundation runs it too)
 def test_text_files_book_trains(tmp_path):
     """Tiny Shakespeare through text_files with the tiny config, 80 steps.
 
