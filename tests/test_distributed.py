@@ -2,8 +2,10 @@
 same devices: equal losses step by step, and checkpoints one process restores."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -80,3 +82,29 @@ def test_partial_coordinator_flags_are_a_config_error(monkeypatch):
     monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
     assert distributed.initialize() is False  # one process: nothing to join
+
+
+@pytest.mark.slow
+def test_sigterm_to_two_processes_saves_one_checkpoint_at_an_agreed_step(tmp_path):
+    """SIGTERM to the launcher reaches both processes; they agree on the step (at a log step), both
+    write their shards of one checkpoint, exit 75, and a relaunch finishes the run."""
+    workdir = tmp_path / "two"
+    cmd = [sys.executable, "-m", "tools.launch_local", "--num_processes", "2", "--devices_per_process", "4", "--",
+           *run_command(workdir, "data")]
+    cmd = [a for a in cmd if not a.startswith(("--config.train.steps=", "--config.train.checkpoint_every="))]
+    cmd += ["--config.train.steps=400", "--config.train.checkpoint_every=1000", "--config.train.log_every=5"]
+    env = dict(os.environ, XLA_FLAGS="")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(1)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    steps = [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
+    assert len(steps) == 1 and steps[0] % 5 == 0 and 0 < steps[0] < 400, (steps, out[-2000:])
+    cmd = [a for a in cmd if a != "--config.train.steps=400"] + [f"--config.train.steps={steps[0] + 5}"]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert f"resumed from step {steps[0]}" in done.stdout
