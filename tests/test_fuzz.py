@@ -36,7 +36,8 @@ def bad_configs(draw):
     """(failure kind, --config.* overrides, a string the error line must contain)."""
     kind = draw(st.sampled_from(["not positive", "not an int", "bad enum", "unknown key", "seq > max_seq_len",
                                  "warmup outside [0, 1)", "batch % grad_accum", "negative budget",
-                                 "heads do not divide width", "missing config file", "init_from missing"]))
+                                 "heads do not divide width", "missing config file", "init_from missing",
+                                 "vocab smaller than the tokenizer's"]))
     if kind == "not positive":
         key = draw(st.sampled_from(POSITIVE_KEYS))
         return case(kind, [f"--config.{key}={draw(st.integers(-10**6, 0))}"], key)
@@ -64,6 +65,8 @@ def bad_configs(draw):
     if kind == "heads do not divide width":
         heads = draw(st.sampled_from([3, 5, 7, 9, 11]))
         return case(kind, [f"--config.model.num_heads={heads}"], "num_heads")
+    if kind == "vocab smaller than the tokenizer's":  # the smoke tokenizer has 259 byte ids
+        return case(kind, [f"--config.model.vocab_size={draw(st.integers(1, 258))}"], "vocab_size")
     if kind == "missing config file":
         return case(kind, [f"--config=configs/{draw(identifier)}.py"], ".py")
     return case(kind, ["--config=configs/sft/tasks_tiny.py", f"--config.init_from=/nonexistent/{draw(identifier)}"],
@@ -155,10 +158,10 @@ def test_malformed_data_files_exit_2_with_one_line(tmp_path, bad):
 
 
 def test_fuzzing_covered_every_failure_kind():
-    """Runs after the two above (file order): 11 config kinds + 4 data kinds = 15 distinct kinds."""
+    """Runs after the two above (file order): 12 config kinds + 4 data kinds = 16 distinct kinds."""
     if len(KINDS_SEEN) < 2:
         pytest.skip("runs after the fuzz tests in the same session")
-    assert len(KINDS_SEEN) >= 14, sorted(KINDS_SEEN)
+    assert len(KINDS_SEEN) >= 15, sorted(KINDS_SEEN)
 
 
 def test_a_bug_in_the_code_exits_1_with_its_traceback(tmp_path):
