@@ -67,6 +67,8 @@ def load(workdir: str, which: str = "auto") -> SavedModel:
     if which not in CHOICES:
         raise UserError(f"--checkpoint={which!r}: expected one of {CHOICES}")
     config, run = read_config(workdir)
+    if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        config.model.attention = "xla"  # the same model; cuDNN's kernel runs on NVIDIA GPUs only
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
     model_cfg = model_config(config, tokenizer.vocab_size)
     model = Transformer(model_cfg)

@@ -25,8 +25,9 @@ from lm.optim import learning_rate_schedule, make_optimizer
 from lm.tasks import pretrain
 from lm.train_state import init_state, jit_train_step
 
-# Model keys that must match the pretrained parameters; the rest (dropout, remat) are the SFT run's.
-RUN_ONLY_MODEL_KEYS = ("dropout", "remat")
+# Model keys that must match the pretrained parameters; the rest (dropout, remat, the attention
+# implementation) are the SFT run's.
+RUN_ONLY_MODEL_KEYS = ("dropout", "remat", "attention")
 
 
 def adopt_architecture(config, saved: dict) -> None:
