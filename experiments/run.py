@@ -1,8 +1,9 @@
 """The runner: `python -m experiments.run --config configs/<file>.py[:arg] [--config.key=value] --workdir DIR`.
 
 Loads the config (keys locked: a mistyped override is an error), validates it once, joins the other
-processes when there are several (`lm.distributed`), and dispatches on `config.task`. User mistakes print one line and exit 2; bugs keep their tracebacks; a run
-stopped by SIGTERM checkpoints and exits 75.
+processes when there are several (`lm.distributed`), and dispatches on `config.task`. User mistakes
+print one line and exit 2; bugs keep their tracebacks; a run stopped by SIGTERM checkpoints and
+exits 75.
 """
 import copy
 import os
@@ -13,10 +14,11 @@ from ml_collections import config_flags
 
 from experiments import sweep
 from lm import distributed, flops, lora
-from lm.tasks.pretrain import model_config
 from lm.errors import ConfigError, Preempted, UserError
+from lm.tasks.pretrain import model_config
 
 EX_TEMPFAIL = 75  # sysexits.h: a preempted run; launchers requeue it
+
 
 def define_flags() -> flags.FlagValues:
     """A fresh set of the runner's flags: each `main(argv)` parses into its own, so the runner can

@@ -111,9 +111,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     for candidate in steps:
         try:
             saved = saved_shapes(os.path.join(os.fspath(mngr.directory), str(candidate), "state"))
-        except Exception:
+        except Exception:  # no readable array metadata: the restore below fails and says how
             saved = None
-        # No readable array metadata: the restore below fails and says how.
         different = bool(saved) and mismatch(saved, wanted)
         if different:
             raise CheckpointError(f"checkpoint {candidate} in {mngr.directory} does not fit this config: "

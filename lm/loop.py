@@ -157,7 +157,8 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
                 guard.check(done, record.get("skipped_steps"))
             saved = done % train_cfg.checkpoint_every == 0 or last
             if saved:
-                guard.check(done, _skipped(state))
+                if "skipped_steps" not in record:  # a log step has just checked the same count
+                    guard.check(done, _skipped(state))
                 checkpoint.save(ckpt_mngr, done, state, meta)
                 guard.last_saved = done
                 paused = True

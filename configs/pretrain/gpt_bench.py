@@ -1,10 +1,10 @@
 """GPT-2 style models of the GPU benchmark (`python -m tools.gpu_bench`): ~125M or ~350M, context
 1024 or 2048, bfloat16 compute with float32 parameters.
 
-`get_config('size=125m|350m,seq=1024|2048,attention=cudnn|xla')`: 125m is GPT-2 small (12 layers, 12 heads, width 768),
-350m GPT-2 medium (24 layers, 16 heads, width 1024); d_ff = 4 x width, learned positions, biases,
-tied embeddings, vocab 50304 (GPT-2's 50257 padded to a multiple of 64, as nanoGPT does); 16,384
-tokens a step (batch 16 at 1024, 8 at 2048); attention through cuDNN's fused kernel unless
+`get_config('size=125m|350m,seq=1024|2048,attention=cudnn|xla')`: 125m is GPT-2 small (12 layers,
+12 heads, width 768), 350m GPT-2 medium (24 layers, 16 heads, width 1024); d_ff = 4 x width,
+learned positions, biases, tied embeddings, vocab 50304 (GPT-2's 50257 padded to a multiple of 64,
+as nanoGPT does); 16,384 tokens a step (batch 16 at 1024, 8 at 2048); attention through cuDNN's fused kernel unless
 `attention=xla`. Add `smoke` for a seconds-long CPU run of the same code (XLA attention).
 """
 from configs import common
