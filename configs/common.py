@@ -83,6 +83,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.reward.num_eval_prompts = 200   # held-out prompts (graded_tasks); hh: at most this many, 0 all
     c.reward.label_noise = 0.0        # probability that a train prompt's ranking is reversed
     c.reward.margin = 0.0             # subtracted from every score difference in the loss (Llama 2)
+    c.reward.likelihood_term = False  # add a learned multiple of the response's mean log-prob (model.RewardModel)
 
     # PPO (task 'ppo'): policy and reference from init_from (SFT), reward and value from reward_from.
     # Defaults follow lm-human-preferences and Huang et al. 2024 where a tiny model allows.

@@ -30,13 +30,11 @@ def encode_prompts(examples: list[dict], tokenizer, template_cfg) -> list[list[i
 
 def sample_responses(params, model_cfg, prompts: list[list[int]], *, max_new_tokens: int, rng, temperature: float,
                      eos_id: int, pad_id: int, batch: int = 256) -> list[list[int]]:
-    """[n] prompts -> [n] responses (token lists ending at EOS when there is one), `batch` at a time."""
-    out = []
-    for start in range(0, len(prompts), batch):
-        out += sampling.generate({"params": params}, model_cfg, prompts[start:start + batch],
-                                 max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, start),
-                                 temperature=temperature, eos_id=eos_id, pad_id=pad_id)
-    return out
+    """[n] prompts -> [n] responses (token lists ending at EOS when there is one), `batch` at a
+    time in order of length (`sampling.generate_sorted`)."""
+    return sampling.generate_sorted({"params": params}, model_cfg, prompts, max_batch=batch,
+                                    max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
+                                    eos_id=eos_id, pad_id=pad_id)
 
 
 def decode(tokenizer, responses: list[list[int]]) -> list[str]:
@@ -103,7 +101,8 @@ def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int
     """For each prompt, the index of the candidate response the reward model scores highest.
 
     Args:
-      score_fn: `(tokens [b, seq], last_index [b]) -> [b]` scores of right-padded sequences.
+      score_fn: `(tokens [b, seq], first_index [b], last_index [b]) -> [b]` scores of right-padded
+        sequences whose response spans columns first_index..last_index.
       prompts: [n] token lists; candidates: [n][k] response token lists.
     """
     sequences = [p + r for p, group in zip(prompts, candidates) for r in group]
@@ -111,6 +110,7 @@ def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int
     tokens = np.full((len(sequences), width), pad_id, np.int32)
     for i, s in enumerate(sequences):
         tokens[i, :len(s)] = s
-    scores = np.asarray(score_fn(tokens, np.array([len(s) - 1 for s in sequences], np.int32)))
+    first = [len(p) for p, group in zip(prompts, candidates) for _ in group]
+    scores = np.asarray(score_fn(tokens, np.array(first, np.int32), np.array([len(s) - 1 for s in sequences], np.int32)))
     k = len(candidates[0])
     return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()

@@ -255,7 +255,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, cache=None,
-                 return_hidden=False):
+                 return_hidden=False, last_logits_only=False, with_hidden=False):
         """Next-token logits; with a cache, also writes this call's keys and values into it.
 
         Args:
@@ -268,9 +268,13 @@ class Transformer(nn.Module):
             index, and attend to every earlier filled slot of their segment.
           return_hidden: return the final-normed hidden states instead of logits (no cache); an
             untied model then has no lm_head parameter.
+          last_logits_only: logits of the last column only (a sampler's prefill needs no more;
+            the vocabulary projection of every prompt position is a quarter of a tiny model's work).
+          with_hidden: return (logits, hidden states) (no cache).
         Returns:
-          logits [batch, seq, vocab] float32; with a cache, (logits, new_cache); with
-          return_hidden, hidden states [batch, seq, d_model] in the compute dtype.
+          logits [batch, seq, vocab] float32 ([batch, 1, vocab] with last_logits_only); with a
+          cache, (logits, new_cache); with return_hidden, hidden states [batch, seq, d_model] in
+          the compute dtype.
         """
         cfg = self.config
         b, l = tokens.shape
@@ -311,14 +315,19 @@ class Transformer(nn.Module):
             if cache is not None:
                 raise ValueError('return_hidden does not support a cache')
             return x
-        x = x.reshape(b * l, cfg.d_model)                              # [tokens, d_model]
+        hidden = x
+        if last_logits_only:
+            x = x[:, -1:]
+        x = x.reshape(-1, cfg.d_model)                                 # [tokens, d_model]
 
         if cfg.tie_embeddings:
             head = embed.embedding.T                                   # [d_model, vocab]
         else:
             head = LMHead(cfg, name='lm_head')()
         logits = jnp.dot(x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
-        logits = logits.reshape(b, l, cfg.vocab_size)                  # [batch, seq, vocab]
+        logits = logits.reshape(b, -1, cfg.vocab_size)                 # [batch, seq or 1, vocab]
+        if with_hidden:
+            return logits, hidden
         if cache is None:
             return logits
         return logits, {'index': start + l, 'segment_ids': key_segments, 'layers': tuple(new_layers)}
@@ -327,17 +336,28 @@ class Transformer(nn.Module):
 class RewardModel(nn.Module):
     """A scalar reward per sequence: the language model ('lm', a Transformer) read at each row's
     last valid token by a Dense(1) 'head'. Its params are {'lm': plain LM params, 'head': ...}, so a
-    language model's checkpoint drops in under 'lm' (an untied model's lm_head is not used). Read at
-    every position instead (`last_index=None`), the same network is PPO's value model."""
+    language model's checkpoint drops in under 'lm' (an untied model's lm_head is used only with
+    the likelihood term). Read at every position instead (`last_index=None`), the same network is
+    PPO's value model.
+
+    With `likelihood_term`, the score adds `likelihood_weight` (a learned scalar, starting at 1)
+    times the mean log-probability of the response tokens under the model's own language-model
+    head: the SFT policy's judgement of its samples, which the final-token head alone does not learn
+    to read (see docs/RLHF.md for the measured difference).
+    """
     config: ModelConfig
+    likelihood_term: bool = False
 
     @nn.compact
-    def __call__(self, tokens, last_index=None, *, positions=None, segment_ids=None, deterministic=True):
-        """Scores right-padded sequences, or every position of any layout.
+    def __call__(self, tokens, last_index=None, first_index=None, *, positions=None, segment_ids=None,
+                 deterministic=True):
+        """Scores sequences, or every position of any layout.
 
         Args:
           tokens: [batch, seq] int32; with last_index, row i is valid through column last_index[i].
           last_index: [batch] int32 column of each row's last valid token (its EOS), or None.
+          first_index: [batch] int32 column of each row's first response token; needed with
+            `likelihood_term` and last_index.
           positions, segment_ids: [batch, seq] int32 as for Transformer; with last_index, the
             segment ids default to 1 through last_index and 0 after.
           deterministic: False applies dropout (needs the 'dropout' rng).
@@ -345,18 +365,35 @@ class RewardModel(nn.Module):
           [batch] float32 scores at last_index; without it, [batch, seq] float32 per position.
         """
         cfg = self.config
-        l = tokens.shape[1]
+        b, l = tokens.shape
         if last_index is not None and segment_ids is None:
             segment_ids = (jnp.arange(l, dtype=jnp.int32)[None, :] <= last_index[:, None]).astype(jnp.int32)
-        hidden = Transformer(cfg, name='lm')(tokens, positions=positions, segment_ids=segment_ids,
-                                             deterministic=deterministic, return_hidden=True)  # [batch, seq, d_model]
+        lm = Transformer(cfg, name='lm')
+        kw = dict(positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+        with_likelihood = self.likelihood_term and last_index is not None
+        if with_likelihood:
+            logits, hidden = lm(tokens, with_hidden=True, **kw)         # [batch, seq, vocab], [batch, seq, d]
+        else:
+            hidden = lm(tokens, return_hidden=True, **kw)               # [batch, seq, d_model]
         # N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences: initial scores of about unit scale.
         head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=1 / math.sqrt(cfg.d_model + 1), name='head')
         if last_index is None:
-            b = tokens.shape[0]
             return head(hidden.reshape(b * l, cfg.d_model)).reshape(b, l).astype(jnp.float32)  # [batch, seq]
         last = jnp.take_along_axis(hidden, last_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        return head(last)[:, 0].astype(jnp.float32)                   # [batch]
+        score = head(last)[:, 0].astype(jnp.float32)                   # [batch]
+        if not with_likelihood:
+            return score
+        if first_index is None:
+            raise ValueError('a reward model with the likelihood term needs first_index')
+        logits = logits[:, :-1].astype(jnp.float32)                      # predicting columns 1..l-1
+        token_logp = (jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+                      - jax.nn.logsumexp(logits, axis=-1))               # [batch, seq - 1]
+        column = jnp.arange(1, l, dtype=jnp.int32)[None, :]
+        in_response = (column >= first_index[:, None]) & (column <= last_index[:, None])
+        mean_logp = jnp.sum(jnp.where(in_response, token_logp, 0.0), axis=1) / jnp.maximum(
+            jnp.sum(in_response, axis=1), 1)
+        weight = self.param('likelihood_weight', _constant(nn.initializers.ones, ()), (), cfg.params_dtype)
+        return score + weight.astype(jnp.float32) * mean_logp
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):

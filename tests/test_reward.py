@@ -47,12 +47,35 @@ def test_reward_model_scores_the_last_valid_token():
     assert score({**params, "lm": lm_params}, tokens).shape == (2,)
 
 
+def test_likelihood_term_adds_the_weighted_mean_response_logprob():
+    model, plain = RewardModel(CFG, likelihood_term=True), RewardModel(CFG)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(3, 250, (2, 16)), jnp.int32)
+    first, last = jnp.array([3, 6], jnp.int32), jnp.array([5, 12], jnp.int32)
+    params = random_params(model, tokens, last, first)
+    assert set(params) == {"lm", "head", "likelihood_weight"}
+    params = {**params, "likelihood_weight": jnp.float32(0.7)}
+    plain_params = {"lm": params["lm"], "head": params["head"]}
+    score = np.asarray(model.apply({"params": params}, tokens, last, first))
+    head_only = np.asarray(plain.apply({"params": plain_params}, tokens, last))
+    logits = Transformer(CFG).apply({"params": params["lm"]}, tokens)
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for row in range(2):
+        mean = np.mean([logp[row, t - 1, int(tokens[row, t])] for t in range(int(first[row]), int(last[row]) + 1)])
+        assert score[row] == pytest.approx(head_only[row] + 0.7 * mean, abs=1e-4)
+    # read at every position (PPO's value model) it is the head alone
+    np.testing.assert_allclose(model.apply({"params": params}, tokens), plain.apply({"params": plain_params}, tokens),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="first_index"):
+        model.apply({"params": params}, tokens, last)
+
+
 def test_comparisons_ranks_ties_and_label_noise():
     assert preferences.dense_ranks([0.5, 1.0, 0.5, 0.0]) == [1, 0, 1, 2]
     groups = [[[1, 5, 2], [1, 6, 6, 2], [1, 2]], [[1, 7, 2], [1, 8, 2]]]
-    c = preferences.build_comparisons(groups, [[1, 0, 1], [0, 0]], seq_len=6, pad_id=0)
+    c = preferences.build_comparisons(groups, [[1, 0, 1], [0, 0]], [1, 1], seq_len=6, pad_id=0)
     assert c.tokens.shape == (2, 3, 6) and c.tokens[0, 1].tolist() == [1, 6, 6, 2, 0, 0]
     assert c.last_index.tolist() == [[2, 3, 1], [2, 2, 0]]
+    assert c.first_index.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert c.mask.tolist() == [[True, True, True], [True, True, False]]
     assert preferences.pair_counts(c.ranks, c.mask).tolist() == [2, 0]  # ties form no pair
     kept = preferences.with_pairs(c)
@@ -143,7 +166,7 @@ def test_reward_run_evaluates_keeps_best_and_normalises(sft_checkpoint, tmp_path
     assert data.train.tokens.shape[1:] == (4, 64) and data.info["label_noise"] == 0.0
     score_fn, tok, template = reward.load_reward_model(str(workdir))
     assert template == {"user": "User: ", "assistant": "\nAssistant: "} and tok.vocab_size == 259
-    scores = np.asarray(score_fn(data.norm_tokens, data.norm_last_index))
+    scores = np.asarray(score_fn(data.norm_tokens, data.norm_first_index, data.norm_last_index))
     assert len(scores) == norm["num_responses"] == 4 * (48 + 24)  # every sample, tied prompts' too
     assert abs(scores.mean()) < 1e-3 and abs(scores.std() - 1) < 1e-3
 

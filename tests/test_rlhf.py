@@ -60,7 +60,7 @@ def test_dpo_loss_at_initialisation_is_log_two():
     params = _params(model, jnp.zeros((1, 8), jnp.int32))
     rng = np.random.default_rng(0)
     groups = [[[1, *rng.integers(3, 60, n), EOS] for n in (4, 7, 2)], [[1, 9, 9, EOS], [1, 8, EOS]]]
-    c = preferences.build_comparisons(groups, [[0, 1, 2], [1, 0]], seq_len=12, pad_id=PAD)
+    c = preferences.build_comparisons(groups, [[0, 1, 2], [1, 0]], [1, 1], seq_len=12, pad_id=PAD)
     ref = dpo.reference_logprobs(model, params, c, rows=4)
     assert ref.shape == (2, 3) and np.all(ref[c.mask] < 0)
     batch = {**c.take(np.arange(2)), "ref_logp": ref.astype(np.float32)}

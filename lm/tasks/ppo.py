@@ -82,9 +82,9 @@ def response_values(value_model, params, tokens, positions, segments, prompt_wid
 
 def final_scores(value_model, params, tokens, positions, segments, prompt_width: int, mask):
     """The reward model's score of each sequence, read at its last response token: [batch]."""
-    values = value_model.apply({"params": params}, tokens, positions=positions, segment_ids=segments)
     last = prompt_width - 1 + jnp.sum(mask, axis=1).astype(jnp.int32)  # column of the last valid token
-    return jnp.take_along_axis(values, last[:, None], axis=1)[:, 0]
+    first = jnp.full_like(last, prompt_width)                            # the first response column
+    return value_model.apply({"params": params}, tokens, last, first, positions=positions, segment_ids=segments)
 
 
 def rollout(params, frozen, batch, rng, kl_coef, *, model, value_model, cfg, settings, oracle):
@@ -253,7 +253,7 @@ def run(config, workdir: str):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         dummy = jnp.zeros((1, 8), jnp.int32)
         boxed = jax.eval_shape(lambda r: {"policy": model.init(r, dummy)["params"],
-                                          "value": value_model.init(r, dummy, dummy[:, 0])["params"]},
+                                          "value": value_model.init(r, dummy, dummy[:, 0], dummy[:, 0])["params"]},
                                jax.random.PRNGKey(0))
         shardings = sharding.tree_shardings(boxed, mesh, rules)
         # Placed from host copies: the state is donated each step, so the frozen models must not

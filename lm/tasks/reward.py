@@ -40,7 +40,7 @@ SOURCES = ("graded_tasks", "hh")
 DATA_FILE = "comparisons.npz"
 NORM_FILE = "reward_norm.json"
 # config.reward keys that do not change the comparisons (the rest name the cached data).
-TRAINING_ONLY_KEYS = ("margin",)
+TRAINING_ONLY_KEYS = ("margin", "likelihood_term")
 
 
 def check_config(config) -> None:
@@ -104,11 +104,12 @@ def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
     """The ranking loss of a batch of prompts: `(loss_sum, {"weight": prompts with a pair,
     "accuracy": per-prompt accuracy sum})`.
 
-    batch: tokens [b, K, seq], last_index [b, K], ranks [b, K], mask [b, K].
+    batch: tokens [b, K, seq], first_index, last_index, ranks, mask [b, K].
     """
     b, k, length = batch["tokens"].shape
     scores = model.apply({"params": params}, batch["tokens"].reshape(b * k, length),
-                         batch["last_index"].reshape(b * k), deterministic=rng is None,
+                         batch["last_index"].reshape(b * k), batch["first_index"].reshape(b * k),
+                         deterministic=rng is None,
                          rngs=None if rng is None else {"dropout": rng})
     loss_sum, accuracy_sum, weight = losses.ranking_loss(scores.reshape(b, k), batch["ranks"], batch["mask"], margin)
     return loss_sum, {"weight": weight, "accuracy": accuracy_sum}
@@ -148,14 +149,17 @@ def make_eval_fn(eval_step, comparisons, batch_size: int, num_batches: int, batc
     return evaluate
 
 
-def score_rows(score_step, tokens: np.ndarray, last_index: np.ndarray, rows: int, batch_sharding) -> np.ndarray:
-    """[m, seq] sequences and [m] last indices -> [m] float64 scores, `rows` sequences per call
-    (the last call padded); `score_step` takes {tokens [rows, seq], last_index [rows, 1]}."""
+def score_rows(score_step, tokens: np.ndarray, first_index: np.ndarray, last_index: np.ndarray, rows: int,
+               batch_sharding) -> np.ndarray:
+    """[m, seq] sequences and [m] first and last response columns -> [m] float64 scores, `rows`
+    sequences per call (the last call padded); `score_step` takes {tokens [rows, seq],
+    first_index, last_index [rows, 1]}."""
     m, local = len(tokens), rows // jax.process_count()
     scores = []
     for start in range(0, m, rows):
         ids = np.minimum(start + jax.process_index() * local + np.arange(local), m - 1)
-        batch = sharding.global_batch({"tokens": tokens[ids], "last_index": last_index[ids, None]}, batch_sharding)
+        batch = sharding.global_batch({"tokens": tokens[ids], "first_index": first_index[ids, None],
+                                       "last_index": last_index[ids, None]}, batch_sharding)
         scores.append(np.asarray(jax.device_get(score_step(batch))))
     return np.concatenate(scores)[:m].astype(np.float64)
 
@@ -177,14 +181,15 @@ def run(config, workdir: str):
     pretrain.check_batch_layout(config.train, mesh)
     model_cfg = pretrain.model_config(config, tok.vocab_size)
     pretrain.check_model_layout(model_cfg, mesh)
-    model = RewardModel(model_cfg)
+    model = RewardModel(model_cfg, likelihood_term=config.reward.likelihood_term)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
     throughput = pretrain.throughput_info(config, model_cfg, mesh)
     throughput["flops_per_token"] -= 6 * model_cfg.vocab_size * model_cfg.d_model  # no unembedding
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        init_params = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+        zeros = jnp.zeros((1,), jnp.int32)
+        init_params = lambda rng: model.init(rng, jnp.zeros((1, seq_len), jnp.int32), zeros, zeros)["params"]
         state, state_shardings = init_state(init_params, tx, config.seed, mesh, rules)
         lm_abstract = checkpoint.abstract_like(state.params["lm"], state_shardings.params["lm"])
         policy_path = policy_checkpoint(config.init_from, run_dir)
@@ -250,9 +255,11 @@ def run(config, workdir: str):
 
         best_dir = os.path.join(workdir, "best")
         best_params = checkpoint.restore_params(best_dir, checkpoint.abstract_like(state.params, state_shardings.params))
-        score_step = jax.jit(lambda p, batch: model.apply({"params": p}, batch["tokens"], batch["last_index"][:, 0]),
+        score_step = jax.jit(lambda p, batch: model.apply({"params": p}, batch["tokens"], batch["last_index"][:, 0],
+                                                          batch["first_index"][:, 0]),
                              out_shardings=sharding.replicated(mesh))
-        scores = score_rows(functools.partial(score_step, best_params), data.norm_tokens, data.norm_last_index, batch_size * k, batch_sharding)
+        scores = score_rows(functools.partial(score_step, best_params), data.norm_tokens, data.norm_first_index,
+                            data.norm_last_index, batch_size * k, batch_sharding)
         best_mngr = checkpoint.manager(workdir, keep=1, subdir="best")
         best_meta = checkpoint.restore_meta(best_mngr, best_mngr.latest_step())
         norm = {"mean": float(scores.mean()), "std": float(scores.std()), "num_responses": len(scores),
@@ -277,12 +284,13 @@ def restore_reward_model(workdir: str):
     if norm is None:
         raise CheckpointError(f"{workdir}: no {NORM_FILE} (not a finished reward-model run?)")
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    model = RewardModel(pretrain.model_config(config, tok.vocab_size))
+    model = RewardModel(pretrain.model_config(config, tok.vocab_size), likelihood_term=config.reward.likelihood_term)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     rules = sharding.axis_rules(config.axis_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        zeros = jnp.zeros((1,), jnp.int32)
         boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
-                                                    jnp.zeros((1,), jnp.int32))["params"])
+                                                    zeros, zeros)["params"])
         abstract = checkpoint.abstract_like(sharding.unboxed(boxed), sharding.tree_shardings(boxed, mesh, rules))
         params = checkpoint.restore_params(os.path.join(workdir, "best"), abstract)
     return model, params, norm, config
@@ -292,15 +300,16 @@ def load_reward_model(workdir: str):
     """The best reward model of a finished run, normalised as in workdir/reward_norm.json.
 
     Returns:
-      (score_fn, tokenizer, template): score_fn(tokens [batch, seq] int, last_index [batch] int)
-      -> [batch] float32 normalised scores, for right-padded sequences [BOS] + formatted prompt +
-      response + [EOS] whose EOS is at last_index; template: {"user", "assistant"}, the SFT run's.
+      (score_fn, tokenizer, template): score_fn(tokens [batch, seq] int, first_index [batch] int,
+      last_index [batch] int) -> [batch] float32 normalised scores, for right-padded sequences
+      [BOS] + formatted prompt + response + [EOS] whose response starts at first_index and whose
+      EOS is at last_index; template: {"user", "assistant"}, the SFT run's.
     """
     model, params, norm, config = restore_reward_model(workdir)
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
     mean, std = norm["mean"], norm["std"]
-    scores = jax.jit(lambda p, tokens, last: (model.apply({"params": p}, tokens, last) - mean) / std)
+    scores = jax.jit(lambda p, tokens, first, last: (model.apply({"params": p}, tokens, last, first) - mean) / std)
 
-    def score_fn(tokens, last_index):
-        return scores(params, jnp.asarray(tokens, jnp.int32), jnp.asarray(last_index, jnp.int32))
+    def score_fn(tokens, first_index, last_index):
+        return scores(params, *(jnp.asarray(x, jnp.int32) for x in (tokens, first_index, last_index)))
     return score_fn, tok, dict(config.template)

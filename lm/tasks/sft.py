@@ -28,6 +28,7 @@ from lm.train_state import init_state, jit_train_step
 # Model keys that must match the pretrained parameters; the rest (dropout, remat, the attention
 # implementation) are the SFT run's.
 RUN_ONLY_MODEL_KEYS = ("dropout", "remat", "attention")
+EVAL_BATCH = 128  # prompts per sampler call of the grader eval
 
 
 def adopt_architecture(config, saved: dict) -> None:
@@ -41,14 +42,14 @@ def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max
     """`params -> {eval_grader_score, eval_exact_match, eval_score_<task>, eval_exact_<task>}`.
 
     Greedy answers (temperature 0, stop at EOS) to the held-out prompts of `examples`, graded by
-    each task's programmatic grader; all prompts go through the sampler as one batch.
+    each task's programmatic grader; the prompts go through the sampler in batches of similar length.
     """
     prompts = [sft_data.encode_prompt(tokenizer, template_cfg, ex["prompt"]) for ex in examples]
 
     def evaluate(params):
-        outs = sampling.generate({"params": params}, model_cfg, prompts, max_new_tokens=max_new_tokens,
-                                   rng=jax.random.PRNGKey(0), temperature=0.0, eos_id=tokenizer.eos_id,
-                                   pad_id=tokenizer.pad_id)
+        outs = sampling.generate_sorted({"params": params}, model_cfg, prompts, max_batch=EVAL_BATCH,
+                                        max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0),
+                                        temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         answers = [tokenizer.decode([t for t in out if t != tokenizer.eos_id]) for out in outs]
         grades = graded_tasks.grade_batch(examples, answers)
         record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
