@@ -19,6 +19,7 @@ from lm.errors import ConfigError
 from lm.tasks import reward as reward_task
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+RL_STAGES = ("reward", "ppo", "dpo")  # they take the recipe's tasks
 # Which earlier stages a stage's config keys point at.
 LINKS = {"sft": {"init_from": "pretrain"}, "reward": {"init_from": "sft"},
          "ppo": {"init_from": "sft", "ppo.reward_from": "reward"}, "dpo": {"init_from": "sft", "dpo.comparisons_from": "reward"}}
@@ -44,7 +45,10 @@ def run_stages(config, workdir: str) -> None:
         if status == "completed":
             print(f"{stage}: completed earlier, skipped")
             continue
-        command = stage_command(spec, stage_dir, LINKS.get(stage, {}), workdir, (f"--config.seed={config.seed}",))
+        overrides = [f"--config.seed={config.seed}"]
+        if stage in RL_STAGES and config.recipe.tasks:
+            overrides.append(f"--config.data.tasks={config.recipe.tasks}")
+        command = stage_command(spec, stage_dir, LINKS.get(stage, {}), workdir, tuple(overrides))
         print(f"{stage}: {' '.join(command[2:])}", flush=True)
         if sweep.run_member(command, stage_dir) != "completed":
             error = (metrics_lib.read_json(os.path.join(stage_dir, "status.json")) or {}).get("error", "")
@@ -52,11 +56,13 @@ def run_stages(config, workdir: str) -> None:
 
 
 def report_prompts(config, sft_config) -> list[dict]:
-    """Held-out prompts for the report: the validation side of the tasks, from a seed no stage uses,
-    minus the SFT run's own eval prompts (it chose its best checkpoint on them)."""
+    """Held-out prompts for the report: the validation side of the recipe's tasks (all of SFT's
+    when recipe.tasks is empty), from a seed no stage uses, minus the SFT run's own eval prompts
+    (it chose its best checkpoint on them)."""
     seen = {e["prompt"] for e in graded_tasks.make_examples(sft_config.data.tasks, sft_config.data.num_eval,
                                                             sft_config.data.task_seed, "validation")}
-    examples = graded_tasks.make_examples(sft_config.data.tasks, config.recipe.eval_prompts + len(seen),
+    tasks = config.recipe.tasks or sft_config.data.tasks
+    examples = graded_tasks.make_examples(tasks, config.recipe.eval_prompts + len(seen),
                                           sft_config.data.task_seed + 7, "validation")
     return [e for e in examples if e["prompt"] not in seen][:config.recipe.eval_prompts]
 

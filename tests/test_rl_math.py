@@ -231,3 +231,19 @@ def test_adaptive_kl_controller():
     assert float(rl.adaptive_kl_update(0.1, 0.0, 6.0, 10000, 512)) == pytest.approx(0.1 * (1 - 0.2 * 512 / 10000))
     assert float(rl.adaptive_kl_update(0.1, 6.0, 6.0, 100, 64)) == pytest.approx(0.1)
     assert float(rl.fixed_kl_update(0.1, 60.0, 6.0, 100, 64)) == pytest.approx(0.1)
+
+
+def test_gao_fit_recovers_known_parameters_and_peak():
+    from tools import plot_rlhf
+    d = np.linspace(0.05, 6.0, 40)
+    gain = d * (0.3 - 0.12 * np.log(d)) + np.random.default_rng(0).normal(0, 1e-3, d.shape)
+    fit = plot_rlhf.fit_gao_rl(np.concatenate([[0.0], d]), np.concatenate([[0.0], gain]))
+    assert fit["alpha"] == pytest.approx(0.3, abs=5e-3) and fit["beta"] == pytest.approx(0.12, abs=3e-3)
+    assert fit["peak_sqrt_kl"] == pytest.approx(math.exp(0.3 / 0.12 - 1), rel=0.05) and fit["rmse"] < 2e-3
+
+
+def test_mean_sd_table_over_seeds():
+    from tools import plot_rlhf
+    reports = [{"ppo": {"oracle_score": x, "kl_to_sft": None}} for x in (0.5, 0.7)]
+    table = plot_rlhf.mean_sd_table(reports).splitlines()
+    assert table[2] == f"| ppo | 0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} | – |"

@@ -4,24 +4,25 @@
       --config.init_from=runs/sft_tiny --config.dpo.comparisons_from=runs/rm_tiny
 """
 from configs import common
+from configs.reward import tasks_tiny as reward_config
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
     c = common.get_base_config()
     c.task = 'dpo'
-    c.data.tasks = 'sort,add,reverse,constrained_line'
+    c.data.tasks = reward_config.RL_TASKS
     c.dpo.beta = 0.1
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.1
-    c.train.steps = 200
+    c.train.steps = 100
     c.train.global_batch_size = 16    # prompts, each with its K ranked responses
     c.train.seq_len = 128
     c.train.log_every = 10
-    c.train.eval_every = 50
+    c.train.eval_every = 25
     c.train.eval_batches = 8
-    c.train.checkpoint_every = 50
+    c.train.checkpoint_every = 25
     c.sft.eval_prompts = 200
     if a.smoke:
         c.data.tasks = 'add,reverse'

@@ -9,6 +9,7 @@ DIR/<stage>/, skipped once completed. Ends with DIR/report.md and DIR/report.jso
 import ml_collections
 
 from configs import common
+from configs.reward import tasks_tiny as reward_config
 
 
 def get_config(arg=None):
@@ -22,6 +23,9 @@ def get_config(arg=None):
     c.recipe.reward = 'configs/reward/tasks_tiny.py' + suffix
     c.recipe.ppo = 'configs/ppo/tasks_tiny.py' + suffix
     c.recipe.dpo = 'configs/dpo/tasks_tiny.py' + suffix
+    # The graded tasks of the RL stages and of the report (SFT trains on all four; see
+    # configs/reward/tasks_tiny.py for why sort is left out).
+    c.recipe.tasks = 'add,reverse' if a.smoke else reward_config.RL_TASKS
     c.recipe.eval_prompts = 40 if a.smoke else 500  # held-out prompts of the report
     c.recipe.best_of_n = 4 if a.smoke else 16
     c.recipe.max_new_tokens = 8 if a.smoke else 32

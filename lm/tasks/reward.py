@@ -12,8 +12,8 @@ Logged: loss and accuracy of each logged training batch; at each eval, and befor
 step, eval_loss and eval_accuracy on the held-out comparisons, and eval_train_loss and
 eval_train_accuracy on as many fixed training comparisons. The parameters with the best
 eval_accuracy are kept in workdir/best/. At the end the best model scores the normalisation set
-(the SFT policy's samples; for HH, the chosen responses) and workdir/reward_norm.json holds their
-mean and std, so that normalised scores (r - mean) / std have mean 0 and std 1 there.
+(the SFT policy's samples; for HH, the chosen responses; at most NORM_SAMPLES of them) and
+workdir/reward_norm.json holds their mean and std, so that normalised scores (r - mean) / std have mean 0 and std 1 there.
 `load_reward_model` serves the normalised scores.
 """
 import functools
@@ -41,6 +41,7 @@ DATA_FILE = "comparisons.npz"
 NORM_FILE = "reward_norm.json"
 # config.reward keys that do not change the comparisons (the rest name the cached data).
 TRAINING_ONLY_KEYS = ("margin", "likelihood_term")
+NORM_SAMPLES = 2048  # responses scored for the normalisation
 
 
 def check_config(config) -> None:
@@ -147,6 +148,15 @@ def make_eval_fn(eval_step, comparisons, batch_size: int, num_batches: int, batc
         loss_sum, accuracy_sum, weight = totals
         return {f"{prefix}_loss": loss_sum / max(weight, 1.0), f"{prefix}_accuracy": accuracy_sum / max(weight, 1.0)}
     return evaluate
+
+
+def norm_rows(num: int, seed: int) -> np.ndarray:
+    """Which of `num` normalisation responses are scored: all up to NORM_SAMPLES, else a seeded
+    sample of that many (its mean and std are within a few hundredths of the full set's, at a
+    fraction of the forward passes)."""
+    if num <= NORM_SAMPLES:
+        return np.arange(num)
+    return np.sort(np.random.default_rng([seed, 2]).choice(num, NORM_SAMPLES, replace=False))
 
 
 def score_rows(score_step, tokens: np.ndarray, first_index: np.ndarray, last_index: np.ndarray, rows: int,
@@ -258,8 +268,9 @@ def run(config, workdir: str):
         score_step = jax.jit(lambda p, batch: model.apply({"params": p}, batch["tokens"], batch["last_index"][:, 0],
                                                           batch["first_index"][:, 0]),
                              out_shardings=sharding.replicated(mesh))
-        scores = score_rows(functools.partial(score_step, best_params), data.norm_tokens, data.norm_first_index,
-                            data.norm_last_index, batch_size * k, batch_sharding)
+        rows = norm_rows(len(data.norm_tokens), config.seed)
+        scores = score_rows(functools.partial(score_step, best_params), data.norm_tokens[rows], data.norm_first_index[rows],
+                            data.norm_last_index[rows], batch_size * k, batch_sharding)
         best_mngr = checkpoint.manager(workdir, keep=1, subdir="best")
         best_meta = checkpoint.restore_meta(best_mngr, best_mngr.latest_step())
         norm = {"mean": float(scores.mean()), "std": float(scores.std()), "num_responses": len(scores),
