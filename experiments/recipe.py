@@ -10,6 +10,7 @@ import os
 import sys
 
 import jax
+import numpy as np
 
 from experiments import sweep
 from lm import evaluation, saved_model
@@ -23,6 +24,7 @@ RL_STAGES = ("reward", "ppo", "dpo")  # they take the recipe's tasks
 # Which earlier stages a stage's config keys point at.
 LINKS = {"sft": {"init_from": "pretrain"}, "reward": {"init_from": "sft"},
          "ppo": {"init_from": "sft", "ppo.reward_from": "reward"}, "dpo": {"init_from": "sft", "dpo.comparisons_from": "reward"}}
+EXTRA_FIELDS = ("oracle_score_by_task",)  # in report.json beside the issue's fields, where they apply
 REPORT_FIELDS = ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win_rate_ci", "tie_rate",
                  "kl_to_sft", "rm_accuracy")
 
@@ -80,7 +82,13 @@ def stage_report(policy, sft, examples, prompts, sft_scores, *, max_new_tokens: 
                                     pad_id=tok.pad_id, eos_id=tok.eos_id, width=max_new_tokens)
     return {"oracle_score": float(scores.mean()),
             "oracle_score_sampled": float(evaluation.oracle_scores(examples, evaluation.decode(tok, sampled)).mean()),
-            **_versus(scores, sft_scores, seed), "kl_to_sft": kl}, scores
+            **_versus(scores, sft_scores, seed), "kl_to_sft": kl, "oracle_score_by_task": by_task(examples, scores)}, scores
+
+
+def by_task(examples: list[dict], scores: np.ndarray) -> dict:
+    """{task: mean oracle score of its prompts} for [n] examples and their [n] scores."""
+    tasks = [e["task"] for e in examples]
+    return {task: float(np.mean([s for t, s in zip(tasks, scores) if t == task])) for task in dict.fromkeys(tasks)}
 
 
 def _versus(scores, sft_scores, seed) -> dict:
@@ -99,7 +107,8 @@ def best_of_n_report(sft, score_fn, examples, prompts, sft_scores, *, n: int, ma
     chosen = evaluation.best_of_n(score_fn, prompts, groups, pad_id=tok.pad_id)
     scores = evaluation.oracle_scores(examples, evaluation.decode(tok, [g[c] for g, c in zip(groups, chosen)]))
     return {"oracle_score": float(scores.mean()), "oracle_score_sampled": float(scores.mean()),
-            **_versus(scores, sft_scores, seed), "kl_to_sft": evaluation.best_of_n_kl(n)}
+            **_versus(scores, sft_scores, seed), "kl_to_sft": evaluation.best_of_n_kl(n),
+            "oracle_score_by_task": by_task(examples, scores)}
 
 
 def make_report(config, workdir: str) -> dict:
@@ -124,7 +133,8 @@ def make_report(config, workdir: str) -> dict:
         if os.path.isdir(os.path.join(workdir, stage, "best")):
             policy = saved_model.load(os.path.join(workdir, stage), "best")
             stages[stage], _ = stage_report(policy, sft, examples, prompts, sft_scores, max_new_tokens=width, seed=seed)
-    report = {"stages": {name: {f: row.get(f) for f in REPORT_FIELDS} for name, row in stages.items()},
+    report = {"stages": {name: {f: row.get(f) for f in REPORT_FIELDS} | {f: row[f] for f in EXTRA_FIELDS if f in row}
+                         for name, row in stages.items()},
               "num_prompts": len(examples), "best_of_n": config.recipe.best_of_n}
     metrics_lib.write_json_atomic(os.path.join(workdir, "report.json"), report)
     write_markdown(os.path.join(workdir, "report.md"), report)
@@ -150,6 +160,12 @@ def write_markdown(path: str, report: dict) -> None:
              "| stage | " + " | ".join(REPORT_FIELDS) + " |", "|---|" + "---:|" * len(REPORT_FIELDS)]
     lines += [f"| {name} | " + " | ".join(cell(row[f]) for f in REPORT_FIELDS) + " |"
               for name, row in report["stages"].items()]
+    per_task = {name: row["oracle_score_by_task"] for name, row in report["stages"].items() if row.get("oracle_score_by_task")}
+    if per_task:
+        tasks = list(next(iter(per_task.values())))
+        lines += ["", "Oracle score (greedy) by task:", "", "| stage | " + " | ".join(tasks) + " |",
+                  "|---|" + "---:|" * len(tasks)]
+        lines += [f"| {name} | " + " | ".join(cell(row.get(t)) for t in tasks) + " |" for name, row in per_task.items()]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -98,6 +98,7 @@ def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
         row = report["stages"][stage]
         assert 0.0 <= row["oracle_score"] <= 1.0 and row["win_rate_ci"][0] <= row["win_rate_vs_sft"] <= row["win_rate_ci"][1]
         assert row["kl_to_sft"] >= -0.05, (stage, row)       # a Monte-Carlo KL estimate: non-negative up to noise
+        assert set(row["oracle_score_by_task"]) == {"add", "reverse"}   # the recipe's smoke tasks
     assert report["stages"]["best_of_n"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
     ppo_metrics = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     first_step = next(r for r in ppo_metrics if r["step"] == 1)
