@@ -97,20 +97,28 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int]]], *, pad_id: int) -> list[int]:
+def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int]]], *, pad_id: int,
+              batch: int = 256) -> list[int]:
     """For each prompt, the index of the candidate response the reward model scores highest.
 
     Args:
       score_fn: `(tokens [b, seq], first_index [b], last_index [b]) -> [b]` scores of right-padded
         sequences whose response spans columns first_index..last_index.
       prompts: [n] token lists; candidates: [n][k] response token lists.
+      batch: sequences per score_fn call (the last call padded to it: one compiled shape). All
+        n * k at once would hold [n * k, seq, vocab] logits where the RM has a likelihood term.
     """
     sequences = [p + r for p, group in zip(prompts, candidates) for r in group]
     width = max(map(len, sequences))
     tokens = np.full((len(sequences), width), pad_id, np.int32)
     for i, s in enumerate(sequences):
         tokens[i, :len(s)] = s
-    first = [len(p) for p, group in zip(prompts, candidates) for _ in group]
-    scores = np.asarray(score_fn(tokens, np.array(first, np.int32), np.array([len(s) - 1 for s in sequences], np.int32)))
+    first = np.array([len(p) for p, group in zip(prompts, candidates) for _ in group], np.int32)
+    last = np.array([len(s) - 1 for s in sequences], np.int32)
+    scores = []
+    for start in range(0, len(sequences), batch):
+        rows = np.minimum(np.arange(start, start + batch), len(sequences) - 1)
+        scores.append(np.asarray(score_fn(tokens[rows], first[rows], last[rows])))
+    scores = np.concatenate(scores)[:len(sequences)]
     k = len(candidates[0])
     return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()

@@ -107,3 +107,16 @@ def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stdout.count("completed earlier, skipped") == 5, again.stdout[-2000:]
     assert json.loads((tmp_path / "report.json").read_text()) == report
+
+
+def test_best_of_n_picks_the_top_scored_candidate_in_any_batching():
+    prompts = [[1, 5], [1, 6, 7], [1, 8]]
+    candidates = [[[9], [9, 9, 9], [9, 9]], [[4, 4], [4], [4, 4, 4]], [[3], [3, 3, 3, 3], [3, 3]]]
+    calls = []
+
+    def longest_response(tokens, first_index, last_index):   # the score: response length
+        calls.append(len(tokens))
+        return np.asarray(last_index - first_index, np.float32)
+    for batch in (2, 4, 256):
+        assert evaluation.best_of_n(longest_response, prompts, candidates, pad_id=0, batch=batch) == [1, 2, 1]
+    assert set(calls[:5]) == {2}                                # 9 sequences in 5 calls of 2 rows
