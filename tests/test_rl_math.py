@@ -244,6 +244,8 @@ def test_gao_fit_recovers_known_parameters_and_peak():
 
 def test_mean_sd_table_over_seeds():
     from tools import plot_rlhf
-    reports = [{"ppo": {"oracle_score": x, "kl_to_sft": None}} for x in (0.5, 0.7)]
+    reports = [{"ppo": {"oracle_score": x, "kl_to_sft": kl, "win_rate_ci": [0, 1], "oracle_score_by_task": {"add": x}},
+                "reward": {"rm_accuracy": 0.7}} for x, kl in ((0.5, None), (0.7, 2.0))]
     table = plot_rlhf.mean_sd_table(reports).splitlines()
-    assert table[2] == f"| ppo | 0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} | – |"
+    assert table[0] == "| stage (n = 2) | oracle_score | rm_accuracy | kl_to_sft |"   # numbers only
+    assert table[2] == f"| ppo | 0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} | – | 2.000 ± 0.000 |"

@@ -34,7 +34,9 @@ def read_reports(paths: list[str]) -> list[dict]:
 def mean_sd_table(reports: list[dict]) -> str:
     """A markdown table: one row per stage, `mean ± sd` over the reports of each numeric field."""
     stages = list(dict.fromkeys(s for r in reports for s in r))
-    fields = list(dict.fromkeys(f for r in reports for row in r.values() for f in row if f != "win_rate_ci"))
+    values = [(f, v) for r in reports for row in r.values() for f, v in row.items() if v is not None]
+    fields = [f for f in dict.fromkeys(f for f, _ in values)
+              if all(isinstance(v, (int, float)) for g, v in values if g == f)]
     lines = [f"| stage (n = {len(reports)}) | " + " | ".join(fields) + " |", "|---|" + "---:|" * len(fields)]
     for stage in stages:
         cells = []
