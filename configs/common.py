@@ -140,6 +140,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.global_batch_size = 32
     c.train.seq_len = 256
     c.train.grad_accum = 1        # microbatches per step (lax.scan inside the step)
+    c.train.length_group = 8      # reward, dpo: this many batches drawn together and cut by length (1: plain shuffle)
     c.train.z_loss = 0.0          # PaLM's auxiliary loss on log Z, e.g. 1e-4
     c.train.log_every = 10
     c.train.eval_every = 200      # 0: only at the end

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import rl, sampling
-from lm.data import graded_tasks
+from lm.data import graded_tasks, preferences
 from lm.data import sft as sft_data
 from lm.model import Transformer
 
@@ -105,8 +105,8 @@ def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int
       score_fn: `(tokens [b, seq], first_index [b], last_index [b]) -> [b]` scores of right-padded
         sequences whose response spans columns first_index..last_index.
       prompts: [n] token lists; candidates: [n][k] response token lists.
-      batch: sequences per score_fn call (the last call padded to it: one compiled shape). All
-        n * k at once would hold [n * k, seq, vocab] logits where the RM has a likelihood term.
+      batch: sequences per score_fn call (`preferences.in_length_order`). All n * k at once
+        would hold [n * k, seq, vocab] logits where the RM has a likelihood term.
     """
     sequences = [p + r for p, group in zip(prompts, candidates) for r in group]
     width = max(map(len, sequences))
@@ -115,10 +115,7 @@ def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int
         tokens[i, :len(s)] = s
     first = np.array([len(p) for p, group in zip(prompts, candidates) for _ in group], np.int32)
     last = np.array([len(s) - 1 for s in sequences], np.int32)
-    scores = []
-    for start in range(0, len(sequences), batch):
-        rows = np.minimum(np.arange(start, start + batch), len(sequences) - 1)
-        scores.append(np.asarray(score_fn(tokens[rows], first[rows], last[rows])))
-    scores = np.concatenate(scores)[:len(sequences)]
+    call = lambda ids, columns: score_fn(tokens[ids, :columns], first[ids], last[ids])
+    scores = preferences.in_length_order(call, last + 1, batch, width)
     k = len(candidates[0])
     return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()

@@ -112,7 +112,7 @@ class NonFiniteGuard:
 
 def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta: dict,
                writer: metrics_lib.MetricsWriter, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float, after_eval: Callable | None = None):
+               peak_flops: float, after_eval: Callable | None = None, step_tokens: Callable[[int], int] | None = None):
     """Runs steps `state.step .. train_cfg.steps`, returns the final state.
 
     Args:
@@ -121,6 +121,9 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
       eval_fn: `params -> dict` of eval metrics (`eval_loss`, ...), or None.
       tokens_per_step, flops_per_step: for tokens/s and MFU (model FLOPs, PaLM convention).
       peak_flops: the FLOP/s of all devices together, for MFU.
+      step_tokens: `step -> tokens` where batches differ in width (trimmed to their longest
+        sequence): tokens_seen, tokens/s and MFU then count each step's own tokens, its FLOPs
+        scaled from flops_per_step by step_tokens(step) / tokens_per_step.
       after_eval: `(step, state, record) -> None`, called after each eval (e.g. keep the best).
     Raises:
       Preempted: on SIGTERM, after saving a checkpoint at the step reached (see PreemptionFlag).
@@ -132,18 +135,22 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
     # The bar closes on any exit, so an error line never shares its line.
     with PreemptionFlag(train_cfg.log_every) as preemption, metrics_lib.progress_bar(start, total) as bar:
         batches = Prefetcher(batch_fn, start, total)
-        clock, clock_step = time.perf_counter(), start
+        tokens_at = step_tokens or (lambda step: tokens_per_step)
+        seen = start * tokens_per_step if step_tokens is None else sum(map(step_tokens, range(start)))
+        clock, interval_tokens = time.perf_counter(), 0
         for step in range(start, total):
             state, step_metrics = step_fn(state, batches.get(step))
             done = step + 1
+            tokens = tokens_at(step)
+            seen, interval_tokens = seen + tokens, interval_tokens + tokens
             last = done == total
             record = {}
             if done == 1 or done % train_cfg.log_every == 0 or last:  # step 1 shows the initial loss
                 record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 seconds = time.perf_counter() - clock
-                record["tokens_seen"] = done * tokens_per_step
-                record["tokens_per_sec"] = tokens_per_step * (done - clock_step) / seconds
-                record["mfu"] = flops_per_step * (done - clock_step) / seconds / peak_flops
+                record["tokens_seen"] = seen
+                record["tokens_per_sec"] = interval_tokens / seconds
+                record["mfu"] = flops_per_step / tokens_per_step * interval_tokens / seconds / peak_flops
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
                                 refresh=False)
             paused = False
@@ -163,7 +170,7 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
                 guard.last_saved = done
                 paused = True
             if record or paused:  # throughput counts only time spent stepping
-                clock, clock_step = time.perf_counter(), done
+                clock, interval_tokens = time.perf_counter(), 0
             bar.update(1)
             if not last and preemption.stop_at(done):
                 if not saved:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm import losses, sharding
-from lm.data import preferences
+from lm.data import pipeline, preferences
 from lm.data.tokenizer import ByteTokenizer
 from lm.errors import DataError
 from lm.model import ModelConfig, RewardModel, Transformer
@@ -87,6 +87,30 @@ def test_comparisons_ranks_ties_and_label_noise():
     ranks, mask = np.tile([0, 1], (4000, 1)), np.ones((4000, 2), bool)
     swapped = preferences.reverse_rankings(ranks, mask, 0.3, seed=0)[:, 0] == 1
     assert abs(swapped.mean() - 0.3) < 0.03
+
+
+def test_length_grouped_batches_cover_their_megabatch_and_trimming_changes_no_score():
+    lengths = np.random.default_rng(0).integers(5, 90, size=100)
+    batches = [preferences.grouped_batch_ids(lengths, t, 8, seed=3, group=4) for t in range(4)]
+    megabatch = pipeline.global_row_ids(100, 0, 32, seed=3)
+    assert sorted(np.concatenate(batches).tolist()) == sorted(megabatch.tolist())  # each row once
+    spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # cut from one sorted order
+    np.testing.assert_array_equal(np.sort(preferences.grouped_batch_ids(lengths, 5, 8, 3, group=1)),
+                                  np.sort(pipeline.global_row_ids(100, 5, 8, 3)))  # group 1: the plain shuffle
+    assert preferences.batch_width(np.array([17, 3]), 96) == 32 and preferences.batch_width(np.array([95]), 90) == 90
+
+    rng = np.random.default_rng(1)
+    groups = [[[1] + rng.integers(3, 200, size=n).tolist() + [2] for n in rng.integers(4, 60, size=3)]
+              for _ in range(10)]
+    c = preferences.build_comparisons(groups, [[0, 1, 2]] * 10, [3] * 10, seq_len=64, pad_id=0)
+    model = RewardModel(CFG, likelihood_term=True)
+    params = random_params(model, jnp.zeros((1, 64), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+    loss = lambda batch: np.asarray(reward.reward_loss(params, batch, None, model=model, margin=0.0)[0])
+    trimmed = reward.eval_batches(c, batch_size=4, num_batches=0)
+    assert [b["tokens"].shape[2] for b in trimmed] == [48, 64, 64]  # sorted: the shortest prompts first
+    whole = c.take(np.arange(10))
+    np.testing.assert_allclose(sum(loss(b) for b in trimmed), loss(whole), rtol=1e-5)
 
 
 def _hh_data(tmp_path, files, seq_len, skip=False):

@@ -115,6 +115,55 @@ def with_pairs(comparisons: Comparisons) -> Comparisons:
     return Comparisons(**comparisons.take(keep))
 
 
+WIDTH_MULTIPLE = 16  # batch widths are multiples of this: a run compiles a handful of shapes
+
+
+def prompt_lengths(comparisons: Comparisons) -> np.ndarray:
+    """[n] columns each prompt needs: its longest valid response's last_index + 1."""
+    return np.max(np.where(comparisons.mask, comparisons.last_index, 0), axis=1) + 1
+
+
+def batch_width(lengths: np.ndarray, seq_len: int, multiple: int = WIDTH_MULTIPLE) -> int:
+    """The columns a batch of sequences needs: its longest `lengths` rounded up to `multiple`, at most seq_len."""
+    return min(seq_len, -(-int(np.max(lengths)) // multiple) * multiple)
+
+
+def trim(batch: dict, width: int) -> dict:
+    """`batch` with its [..., seq] 'tokens' cut to `width` columns (the rest is padding)."""
+    return {**batch, "tokens": batch["tokens"][..., :width]}
+
+
+def in_length_order(call, lengths: np.ndarray, rows: int, seq_len: int) -> np.ndarray:
+    """[m] float64 values of m sequences, computed `rows` at a time in order of length.
+
+    call: `(ids [rows], width) -> [rows]` values of those sequences cut to `width` columns
+    (`batch_width` of their lengths); the last call's ids are padded by repeating the last one,
+    so every call has one shape per width.
+    """
+    m = len(lengths)
+    order = np.argsort(lengths, kind="stable")
+    out = np.zeros(m)
+    for start in range(0, m, rows):
+        ids = order[np.minimum(start + np.arange(rows), m - 1)]
+        out[ids] = np.asarray(call(ids, batch_width(lengths[ids], seq_len)))
+    return out
+
+
+def grouped_batch_ids(lengths: np.ndarray, step: int, batch_size: int, seed: int, group: int) -> np.ndarray:
+    """[batch_size] prompt ids of the global batch at `step`, batches grouped by length.
+
+    `group` consecutive batches form a megabatch: `pipeline.global_row_ids` rows of one draw of
+    group x batch_size (epochs of a seeded permutation), sorted by length and cut into `group`
+    batches taken in a seeded order. Each batch then spans few widths, so `trim` drops most of the
+    padding, while every prompt is still seen once an epoch. group = 1 is the plain shuffled batch.
+    A pure function of (seed, step).
+    """
+    mega, index = divmod(step, group)
+    ids = pipeline.global_row_ids(len(lengths), mega, group * batch_size, seed)
+    ids = ids[np.argsort(lengths[ids], kind="stable")].reshape(group, batch_size)
+    return ids[np.random.default_rng([seed, mega, 3]).permutation(group)[index]]
+
+
 def reverse_rankings(ranks: np.ndarray, mask: np.ndarray, p: float, seed: int) -> np.ndarray:
     """Label noise: [n, K] ranks with each prompt's ranking reversed (best <-> worst, ties kept)
     with probability p; mask [n, K] says which slots are valid."""

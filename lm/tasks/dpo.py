@@ -22,7 +22,7 @@ import numpy as np
 
 from lm import checkpoint, losses, rl, sharding
 from lm import metrics as metrics_lib
-from lm.data import graded_tasks, pipeline, preferences
+from lm.data import graded_tasks, preferences
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
 from lm.loop import train_with_evals
@@ -61,16 +61,14 @@ def dpo_loss(params, batch, rng, *, model, beta: float):
 
 
 def reference_logprobs(model, params, comparisons: preferences.Comparisons, rows: int) -> np.ndarray:
-    """[n, K] sequence log-probs of every response under the frozen reference, `rows` sequences a call."""
+    """[n, K] sequence log-probs of every response under the frozen reference, `rows` sequences a
+    call (`preferences.in_length_order`)."""
     n, k, length = comparisons.tokens.shape
     tokens = comparisons.tokens.reshape(n * k, length)
     last = comparisons.last_index.reshape(n * k)
     step = jax.jit(functools.partial(sequence_logprobs, model, params))
-    out = []
-    for start in range(0, n * k, rows):
-        ids = np.minimum(np.arange(start, start + rows), n * k - 1)
-        out.append(np.asarray(step(jnp.asarray(tokens[ids]), jnp.asarray(last[ids]))))
-    return np.concatenate(out)[:n * k].reshape(n, k)
+    call = lambda ids, width: step(jnp.asarray(tokens[ids, :width]), jnp.asarray(last[ids]))
+    return preferences.in_length_order(call, last + 1, rows, length).reshape(n, k).astype(np.float32)
 
 
 def with_reference(comparisons: preferences.Comparisons, ref_logp: np.ndarray):
@@ -135,12 +133,8 @@ def run(config, workdir: str):
         batch_sharding = sharding.batch_sharding(mesh, rules)
         loss_fn = functools.partial(dpo_loss, model=model, beta=config.dpo.beta)
         step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings, batch_sharding, mesh)
-        take_train = with_reference(data.train, ref_train)
-
-        def batch_fn(step):
-            ids = pipeline.global_row_ids(data.train.num_prompts, step, batch_size, config.seed,
-                                            jax.process_index(), jax.process_count())
-            return sharding.global_batch(take_train(ids), batch_sharding)
+        batch_fn, step_tokens = reward.train_batch_fn(data.train, with_reference(data.train, ref_train), batch_size,
+                                                      config.seed, config.train.length_group, batch_sharding)
 
         @jax.jit
         def eval_step(params, batch):
@@ -157,7 +151,7 @@ def run(config, workdir: str):
         state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
                                  step_fn=step_fn, batch_fn=batch_fn, train_cfg=config.train,
                                  ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},
-                                 tokens_per_step=tokens_per_step,
+                                 tokens_per_step=tokens_per_step, step_tokens=step_tokens,
                                  flops_per_step=run_info["flops_per_token"] * tokens_per_step,
                                  peak_flops=run_info["peak_flops_per_device"] * jax.device_count())
     return state

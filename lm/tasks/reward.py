@@ -27,7 +27,7 @@ import numpy as np
 
 from lm import checkpoint, losses, sharding
 from lm import metrics as metrics_lib
-from lm.data import pipeline, preferences
+from lm.data import preferences
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import CheckpointError, ConfigError
 from lm.loop import train_with_evals
@@ -118,20 +118,46 @@ def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
 
 def eval_batches(comparisons: preferences.Comparisons, batch_size: int, num_batches: int,
                  extra: dict | None = None) -> list[dict]:
-    """This process' part of fixed-order batches of `batch_size` prompts from prompt 0 (num_batches
-    <= 0: all of them); rows past the end are masked out. Arrays as `Comparisons.take`, plus the
-    same rows of each `extra` per-prompt array ([n, ...], e.g. DPO's reference log-probs)."""
+    """This process' part of fixed batches of `batch_size` prompts: the first num_batches x
+    batch_size prompts (num_batches <= 0: all), in order of length, each batch trimmed to the
+    width it needs; rows past the end are masked out. Arrays as `Comparisons.take`, plus the same
+    rows of each `extra` per-prompt array ([n, ...], e.g. DPO's reference log-probs)."""
     local = batch_size // jax.process_count()
-    total = -(-comparisons.num_prompts // batch_size)
+    used = comparisons.num_prompts if num_batches <= 0 else min(num_batches * batch_size, comparisons.num_prompts)
+    lengths = preferences.prompt_lengths(comparisons)[:used]
+    order = np.argsort(lengths, kind="stable")
+    order = np.concatenate([order, np.zeros(-used % batch_size, order.dtype)])     # padding rows (masked)
+    real = np.arange(len(order)) < used
     batches = []
-    for b in range(total if num_batches <= 0 else min(num_batches, total)):
-        ids = b * batch_size + jax.process_index() * local + np.arange(local)
-        real = ids < comparisons.num_prompts
-        rows = np.where(real, ids, 0)
+    for start in range(0, len(order), batch_size):
+        ids = order[start:start + batch_size]
+        width = preferences.batch_width(lengths[ids], comparisons.tokens.shape[2])
+        mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        rows = ids[mine]
         batch = {**comparisons.take(rows), **{name: array[rows] for name, array in (extra or {}).items()}}
-        batch["mask"] = batch["mask"] & real[:, None]
-        batches.append(batch)
+        batch["mask"] = batch["mask"] & real[start:start + batch_size][mine, None]
+        batches.append(preferences.trim(batch, width))
     return batches
+
+
+def train_batch_fn(comparisons: preferences.Comparisons, take, batch_size: int, seed: int, group: int, batch_sharding):
+    """The training batches: `(batch_fn, step_tokens)`. batch_fn: `step -> batch`, the global batch of
+    `preferences.grouped_batch_ids` as sharded arrays, trimmed to the width it needs; step_tokens:
+    `step -> batch_size x K x width`, for the loop's token counts. take: `ids [b] -> dict of
+    arrays` (`Comparisons.take` or an extension of it)."""
+    lengths = preferences.prompt_lengths(comparisons)
+    local = batch_size // jax.process_count()
+    _, k, seq_len = comparisons.tokens.shape
+
+    def ids_and_width(step):
+        ids = preferences.grouped_batch_ids(lengths, step, batch_size, seed, group)
+        return ids, preferences.batch_width(lengths[ids], seq_len)
+
+    def batch_fn(step):
+        ids, width = ids_and_width(step)
+        mine = ids[jax.process_index() * local:(jax.process_index() + 1) * local]
+        return sharding.global_batch(preferences.trim(take(mine), width), batch_sharding)
+    return batch_fn, lambda step: batch_size * k * ids_and_width(step)[1]
 
 
 def make_eval_fn(eval_step, comparisons, batch_size: int, num_batches: int, batch_sharding, prefix: str,
@@ -162,16 +188,16 @@ def norm_rows(num: int, seed: int) -> np.ndarray:
 def score_rows(score_step, tokens: np.ndarray, first_index: np.ndarray, last_index: np.ndarray, rows: int,
                batch_sharding) -> np.ndarray:
     """[m, seq] sequences and [m] first and last response columns -> [m] float64 scores, `rows`
-    sequences per call (the last call padded); `score_step` takes {tokens [rows, seq],
-    first_index, last_index [rows, 1]}."""
-    m, local = len(tokens), rows // jax.process_count()
-    scores = []
-    for start in range(0, m, rows):
-        ids = np.minimum(start + jax.process_index() * local + np.arange(local), m - 1)
-        batch = sharding.global_batch({"tokens": tokens[ids], "first_index": first_index[ids, None],
-                                       "last_index": last_index[ids, None]}, batch_sharding)
-        scores.append(np.asarray(jax.device_get(score_step(batch))))
-    return np.concatenate(scores)[:m].astype(np.float64)
+    sequences per call (`preferences.in_length_order`); `score_step` takes {tokens [rows, width],
+    first_index, last_index [rows, 1]} as global sharded arrays."""
+    local = rows // jax.process_count()
+
+    def call(ids, width):
+        mine = ids[jax.process_index() * local:(jax.process_index() + 1) * local]
+        batch = sharding.global_batch({"tokens": tokens[mine, :width], "first_index": first_index[mine, None],
+                                       "last_index": last_index[mine, None]}, batch_sharding)
+        return jax.device_get(score_step(batch))
+    return preferences.in_length_order(call, last_index + 1, rows, tokens.shape[1])
 
 
 def run(config, workdir: str):
@@ -237,12 +263,8 @@ def run(config, workdir: str):
         step_fn = jit_train_step(loss_fn, tx, schedule, config.train.grad_accum, state_shardings,
                                    batch_sharding, mesh)
 
-        def batch_fn(step):
-            ids = pipeline.global_row_ids(data.train.num_prompts, step, batch_size, config.seed,
-                                            jax.process_index(), jax.process_count())
-            return sharding.global_batch(data.train.take(ids), batch_sharding)
-
-        compiled = step_fn.lower(state, batch_fn(int(state.step))).compile()
+        batch_fn, step_tokens = train_batch_fn(data.train, data.train.take, batch_size, config.seed,
+                                               config.train.length_group, batch_sharding)
 
         @jax.jit
         def eval_step(params, batch):
@@ -257,9 +279,9 @@ def run(config, workdir: str):
         evaluate = lambda params: {**heldout(params), **on_train(params)}
         keep_best = sft.best_keeper(workdir, "eval_accuracy", "max")
         state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
-                                 step_fn=compiled, batch_fn=batch_fn, train_cfg=config.train,
+                                 step_fn=step_fn, batch_fn=batch_fn, train_cfg=config.train,
                                  ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},
-                                 tokens_per_step=tokens_per_step,
+                                 tokens_per_step=tokens_per_step, step_tokens=step_tokens,
                                  flops_per_step=run_info["flops_per_token"] * tokens_per_step,
                                  peak_flops=run_info["peak_flops_per_device"] * jax.device_count())
 
