@@ -2,12 +2,17 @@
 best-of-n beside PPO, each stage in DIR/<stage>/ initialised from the stage before, then a report.
 
 A stage runs as its own `experiments.run` subprocess (so a crash or a kill loses only that stage's
-progress since its last checkpoint) and is skipped once its status.json says completed. The
-report compares every policy with SFT on held-out prompts against the oracle (lm.evaluation) and
-writes DIR/report.md and DIR/report.json.
+progress since its last checkpoint) and is skipped once its status.json says completed; the
+recipe's PASSED keys (graded tasks, HH data files) reach the stages that take them as overrides.
+The report compares every policy with SFT on held-out prompts (lm.evaluation) and writes
+DIR/report.md and DIR/report.json. config.recipe.source says which prompts and judges: graded
+tasks are scored by the oracle (the grader; win rates against SFT) and by the reward model, HH
+dialogues by the reward model alone (the oracle fields are null).
 """
+import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -15,18 +20,31 @@ import numpy as np
 from experiments import sweep
 from lm import evaluation, saved_model
 from lm import metrics as metrics_lib
-from lm.data import graded_tasks
-from lm.errors import ConfigError
+from lm.data import graded_tasks, preferences
+from lm.data import sft as sft_data
+from lm.errors import ConfigError, DataError
 from lm.tasks import reward as reward_task
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
-RL_STAGES = ("reward", "ppo", "dpo")  # they take the recipe's tasks
+SOURCES = ("graded_tasks", "hh")  # config.recipe.source
+# recipe key -> (the stage config key it sets, the stages that take it); passed where the recipe sets it.
+PASSED = {"tasks": ("data.tasks", ("reward", "ppo", "dpo")), "data_files": ("data.files", ("sft", "reward", "ppo"))}
 # Which earlier stages a stage's config keys point at.
 LINKS = {"sft": {"init_from": "pretrain"}, "reward": {"init_from": "sft"},
          "ppo": {"init_from": "sft", "ppo.reward_from": "reward"}, "dpo": {"init_from": "sft", "dpo.comparisons_from": "reward"}}
 EXTRA_FIELDS = ("oracle_score_by_task",)  # in report.json beside the issue's fields, where they apply
 REPORT_FIELDS = ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win_rate_ci", "tie_rate",
-                 "kl_to_sft", "rm_accuracy")
+                 "kl_to_sft", "rm_accuracy", "rm_score", "rm_score_sampled")
+
+
+def check_config(config) -> None:
+    """One clear line for a recipe that cannot run: an unknown source, or HH without its data."""
+    source = config.recipe.source
+    if source not in SOURCES:
+        raise ConfigError(f"config.recipe.source={source!r}: expected one of {SOURCES}")
+    if source == "hh" and not config.recipe.get("data_files"):
+        raise ConfigError("config.recipe.data_files is empty: set it to the HH .jsonl/.json file(s) of "
+                          "{\"chosen\", \"rejected\"} transcripts (a glob or a comma-separated list)")
 
 
 def stage_command(spec: str, stage_dir: str, links: dict, recipe_dir: str, overrides: tuple) -> list[str]:
@@ -34,6 +52,16 @@ def stage_command(spec: str, stage_dir: str, links: dict, recipe_dir: str, overr
     command = [sys.executable, "-m", "experiments.run", f"--config={spec}", f"--workdir={stage_dir}"]
     command += [f"--config.{key}={os.path.join(recipe_dir, stage)}" for key, stage in links.items()]
     return command + list(overrides)
+
+
+def stage_overrides(config, stage: str) -> list[str]:
+    """The `--config.` overrides the recipe gives `stage`: its seed, then each PASSED recipe key
+    that is set and that the stage takes."""
+    overrides = [f"--config.seed={config.seed}"]
+    for name, (key, stages) in PASSED.items():
+        if stage in stages and config.recipe.get(name):
+            overrides.append(f"--config.{key}={config.recipe[name]}")
+    return overrides
 
 
 def run_stages(config, workdir: str) -> None:
@@ -47,17 +75,23 @@ def run_stages(config, workdir: str) -> None:
         if status == "completed":
             print(f"{stage}: completed earlier, skipped")
             continue
-        overrides = [f"--config.seed={config.seed}"]
-        if stage in RL_STAGES and config.recipe.tasks:
-            overrides.append(f"--config.data.tasks={config.recipe.tasks}")
-        command = stage_command(spec, stage_dir, LINKS.get(stage, {}), workdir, tuple(overrides))
+        overrides = tuple(stage_overrides(config, stage))
+        command = stage_command(spec, stage_dir, LINKS.get(stage, {}), workdir, overrides)
         print(f"{stage}: {' '.join(command[2:])}", flush=True)
         if sweep.run_member(command, stage_dir) != "completed":
             error = (metrics_lib.read_json(os.path.join(stage_dir, "status.json")) or {}).get("error", "")
             raise ConfigError(f"recipe stage {stage} failed ({error}); its log: {stage_dir}/log.txt")
 
 
-def report_prompts(config, sft_config) -> list[dict]:
+def report_prompts(config, sft) -> list[dict]:
+    """The report's held-out examples (dicts with 'prompt'; graded tasks' also 'task' and 'meta')
+    of config.recipe.source, for the SFT run `sft` (a SavedModel)."""
+    if config.recipe.source == "hh":
+        return hh_report_prompts(config, sft)
+    return graded_report_prompts(config, sft.config)
+
+
+def graded_report_prompts(config, sft_config) -> list[dict]:
     """Held-out prompts for the report: the validation side of the recipe's tasks (all of SFT's
     when recipe.tasks is empty), from a seed no stage uses, minus the SFT run's own eval prompts
     (it chose its best checkpoint on them)."""
@@ -69,20 +103,74 @@ def report_prompts(config, sft_config) -> list[dict]:
     return [e for e in examples if e["prompt"] not in seen][:config.recipe.eval_prompts]
 
 
-def stage_report(policy, sft, examples, prompts, sft_scores, *, max_new_tokens: int, seed: int) -> dict:
-    """oracle scores (greedy and sampled), win rate against SFT and KL to SFT of one policy."""
-    tok = sft.tokenizer
-    kw = dict(max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+def hh_report_prompts(config, sft) -> list[dict]:
+    """Held-out prompts for the report: the first recipe.eval_prompts distinct prompts of the HH
+    builder's 'validation' split (the SFT run's data config: its files and split) that leave
+    recipe.max_new_tokens positions in the SFT model. The earlier stages chose their best
+    checkpoints on this split too (the builder has no third one)."""
+    texts = preferences.hh_prompts(sft.config.data, "validation")
+    room = sft.model_cfg.max_seq_len - config.recipe.max_new_tokens
+    kept, skipped = sft_data.prompts_that_fit(sft.tokenizer, sft.config.template, texts, room)
+    if not kept:
+        raise DataError(f"config.recipe.max_new_tokens={config.recipe.max_new_tokens}: no held-out HH prompt "
+                        f"fits the SFT model's {sft.model_cfg.max_seq_len} positions with it ({skipped} longer)")
+    return [{"prompt": p} for p in kept[:config.recipe.eval_prompts]]
+
+
+@dataclasses.dataclass
+class Judges:
+    """How the report scores [n] responses (token lists) to its n prompts: `oracle` (graded tasks)
+    and `rm` (where there is a reward model), each `responses -> [n] scores` or None; `baseline`:
+    the [n] oracle scores of SFT's greedy responses (win rates), None without an oracle."""
+    examples: list[dict]
+    oracle: Callable | None
+    rm: Callable | None
+    baseline: np.ndarray | None
+
+
+def make_judges(examples, prompts, tokenizer, score_fn, sft_greedy, *, graded: bool) -> Judges:
+    """The report's Judges on [n] examples and their [n] prompt token lists: the grader when
+    `graded`, the reward model's normalised `score_fn` (`reward.load_reward_model`) unless None."""
+    def grade(responses):
+        return evaluation.oracle_scores(examples, evaluation.decode(tokenizer, responses))
+
+    def score(responses):
+        return evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
+    return Judges(examples, grade if graded else None, None if score_fn is None else score,
+                  grade(sft_greedy) if graded else None)
+
+
+def score_fields(judges: Judges, greedy, sampled, seed: int) -> dict:
+    """The report fields of one policy's [n] greedy and [n] sampled responses: oracle scores, win
+    rate against SFT and scores by task (with an oracle), rm_score and rm_score_sampled (with an RM)."""
+    row = {}
+    if judges.oracle is not None:
+        scores = judges.oracle(greedy)
+        row.update(oracle_score=float(scores.mean()), oracle_score_sampled=float(judges.oracle(sampled).mean()),
+                   **_versus(scores, judges.baseline, seed), oracle_score_by_task=by_task(judges.examples, scores))
+    if judges.rm is not None:
+        row.update(rm_score=float(judges.rm(greedy).mean()), rm_score_sampled=float(judges.rm(sampled).mean()))
+    return row
+
+
+def policy_responses(policy, tokenizer, prompts, *, max_new_tokens: int, seed: int) -> tuple[list, list]:
+    """[n] greedy and [n] temperature-1 responses (token lists, EOS-ended when they end) of
+    `policy` (a SavedModel) to [n] prompts; the samples draw from PRNGKey(seed + 1)."""
+    kw = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     greedy = evaluation.sample_responses(policy.params, policy.model_cfg, prompts, rng=jax.random.PRNGKey(seed),
                                          temperature=0.0, **kw)
-    scores = evaluation.oracle_scores(examples, evaluation.decode(tok, greedy))
     sampled = evaluation.sample_responses(policy.params, policy.model_cfg, prompts,
                                           rng=jax.random.PRNGKey(seed + 1), temperature=1.0, **kw)
+    return greedy, sampled
+
+
+def stage_report(policy, sft, prompts, responses, judges: Judges, *, max_new_tokens: int, seed: int) -> dict:
+    """`score_fields` of one policy's (greedy, sampled) `responses` and its KL to SFT on its samples."""
+    greedy, sampled = responses
+    tok = sft.tokenizer
     kl = evaluation.kl_to_reference(policy.model_cfg, policy.params, sft.params, prompts, sampled,
                                     pad_id=tok.pad_id, eos_id=tok.eos_id, width=max_new_tokens)
-    return {"oracle_score": float(scores.mean()),
-            "oracle_score_sampled": float(evaluation.oracle_scores(examples, evaluation.decode(tok, sampled)).mean()),
-            **_versus(scores, sft_scores, seed), "kl_to_sft": kl, "oracle_score_by_task": by_task(examples, scores)}, scores
+    return {**score_fields(judges, greedy, sampled, seed), "kl_to_sft": kl}
 
 
 def by_task(examples: list[dict], scores: np.ndarray) -> dict:
@@ -97,42 +185,40 @@ def _versus(scores, sft_scores, seed) -> dict:
             "tie_rate": versus["tie_rate"]}
 
 
-def best_of_n_report(sft, score_fn, examples, prompts, sft_scores, *, n: int, max_new_tokens: int, seed: int) -> dict:
-    """Best-of-n against the reward model, on the SFT policy's samples at temperature 1."""
+def best_of_n_report(sft, score_fn, prompts, judges: Judges, *, n: int, max_new_tokens: int, seed: int) -> dict:
+    """Best-of-n against the reward model, on the SFT policy's samples at temperature 1: the
+    scores of the chosen samples (greedy and sampled fields alike) and the analytic KL."""
     tok = sft.tokenizer
     samples = evaluation.sample_responses(sft.params, sft.model_cfg, [p for p in prompts for _ in range(n)],
                                           max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed + 2),
                                           temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
     groups = [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
     chosen = evaluation.best_of_n(score_fn, prompts, groups, pad_id=tok.pad_id)
-    scores = evaluation.oracle_scores(examples, evaluation.decode(tok, [g[c] for g, c in zip(groups, chosen)]))
-    return {"oracle_score": float(scores.mean()), "oracle_score_sampled": float(scores.mean()),
-            **_versus(scores, sft_scores, seed), "kl_to_sft": evaluation.best_of_n_kl(n),
-            "oracle_score_by_task": by_task(examples, scores)}
+    picked = [g[c] for g, c in zip(groups, chosen)]
+    return {**score_fields(judges, picked, picked, seed), "kl_to_sft": evaluation.best_of_n_kl(n)}
 
 
 def make_report(config, workdir: str) -> dict:
     """Evaluates SFT, PPO, DPO and best-of-n on the report prompts; writes report.json and report.md."""
     sft = saved_model.load(os.path.join(workdir, "sft"))
-    examples = report_prompts(config, sft.config)
-    prompts = evaluation.encode_prompts(examples, sft.tokenizer, sft.config.template)
+    tok = sft.tokenizer
+    examples = report_prompts(config, sft)
+    prompts = evaluation.encode_prompts(examples, tok, sft.config.template)
     width, seed = config.recipe.max_new_tokens, config.seed
-    stages = {}
-    greedy = evaluation.sample_responses(sft.params, sft.model_cfg, prompts, rng=jax.random.PRNGKey(seed),
-                                         temperature=0.0, max_new_tokens=width, eos_id=sft.tokenizer.eos_id,
-                                         pad_id=sft.tokenizer.pad_id)
-    sft_scores = evaluation.oracle_scores(examples, evaluation.decode(sft.tokenizer, greedy))
-    stages["sft"], _ = stage_report(sft, sft, examples, prompts, sft_scores, max_new_tokens=width, seed=seed)
     rm_dir = os.path.join(workdir, "reward")
-    if os.path.isdir(rm_dir):
+    score_fn = reward_task.load_reward_model(rm_dir)[0] if os.path.isdir(rm_dir) else None
+    responses = policy_responses(sft, tok, prompts, max_new_tokens=width, seed=seed)
+    judges = make_judges(examples, prompts, tok, score_fn, responses[0], graded=config.recipe.source == "graded_tasks")
+    stages = {"sft": stage_report(sft, sft, prompts, responses, judges, max_new_tokens=width, seed=seed)}
+    if score_fn is not None:
         stages["reward"] = {"rm_accuracy": reward_accuracy(rm_dir)}
-        score_fn, _, _ = reward_task.load_reward_model(rm_dir)
-        stages["best_of_n"] = best_of_n_report(sft, score_fn, examples, prompts, sft_scores, n=config.recipe.best_of_n,
+        stages["best_of_n"] = best_of_n_report(sft, score_fn, prompts, judges, n=config.recipe.best_of_n,
                                                max_new_tokens=width, seed=seed)
     for stage in ("ppo", "dpo"):
         if os.path.isdir(os.path.join(workdir, stage, "best")):
             policy = saved_model.load(os.path.join(workdir, stage), "best")
-            stages[stage], _ = stage_report(policy, sft, examples, prompts, sft_scores, max_new_tokens=width, seed=seed)
+            responses = policy_responses(policy, tok, prompts, max_new_tokens=width, seed=seed)
+            stages[stage] = stage_report(policy, sft, prompts, responses, judges, max_new_tokens=width, seed=seed)
     report = {"stages": {name: {f: row.get(f) for f in REPORT_FIELDS} | {f: row[f] for f in EXTRA_FIELDS if f in row}
                          for name, row in stages.items()},
               "num_prompts": len(examples), "best_of_n": config.recipe.best_of_n}
@@ -149,16 +235,17 @@ def reward_accuracy(rm_dir: str) -> float | None:
 
 
 def write_markdown(path: str, report: dict) -> None:
-    """A paper-style table of `report` (atomic)."""
+    """A paper-style table of `report` (atomic); fields null in every row (HH's oracle fields) are left out."""
     def cell(value):
         if value is None:
             return "–"
         if isinstance(value, list):
             return f"[{value[0]:.3f}, {value[1]:.3f}]"
         return f"{value:.3f}"
+    fields = [f for f in REPORT_FIELDS if any(row[f] is not None for row in report["stages"].values())]
     lines = [f"Held-out prompts: {report['num_prompts']}; best-of-n: n = {report['best_of_n']}.", "",
-             "| stage | " + " | ".join(REPORT_FIELDS) + " |", "|---|" + "---:|" * len(REPORT_FIELDS)]
-    lines += [f"| {name} | " + " | ".join(cell(row[f]) for f in REPORT_FIELDS) + " |"
+             "| stage | " + " | ".join(fields) + " |", "|---|" + "---:|" * len(fields)]
+    lines += [f"| {name} | " + " | ".join(cell(row[f]) for f in fields) + " |"
               for name, row in report["stages"].items()]
     per_task = {name: row["oracle_score_by_task"] for name, row in report["stages"].items() if row.get("oracle_score_by_task")}
     if per_task:
@@ -174,6 +261,7 @@ def write_markdown(path: str, report: dict) -> None:
 
 def run(config, workdir: str) -> dict:
     """Runs the stages still to run, then writes the report; returns it."""
+    check_config(config)
     run_stages(config, workdir)
     report = make_report(config, workdir)
     print(open(os.path.join(workdir, "report.md")).read())

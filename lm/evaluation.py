@@ -1,7 +1,8 @@
-"""Comparing policies on held-out prompts against the oracle: answers, win rates, KL to SFT, best-of-n.
+"""Comparing policies on held-out prompts: oracle and reward-model scores, win rates, KL to SFT, best-of-n.
 
 Definitions (those of the recipe report):
-- oracle score: the task's grader on one greedy answer per prompt;
+- oracle score: the task's grader on one greedy answer per prompt (graded tasks only);
+- rm score: the reward model's normalised score of one greedy answer per prompt;
 - win rate of a policy against SFT: mean over prompts of 1 when its oracle score beats SFT's on
   that prompt, 1/2 on a tie, 0 otherwise; the interval is a paired bootstrap over prompts;
 - kl_to_sft: mean over prompts of the sequence KL sum_t log pi(y_t) - log pi_SFT(y_t) of responses
@@ -97,25 +98,38 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def rm_scores(score_fn, prompts: list[list[int]], responses: list[list[int]], *, pad_id: int,
+              batch: int = 256) -> np.ndarray:
+    """[n] reward-model scores of prompt i + response i (float64), read at each response's last token
+    (its EOS when it has one).
+
+    Args:
+      score_fn: `(tokens [b, seq], first_index [b], last_index [b]) -> [b]` scores of right-padded
+        sequences whose response spans columns first_index..last_index (`reward.load_reward_model`).
+      prompts, responses: [n] token lists each; a response has at least one token.
+      batch: sequences per score_fn call, in order of length (`preferences.in_length_order`): all
+        at once would hold [n, seq, vocab] logits where the RM has a likelihood term.
+    """
+    sequences = [p + r for p, r in zip(prompts, responses)]
+    width = max(map(len, sequences))
+    tokens = np.full((len(sequences), width), pad_id, np.int32)
+    for i, s in enumerate(sequences):
+        tokens[i, :len(s)] = s
+    first = np.array([len(p) for p in prompts], np.int32)
+    last = np.array([len(s) - 1 for s in sequences], np.int32)
+    call = lambda ids, columns: score_fn(tokens[ids, :columns], first[ids], last[ids])
+    return preferences.in_length_order(call, last + 1, batch, width)
+
+
 def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int]]], *, pad_id: int,
               batch: int = 256) -> list[int]:
     """For each prompt, the index of the candidate response the reward model scores highest.
 
     Args:
-      score_fn: `(tokens [b, seq], first_index [b], last_index [b]) -> [b]` scores of right-padded
-        sequences whose response spans columns first_index..last_index.
+      score_fn, batch: as `rm_scores`'.
       prompts: [n] token lists; candidates: [n][k] response token lists.
-      batch: sequences per score_fn call (`preferences.in_length_order`). All n * k at once
-        would hold [n * k, seq, vocab] logits where the RM has a likelihood term.
     """
-    sequences = [p + r for p, group in zip(prompts, candidates) for r in group]
-    width = max(map(len, sequences))
-    tokens = np.full((len(sequences), width), pad_id, np.int32)
-    for i, s in enumerate(sequences):
-        tokens[i, :len(s)] = s
-    first = np.array([len(p) for p, group in zip(prompts, candidates) for _ in group], np.int32)
-    last = np.array([len(s) - 1 for s in sequences], np.int32)
-    call = lambda ids, columns: score_fn(tokens[ids, :columns], first[ids], last[ids])
-    scores = preferences.in_length_order(call, last + 1, batch, width)
     k = len(candidates[0])
+    scores = rm_scores(score_fn, [p for p, group in zip(prompts, candidates) for _ in group],
+                       [r for group in candidates for r in group], pad_id=pad_id, batch=batch)
     return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()

@@ -294,7 +294,7 @@ def test_prepare_data_trains_caches_and_loads_a_sentencepiece_model(tmp_path):
 def test_parallel_prepare_data_processes_agree(tmp_path):
     cfg = _text_files(tmp_path)
     code = ("import json, sys; from lm.data import pipeline; "
-            f"d = pipeline.prepare_data(json.loads(sys.argv[1]), {{'kind': 'byte'}}, 16); print(d.train.num_tokens)")
+            "d = pipeline.prepare_data(json.loads(sys.argv[1]), {'kind': 'byte'}, 16); print(d.train.num_tokens)")
     procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
     outputs = [p.communicate()[0].strip().splitlines()[-1] for p in procs]  # tfds prints too

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm import losses, sharding
-from lm.data import pipeline, preferences
+from lm.data import graded_tasks, pipeline, preferences
 from lm.data.tokenizer import ByteTokenizer
 from lm.errors import DataError
 from lm.model import ModelConfig, RewardModel, Transformer
@@ -111,6 +111,14 @@ def test_length_grouped_batches_cover_their_megabatch_and_trimming_changes_no_sc
     assert [b["tokens"].shape[2] for b in trimmed] == [48, 64, 64]  # sorted: the shortest prompts first
     whole = c.take(np.arange(10))
     np.testing.assert_allclose(sum(loss(b) for b in trimmed), loss(whole), rtol=1e-5)
+
+
+def test_rl_eval_prompts_avoid_the_sft_runs_own_eval_prompts():
+    sft_data = {"source": "graded_tasks", "tasks": "add,reverse", "num_eval": 50, "task_seed": 0}
+    seen = preferences.sft_heldout_prompts(sft_data)
+    examples = preferences.rl_eval_prompts("add,reverse", 40, 0, sft_data)
+    assert len(seen) == 50 and len(examples) == 40 and not seen & {e["prompt"] for e in examples}
+    assert all(graded_tasks.split_of(e["prompt"]) == "validation" for e in examples)
 
 
 def _hh_data(tmp_path, files, seq_len, skip=False):

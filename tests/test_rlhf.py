@@ -120,3 +120,95 @@ def test_best_of_n_picks_the_top_scored_candidate_in_any_batching():
     for batch in (2, 4, 256):
         assert evaluation.best_of_n(longest_response, prompts, candidates, pad_id=0, batch=batch) == [1, 2, 1]
     assert set(calls[:5]) == {2}                                # 9 sequences in 5 calls of 2 rows
+
+
+def test_recipe_passes_tasks_and_data_files_to_the_stages_that_take_them():
+    from configs.recipe import instructgpt_hh, instructgpt_tiny
+    from experiments import recipe
+    graded = instructgpt_tiny.get_config("smoke")
+    assert [recipe.stage_overrides(graded, s) for s in ("sft", "ppo")] == [
+        ["--config.seed=0"], ["--config.seed=0", "--config.data.tasks=add,reverse"]]
+    hh = instructgpt_hh.get_config("smoke")
+    hh.recipe.data_files, hh.seed = "a.jsonl,b.jsonl", 3
+    overrides = {s: recipe.stage_overrides(hh, s) for s in recipe.STAGES}
+    assert overrides["sft"] == overrides["reward"] == overrides["ppo"] == ["--config.seed=3",
+                                                                           "--config.data.files=a.jsonl,b.jsonl"]
+    assert overrides["pretrain"] == overrides["dpo"] == ["--config.seed=3"]
+
+
+def _hh_file(path, num: int = 120):
+    """A made-up HH file: arithmetic dialogues (a few with an earlier turn, too long for 64 byte
+    positions: skipped and counted), chosen = the sum, rejected = a refusal."""
+    rows = []
+    for i in range(num):
+        turn = f"\n\nHuman: What is {i} plus {i % 7}?\n\nAssistant:"
+        if i % 10 == 9:
+            turn = "\n\nHuman: Hi there, can you help me?\n\nAssistant: Sure.\n\nHuman: Add them." + turn
+        rows.append({"chosen": f"{turn} {i + i % 7}.", "rejected": f"{turn} No."})
+    path.write_text("\n".join(map(json.dumps, rows)))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_hh_recipe_runs_every_stage_and_reports_rm_scores(tmp_path):
+    """pretrain -> SFT -> reward -> PPO, DPO, best-of-n on HH smoke configs and a made-up HH file,
+    then the report: no oracle fields, reward-model scores and KL instead."""
+    files = _hh_file(tmp_path / "hh.jsonl")
+    command = [sys.executable, "-m", "experiments.run", "--config=configs/recipe/instructgpt_hh.py:smoke",
+               f"--workdir={tmp_path / 'recipe'}", f"--config.recipe.data_files={files}"]
+    env = {**os.environ, "LM_DATA_DIR": str(tmp_path / "data")}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "recipe" / "report.json").read_text())
+    assert set(report["stages"]) == {"sft", "reward", "best_of_n", "ppo", "dpo"} and report["num_prompts"] > 0
+    assert 0.0 <= report["stages"]["reward"]["rm_accuracy"] <= 1.0
+    sft = report["stages"]["sft"]
+    assert math.isfinite(sft["rm_score"]) and math.isfinite(sft["rm_score_sampled"]) and abs(sft["kl_to_sft"]) < 1e-6
+    for stage in ("sft", "ppo", "dpo", "best_of_n"):
+        row = report["stages"][stage]
+        assert all(row[f] is None for f in ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win_rate_ci",
+                                            "tie_rate")), (stage, row)
+        assert math.isfinite(row["rm_score"]) and row["kl_to_sft"] >= -0.05, (stage, row)
+    assert report["stages"]["best_of_n"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    assert "oracle" not in (tmp_path / "recipe" / "report.md").read_text()
+    ppo_records = [json.loads(line) for line in (tmp_path / "recipe" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("oracle_score" in r for r in ppo_records)
+    assert [r["step"] for r in ppo_records if "eval_rm_score" in r] == [0, 2, 4]
+    ppo_run = json.loads((tmp_path / "recipe" / "ppo" / "config.json").read_text())["run"]
+    assert ppo_run["num_skipped_too_long"]["train"] > 0          # the dialogues with an earlier turn
+    dpo_records = [json.loads(line) for line in (tmp_path / "recipe" / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_accuracy" in r for r in dpo_records) and not any("eval_grader_score" in r for r in dpo_records)
+
+
+def test_hh_recipe_without_data_files_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "experiments.run", "--config=configs/recipe/instructgpt_hh.py:smoke",
+                             f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(errors) == 1 and "config.recipe.data_files" in errors[0], result.stderr
+    assert not (tmp_path / "pretrain").exists()                  # nothing ran
+
+
+HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh_rlhf_harmless_base_test.jsonl")
+
+
+def test_ppo_hh_prompts_of_the_real_file(tmp_path):
+    """PPO's HH prompts: distinct dialogue heads of each split, those too long skipped and counted."""
+    if not os.path.exists(HH_FILE):
+        pytest.skip(f"{HH_FILE} is absent")
+    from configs.ppo import hh as ppo_hh
+    from lm.data import sft as sft_data
+    from lm.data.tokenizer import ByteTokenizer
+    config = ppo_hh.get_config()
+    config.data.files, config.data.data_dir = HH_FILE, str(tmp_path / "data")
+    config.template.user, config.template.assistant = "", " "
+    train, held_out, info = ppo.prompt_examples(config, ByteTokenizer(), {}, max_seq_len=256)
+    every = {split: preferences.hh_prompts(config.data, split) for split in ("train", "validation")}
+    assert len(train) + info["num_skipped_too_long"]["train"] == len(every["train"]) > 1500
+    fitting = len(every["validation"]) - info["num_skipped_too_long"]["validation"]
+    assert len(held_out) == min(config.sft.eval_prompts, fitting) > 0
+    assert not set(every["train"]) & set(every["validation"])
+    limit = config.train.seq_len - config.ppo.max_new_tokens
+    for e in train + held_out:
+        assert e["prompt"].endswith("\n\nAssistant:") and e["prompt"].startswith("\n\nHuman:")
+        assert len(sft_data.encode_prompt(ByteTokenizer(), config.template, e["prompt"])) <= limit

@@ -15,6 +15,7 @@ def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
     c = common.get_base_config()
     c.task = 'ppo'
+    c.data.source = 'graded_tasks'
     c.data.tasks = reward_config.RL_TASKS
     c.data.num_train = 4000           # RL prompts (a different seed from SFT's data)
     c.optimizer.lr = 3e-5

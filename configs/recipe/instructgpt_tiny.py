@@ -17,6 +17,7 @@ def get_config(arg=None):
     c = common.get_base_config()
     c.task = 'recipe'
     c.recipe = ml_collections.ConfigDict()
+    c.recipe.source = 'graded_tasks'  # the report's prompts and judges: the oracle and the reward model
     suffix = ':smoke' if a.smoke else ''
     c.recipe.pretrain = 'configs/pretrain/tiny.py' + suffix  # '' skips a stage
     c.recipe.sft = 'configs/sft/tasks_tiny.py' + suffix

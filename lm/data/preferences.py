@@ -188,10 +188,7 @@ def hh_comparisons(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int, l
     skip_bad_records. limits: (train, eval) at most this many triples of each split (0: all).
     The normalisation set is the chosen responses.
     """
-    data_dir = pipeline.resolve_data_dir(config_get(data_cfg, "data_dir", ""))
-    os.makedirs(data_dir, exist_ok=True)
-    with pipeline.file_lock(os.path.join(data_dir, ".prepare.lock")):
-        builder = sft_data.open_sft_dataset(data_cfg, data_dir)
+    builder = open_hh(data_cfg)
     skip = bool(config_get(data_cfg, "skip_bad_records", False))
     splits, info = {}, {"source": "hh", "dataset": builder.name, "config": builder.builder_config.name,
                         "version": str(builder.version), "hh": dict((builder.info.metadata or {}).get("hh", {}))}
@@ -209,6 +206,22 @@ def hh_comparisons(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int, l
               for field in ("tokens", "first_index", "last_index")}
     return PreferenceData(splits["train"], splits["eval"], chosen["tokens"], chosen["first_index"],
                           chosen["last_index"], info)
+
+
+def open_hh(data_cfg):
+    """The prepared HH builder of `data_cfg` (files, eval_fraction, data_dir, skip_bad_records),
+    prepared now under the data dir's lock when missing."""
+    data_dir = pipeline.resolve_data_dir(config_get(data_cfg, "data_dir", ""))
+    os.makedirs(data_dir, exist_ok=True)
+    with pipeline.file_lock(os.path.join(data_dir, ".prepare.lock")):
+        return sft_data.open_sft_dataset(data_cfg, data_dir)
+
+
+def hh_prompts(data_cfg, split: str) -> list[str]:
+    """The distinct prompts of the HH builder's `split` ('train' | 'validation') in stored order:
+    each dialogue up to and including its last "\n\nAssistant:", of every usable dialogue
+    (preference triple or not). data_cfg as `hh_comparisons`'."""
+    return list(dict.fromkeys(e["prompt"] for e in sft_data.read_examples(open_hh(data_cfg), split)))
 
 
 def hh_sequences(triples: list[dict], tokenizer: Tokenizer, template_cfg, seq_len: int,
@@ -248,6 +261,13 @@ def sft_heldout_prompts(sft_data_cfg: dict) -> set[str]:
     examples = graded_tasks.make_examples(sft_data_cfg["tasks"], int(sft_data_cfg["num_eval"]),
                                           int(sft_data_cfg["task_seed"]), "validation")
     return {e["prompt"] for e in examples}
+
+
+def rl_eval_prompts(tasks: str, num: int, seed: int, sft_data_cfg: dict) -> list[dict]:
+    """The held-out prompts PPO and DPO evaluate on and keep their best policy by: 'validation'
+    side, drawn from seed + 3, none of the SFT run's own eval prompts (SFT kept the checkpoint that
+    scored best on those, so there every later policy would start behind a lucky SFT)."""
+    return held_out_prompts(tasks, num, seed + 3, sft_heldout_prompts(sft_data_cfg))
 
 
 def sample_responses(params, model_cfg, tokenizer: Tokenizer, prompts: list[list[int]], *, k: int,

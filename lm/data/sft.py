@@ -47,6 +47,15 @@ def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str) -> list[int]:
     return [tokenizer.bos_id, *tokenizer.encode(format_prompt(template_cfg, prompt))]
 
 
+def prompts_that_fit(tokenizer: Tokenizer, template_cfg, prompts: Sequence[str],
+                     max_tokens: int) -> tuple[list[str], int]:
+    """The [n] prompts whose `encode_prompt` tokens (BOS included) number at most max_tokens, in
+    order, and how many are longer."""
+    lengths = [1 + len(ids) for ids in tokenizer.encode_batch([format_prompt(template_cfg, p) for p in prompts])]
+    kept = [p for p, length in zip(prompts, lengths) if length <= max_tokens]
+    return kept, len(prompts) - len(kept)
+
+
 def tokenize_examples(tokenizer: Tokenizer, template_cfg,
                       examples: Sequence[dict]) -> tuple[list[list[int]], list[int]]:
     """[n] examples -> [n] token lists [BOS] + prompt + response + [EOS], and [n] prompt lengths

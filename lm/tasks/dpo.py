@@ -9,8 +9,10 @@ gradient. The reference log-probs are computed once, before training.
 
 Data: `dpo.comparisons_from` names a reward-model workdir whose comparisons.npz (the SFT policy's
 samples ranked by the oracle, or HH pairs) DPO reuses, so DPO and the reward model learn from the
-same preferences. Evaluated like SFT: held-out comparison loss and accuracy, and the graded score
-of greedy answers to held-out prompts; the policy with the best graded score is kept in best/.
+same preferences. Evaluated like SFT: held-out comparison loss and accuracy, and where the
+comparisons come from graded tasks (their info['source']), the graded score of greedy answers to
+held-out prompts; best/ keeps the policy with the best graded score, or for HH pairs (no grader)
+the best held-out comparison accuracy (eval_accuracy).
 """
 import functools
 import os
@@ -22,7 +24,7 @@ import numpy as np
 
 from lm import checkpoint, losses, rl, sharding
 from lm import metrics as metrics_lib
-from lm.data import graded_tasks, preferences
+from lm.data import preferences
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
 from lm.loop import train_with_evals
@@ -143,11 +145,15 @@ def run(config, workdir: str):
 
         heldout = reward.make_eval_fn(eval_step, data.eval, batch_size, config.train.eval_batches, batch_sharding,
                                         "eval", extra={"ref_logp": ref_eval.astype(np.float32)})
-        examples = graded_tasks.make_examples(config.data.tasks, config.sft.eval_prompts, config.data.task_seed,
-                                                "validation")
-        grade = sft.grader_eval_fn(model_cfg, tok, config.template, examples, config.sft.max_new_tokens)
-        evaluate = lambda params: {**heldout(params), **grade(params)}
-        keep_best = sft.best_keeper(workdir, "eval_grader_score", "max")
+        if data.info["source"] == "graded_tasks":
+            examples = preferences.rl_eval_prompts(config.data.tasks, config.sft.eval_prompts, config.data.task_seed,
+                                                   saved.get("data", {}))
+            grade = sft.grader_eval_fn(model_cfg, tok, config.template, examples, config.sft.max_new_tokens)
+            evaluate = lambda params: {**heldout(params), **grade(params)}
+            keep_best = sft.best_keeper(workdir, "eval_grader_score", "max")
+        else:  # HH pairs: no grader
+            evaluate = heldout
+            keep_best = sft.best_keeper(workdir, "eval_accuracy", "max")
         state = train_with_evals(state, workdir=workdir, eval_fn=evaluate, after_eval=keep_best,
                                  step_fn=step_fn, batch_fn=batch_fn, train_cfg=config.train,
                                  ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},

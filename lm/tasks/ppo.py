@@ -7,9 +7,14 @@ clipped-surrogate + clipped-value updates. The adaptive KL coefficient lives in 
 
 Models: policy and frozen reference from the SFT workdir (`init_from`); the frozen reward model
 and its normalisation from `ppo.reward_from`; the value model is a copy of the reward model
-(backbone + scalar head, read at every position) and trains beside the policy. Where the prompts
-come from a graded task, the oracle (the grader) scores every rollout on the host: it is logged,
-never trained on unless `ppo.reward = 'oracle'`.
+(backbone + scalar head, read at every position; `value_init`) and trains beside the policy.
+
+Prompts (config.data.source, `prompt_examples`): graded tasks, or the HH dialogues' ('hh'). Where
+they come from a graded task, the oracle (the grader) scores every rollout on the host: it is
+logged, never trained on unless `ppo.reward = 'oracle'`, and the policy whose greedy answers to
+held-out prompts grade best (eval_grader_score) is kept in best/. HH prompts have no oracle: no
+oracle_score is logged, and best/ keeps the policy whose greedy responses to held-out
+('validation') prompts the reward model scores best (eval_rm_score, normalised).
 
 Conventions of `lm.rl`: `[batch, T]` arrays are indexed by response position; for the
 left-padded sequence `prompt [P] + response [T]`, the logits and values predicting response
@@ -25,17 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lm import checkpoint, rl, sampling, saved_model, sharding
+from lm import checkpoint, evaluation, rl, sampling, saved_model, sharding
 from lm import metrics as metrics_lib
-from lm.data import graded_tasks, pipeline
+from lm.data import graded_tasks, pipeline, preferences
 from lm.data import sft as sft_data
-from lm.errors import ConfigError
+from lm.errors import ConfigError, DataError
 from lm.loop import train_with_evals
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.tasks import pretrain, reward as reward_task, sft
 
 REWARDS = ("rm", "oracle")
+SOURCES = ("graded_tasks", "hh")  # config.data.source: where the prompts come from
 
 
 @flax.struct.dataclass
@@ -93,7 +99,8 @@ def rollout(params, frozen, batch, rng, kl_coef, *, model, value_model, cfg, set
     Args:
       params: {'policy', 'value'}; frozen: {'reference', 'reward'} (+ 'norm': [2] mean, std).
       batch: {'prompts': [B, P], 'lengths': [B], 'index': [B] example index for the oracle}.
-      oracle: `(index [B], responses [B, T]) -> [B] float32` host grader, or None.
+      oracle: `(index [B], responses [B, T]) -> [B] float32` host grader, or None (no
+        oracle_score in the stats).
     Returns:
       (data: dict of [B, T] / [B] arrays, stats: dict of scalars).
     """
@@ -109,7 +116,7 @@ def rollout(params, frozen, batch, rng, kl_coef, *, model, value_model, cfg, set
     values = response_values(value_model, params["value"], tokens, positions, segments, width)
     rm_score = (final_scores(value_model, frozen["reward"], tokens, positions, segments, width, mask)
                 - frozen["norm"][0]) / frozen["norm"][1]
-    oracle_score = (jnp.zeros_like(rm_score) if oracle is None else
+    oracle_score = (None if oracle is None else
                     jax.pure_callback(oracle, jax.ShapeDtypeStruct(rm_score.shape, jnp.float32),
                                       batch["index"], responses))
     ended = jnp.any(responses == settings[3], axis=1)
@@ -124,7 +131,8 @@ def rollout(params, frozen, batch, rng, kl_coef, *, model, value_model, cfg, set
             "values": values, "advantages": advantages, "returns": returns}
     valid = jnp.maximum(jnp.sum(mask), 1.0)
     stats = {"reward": jnp.mean(score - kl_coef * kl), "rm_score": jnp.mean(rm_score),
-             "oracle_score": jnp.mean(oracle_score), "kl": jnp.mean(kl), "kl_coef": kl_coef,
+             **({} if oracle is None else {"oracle_score": jnp.mean(oracle_score)}),
+             "kl": jnp.mean(kl), "kl_coef": kl_coef,
              "entropy": jnp.sum(entropy * mask) / valid, "response_length": jnp.mean(jnp.sum(mask, axis=1)),
              "eos_fraction": jnp.mean(ended)}
     return jax.lax.stop_gradient(data), stats
@@ -192,6 +200,16 @@ def ppo_step(state: PPOState, batch, frozen, *, model, value_model, cfg, setting
                          kl_coef=kl_coef), metrics
 
 
+def value_init(rm_params: dict, norm: dict) -> dict:
+    """The value model's starting parameters: the reward model's, its head rescaled to read in the
+    units of the normalised reward, (r - mean) / std (InstructGPT's reward model is itself
+    normalised by its bias). Read at every position, the value head then starts near the scale
+    of the returns instead of the raw head's offset."""
+    head = rm_params["head"]
+    return {**rm_params, "head": {"kernel": head["kernel"] / norm["std"],
+                                  "bias": (head["bias"] - norm["mean"]) / norm["std"]}}
+
+
 def check_config(cfg, batch_size: int) -> None:
     """One clear line for a PPO setting that cannot work."""
     if cfg.reward not in REWARDS:
@@ -203,6 +221,60 @@ def check_config(cfg, batch_size: int) -> None:
                           f"config.train.global_batch_size={batch_size}")
     if cfg.temperature <= 0:
         raise ConfigError(f"config.ppo.temperature={cfg.temperature}: PPO samples, it must be > 0")
+
+
+def check_source(source: str, reward: str) -> None:
+    """One clear line for a prompt source PPO cannot use with `reward` (config.ppo.reward)."""
+    if source not in SOURCES:
+        raise ConfigError(f"config.data.source={source!r}: PPO takes its prompts from one of {SOURCES}")
+    if source == "hh" and reward == "oracle":
+        raise ConfigError("config.ppo.reward='oracle' needs a grader: the HH prompts (config.data.source='hh') "
+                          "have none")
+
+
+def prompt_examples(config, tokenizer, sft_data_cfg: dict, max_seq_len: int) -> tuple[list[dict], list[dict], dict]:
+    """(train, eval) prompt examples of config.data.source, and what run_info records about them.
+
+    graded_tasks: config.data.num_train examples of config.data.tasks from the 'train' side and
+    `preferences.rl_eval_prompts` held out (sft_data_cfg: the SFT run's config.data). hh: the HH
+    builder's distinct 'train' prompts, and the first config.sft.eval_prompts distinct
+    'validation' ones; each is a whole dialogue up to its last "\n\nAssistant:", formatted by
+    config.template (the SFT run's, as SFT saw it). Those of more than config.train.seq_len -
+    config.ppo.max_new_tokens tokens are skipped and counted. Examples are dicts with 'prompt'.
+    """
+    data = config.data
+    if data.source == "graded_tasks":
+        train = graded_tasks.make_examples(data.tasks, data.num_train, data.task_seed + 1, "train")
+        return train, preferences.rl_eval_prompts(data.tasks, config.sft.eval_prompts, data.task_seed, sft_data_cfg), {}
+    seq_len = config.train.seq_len
+    if seq_len > max_seq_len:
+        raise ConfigError(f"config.train.seq_len={seq_len} exceeds the SFT model's max_seq_len={max_seq_len}")
+    limit = seq_len - config.ppo.max_new_tokens
+    kept, skipped = {}, {}
+    for split in ("train", "validation"):
+        kept[split], skipped[split] = sft_data.prompts_that_fit(tokenizer, config.template,
+                                                                preferences.hh_prompts(data, split), limit)
+        if not kept[split]:
+            raise DataError(f"config.train.seq_len={seq_len}: no HH {split} prompt has at most seq_len - "
+                            f"config.ppo.max_new_tokens = {limit} tokens ({skipped[split]} longer)")
+    info = {"prompt_source": "hh", "num_skipped_too_long": skipped}
+    train, held_out = ([{"prompt": p} for p in prompts] for prompts in (kept["train"], kept["validation"]))
+    return train, held_out[:config.sft.eval_prompts], info
+
+
+def rm_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new_tokens: int, score_fn):
+    """`params -> {eval_rm_score}`: the mean normalised reward-model score of greedy responses
+    (temperature 0, stop at EOS) to the prompts of `examples`, for prompts without a grader.
+    score_fn: as `reward.normalised_score_fn`'s."""
+    prompts = evaluation.encode_prompts(examples, tokenizer, template_cfg)
+
+    def evaluate(params):
+        responses = evaluation.sample_responses(params, model_cfg, prompts, max_new_tokens=max_new_tokens,
+                                                rng=jax.random.PRNGKey(0), temperature=0.0, eos_id=tokenizer.eos_id,
+                                                pad_id=tokenizer.pad_id, batch=sft.EVAL_BATCH)
+        scores = evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
+        return {"eval_rm_score": float(scores.mean())}
+    return evaluate
 
 
 def prompt_batches(examples: list[dict], tokenizer, template_cfg, model_cfg, max_new_tokens: int):
@@ -228,6 +300,7 @@ def run(config, workdir: str):
     """PPO from the SFT workdir `config.init_from` against the reward model `config.ppo.reward_from`."""
     cfg, batch_size = config.ppo, config.train.global_batch_size
     check_config(cfg, batch_size)
+    check_source(config.data.source, cfg.reward)
     if not config.init_from:
         raise ConfigError("config.init_from: PPO starts from an SFT workdir")
     policy = saved_model.load(config.init_from)
@@ -241,9 +314,8 @@ def run(config, workdir: str):
     pretrain.check_batch_layout(config.train, mesh)
     pretrain.check_model_layout(model_cfg, mesh)
 
-    tasks = config.data.tasks
-    train_examples = graded_tasks.make_examples(tasks, config.data.num_train, config.data.task_seed + 1, "train")
-    eval_examples = graded_tasks.make_examples(tasks, config.sft.eval_prompts, config.data.task_seed, "validation")
+    train_examples, eval_examples, prompt_info = prompt_examples(config, tok, policy.config.data.to_dict(),
+                                                                 model_cfg.max_seq_len)
     prompts = prompt_batches(train_examples, tok, config.template, model_cfg, cfg.max_new_tokens)
     settings = sampling.settings(cfg.temperature, 0, 1.0, tok.eos_id, tok.pad_id)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
@@ -258,9 +330,9 @@ def run(config, workdir: str):
         shardings = sharding.tree_shardings(boxed, mesh, rules)
         # Placed from host copies: the state is donated each step, so the frozen models must not
         # share its buffers (placing one device array twice may alias).
-        host = jax.device_get({"policy": policy.params, "value": rm_params})
-        params = jax.device_put(host, shardings)
-        frozen = jax.device_put({"reference": host["policy"], "reward": host["value"]},
+        host = jax.device_get({"policy": policy.params, "reward": rm_params})
+        params = jax.device_put({"policy": host["policy"], "value": value_init(host["reward"], rm_norm)}, shardings)
+        frozen = jax.device_put({"reference": host["policy"], "reward": host["reward"]},
                                 {"reference": shardings["policy"], "reward": shardings["value"]})
         frozen["norm"] = jnp.asarray([rm_norm["mean"], rm_norm["std"]], jnp.float32)
         opt_shardings = sharding.tree_shardings(jax.eval_shape(tx.init, boxed), mesh, rules)
@@ -276,7 +348,8 @@ def run(config, workdir: str):
 
         run_info = {"init_from": os.path.abspath(config.init_from), "reward_from": os.path.abspath(cfg.reward_from),
                     "params": {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in params.items()},
-                    "num_prompts": len(train_examples), "prompt_width": int(prompts["prompts"].shape[1])}
+                    "num_prompts": len(train_examples), "prompt_width": int(prompts["prompts"].shape[1]),
+                    **prompt_info}
         if jax.process_index() == 0:
             tok.save(os.path.join(workdir, "tokenizer"))
             metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"), {**config.to_dict(), "run": run_info})
@@ -284,7 +357,8 @@ def run(config, workdir: str):
                   f"{batch_size} per rollout, {cfg.epochs} epochs x {cfg.minibatches} minibatches")
 
         batch_sharding = sharding.batch_sharding(mesh, rules)
-        oracle = host_oracle(train_examples, tok)
+        graded = config.data.source == "graded_tasks"
+        oracle = host_oracle(train_examples, tok) if graded else None
         step_fn = jax.jit(functools.partial(ppo_step, model=model, value_model=value_model, cfg=cfg,
                                             settings=settings, tx=tx, schedule=schedule, oracle=oracle),
                           donate_argnums=0)
@@ -305,9 +379,14 @@ def run(config, workdir: str):
                     ptx_rows, step, batch_size, config.seed, jax.process_index(), jax.process_count()), batch_sharding)
             return out
 
-        grade = sft.grader_eval_fn(model_cfg, tok, config.template, eval_examples, config.sft.max_new_tokens)
+        if graded:
+            grade = sft.grader_eval_fn(model_cfg, tok, config.template, eval_examples, config.sft.max_new_tokens)
+        else:  # the responses are as long as the rollouts': the prompts leave room for those
+            grade = rm_eval_fn(model_cfg, tok, config.template, eval_examples, cfg.max_new_tokens,
+                               reward_task.normalised_score_fn(value_model, frozen["reward"], rm_norm))
         evaluate = lambda params: grade(params["policy"])
-        keep_best = sft.best_keeper(workdir, "eval_grader_score", "max", to_plain=lambda p: p["policy"])
+        keep_best = sft.best_keeper(workdir, "eval_grader_score" if graded else "eval_rm_score", "max",
+                                    to_plain=lambda p: p["policy"])
         tokens_per_step = batch_size * (run_info["prompt_width"] + cfg.max_new_tokens)
         # Model FLOPs of one iteration: five forwards (sampling, policy, reference, value, reward;
         # a forward is a third of a training pass) and epochs x (policy + value) training passes.

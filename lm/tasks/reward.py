@@ -340,9 +340,16 @@ def load_reward_model(workdir: str):
     """
     model, params, norm, config = restore_reward_model(workdir)
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    return normalised_score_fn(model, params, norm), tok, dict(config.template)
+
+
+def normalised_score_fn(model: RewardModel, params, norm: dict):
+    """`score_fn(tokens [batch, seq], first_index [batch], last_index [batch]) -> [batch] float32`:
+    the reward model's (score - norm['mean']) / norm['std'] of right-padded sequences whose
+    response spans columns first_index..last_index (as `load_reward_model`'s)."""
     mean, std = norm["mean"], norm["std"]
     scores = jax.jit(lambda p, tokens, first, last: (model.apply({"params": p}, tokens, last, first) - mean) / std)
 
     def score_fn(tokens, first_index, last_index):
         return scores(params, *(jnp.asarray(x, jnp.int32) for x in (tokens, first_index, last_index)))
-    return score_fn, tok, dict(config.template)
+    return score_fn
