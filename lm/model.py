@@ -342,7 +342,7 @@ class RewardModel(nn.Module):
 
     With `likelihood_term`, the score adds `likelihood_weight` (a learned scalar, starting at 1)
     times the mean log-probability of the response tokens under the model's own language-model
-    head: the SFT policy's judgement of its samples, which the final-token head alone does not learn
+    head, and the head starts at zero: the SFT policy's judgement of its samples, which the final-token head alone does not learn
     to read (see docs/RLHF.md for the measured difference).
     """
     config: ModelConfig
@@ -376,7 +376,10 @@ class RewardModel(nn.Module):
         else:
             hidden = lm(tokens, return_hidden=True, **kw)               # [batch, seq, d_model]
         # N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences: initial scores of about unit scale.
-        head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=1 / math.sqrt(cfg.d_model + 1), name='head')
+        # With the likelihood term, zero: the model starts as the policy's likelihood (which ranks
+        # better than chance) and the head learns what it misses, not first to undo its own noise.
+        std = 0.0 if self.likelihood_term else 1 / math.sqrt(cfg.d_model + 1)
+        head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=std, name='head')
         if last_index is None:
             return head(hidden.reshape(b * l, cfg.d_model)).reshape(b, l).astype(jnp.float32)  # [batch, seq]
         last = jnp.take_along_axis(hidden, last_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]

@@ -67,6 +67,8 @@ def test_likelihood_term_adds_the_weighted_mean_response_logprob():
                                rtol=1e-6)
     with pytest.raises(ValueError, match="first_index"):
         model.apply({"params": params}, tokens, last)
+    initial = sharding.unboxed(model.init(jax.random.PRNGKey(0), tokens, last, first)["params"])
+    assert not np.any(np.asarray(initial["head"]["kernel"])) and float(initial["likelihood_weight"]) == 1.0
 
 
 def test_comparisons_ranks_ties_and_label_noise():

@@ -221,7 +221,8 @@ def run(config, workdir: str):
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
     tx = make_optimizer(config.optimizer, schedule)
     throughput = pretrain.throughput_info(config, model_cfg, mesh)
-    throughput["flops_per_token"] -= 6 * model_cfg.vocab_size * model_cfg.d_model  # no unembedding
+    if not config.reward.likelihood_term:  # the score needs no unembedding
+        throughput["flops_per_token"] -= 6 * model_cfg.vocab_size * model_cfg.d_model
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         zeros = jnp.zeros((1,), jnp.int32)
