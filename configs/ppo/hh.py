@@ -11,32 +11,15 @@ the policy that scores highest. data.files, eval_fraction and skip_bad_records m
 reward runs' (the same split). The settings are the graded-task PPO's (configs/ppo/tasks_tiny.py).
 """
 from configs import common
+from configs.ppo import tasks_tiny
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'ppo'
+    c = tasks_tiny.get_config(arg)    # the graded-task PPO's settings; its tasks go unused here
     c.data.source = 'hh'
     c.data.skip_bad_records = True
-    c.optimizer.lr = 3e-5
-    c.optimizer.weight_decay = 0.0
-    c.schedule.kind = 'constant'
-    c.schedule.warmup_steps = 5
-    c.train.steps = 60
-    c.train.global_batch_size = 32    # prompts per rollout
-    c.train.seq_len = 256             # prompt + response
-    c.train.log_every = 5
-    c.train.eval_every = 20
-    c.train.checkpoint_every = 20
-    c.sft.eval_prompts = 128          # held-out prompts of eval_rm_score
-    c.ppo.kl_coef = 0.05
-    c.ppo.minibatches = 2
-    c.ppo.epochs = 2
-    c.ppo.max_new_tokens = 32
-    if a.smoke:  # from an sft/hh.py:smoke run: bytes, 64 positions
-        c.train.steps, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 4, 2, 2, 1
-        c.train.global_batch_size, c.train.seq_len = 8, 64
-        c.ppo.epochs, c.ppo.minibatches, c.ppo.max_new_tokens = 2, 2, 8
-        c.sft.eval_prompts = 8
+    if not a.smoke:                   # smoke: tasks_tiny's (bytes, 64 positions, 8 prompts)
+        c.train.seq_len = 256         # prompt + response
+        c.sft.eval_prompts = 128      # held-out prompts of eval_rm_score
     return c
