@@ -20,7 +20,7 @@ import numpy as np
 from experiments import sweep
 from lm import evaluation, saved_model
 from lm import metrics as metrics_lib
-from lm.data import graded_tasks, preferences
+from lm.data import preferences
 from lm.data import sft as sft_data
 from lm.errors import ConfigError, DataError
 from lm.tasks import reward as reward_task
@@ -95,12 +95,9 @@ def graded_report_prompts(config, sft_config) -> list[dict]:
     """Held-out prompts for the report: the validation side of the recipe's tasks (all of SFT's
     when recipe.tasks is empty), from a seed no stage uses, minus the SFT run's own eval prompts
     (it chose its best checkpoint on them)."""
-    seen = {e["prompt"] for e in graded_tasks.make_examples(sft_config.data.tasks, sft_config.data.num_eval,
-                                                            sft_config.data.task_seed, "validation")}
     tasks = config.recipe.tasks or sft_config.data.tasks
-    examples = graded_tasks.make_examples(tasks, config.recipe.eval_prompts + len(seen),
-                                          sft_config.data.task_seed + 7, "validation")
-    return [e for e in examples if e["prompt"] not in seen][:config.recipe.eval_prompts]
+    return preferences.held_out_prompts(tasks, config.recipe.eval_prompts, sft_config.data.task_seed + 7,
+                                        preferences.sft_heldout_prompts(sft_config.data.to_dict()))
 
 
 def hh_report_prompts(config, sft) -> list[dict]:
