@@ -97,6 +97,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.ppo.clip = 0.2                  # policy ratio clip
     c.ppo.value_clip = 0.2
     c.ppo.vf_coef = 0.1
+    c.ppo.value_lr = 0.0              # the value model's peak learning rate (same schedule); 0: optimizer.lr
     c.ppo.entropy_coef = 0.0
     c.ppo.gamma = 1.0
     c.ppo.lam = 0.95

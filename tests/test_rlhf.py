@@ -55,6 +55,21 @@ def test_ppo_first_minibatch_is_on_policy_and_kl_to_reference_is_zero():
     np.testing.assert_allclose(np.asarray(data["logp"]) * np.asarray(data["mask"]), sampled, atol=1e-4)
 
 
+def test_ppo_optimizer_steps_the_value_model_at_its_own_learning_rate():
+    import ml_collections
+    import optax
+    opt = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
+                                         clip_norm=1.0))
+    tx = ppo.ppo_optimizer(opt, optax.constant_schedule(1e-4), optax.constant_schedule(1e-2))
+    params = {"policy": {"w": jnp.ones((3,))}, "value": {"w": jnp.ones((3,))}}
+    grads = {"policy": {"w": jnp.array([5.0, -1.0, 0.5])}, "value": {"w": jnp.array([0.01, -3.0, 2.0])}}
+    updates, _ = tx.update(grads, tx.init(params), params)
+    # Adam's first step moves each weight by -lr * sign(grad), whatever the gradient's size or the
+    # other model's (each model clips its own gradient norm).
+    np.testing.assert_allclose(updates["policy"]["w"], -1e-4 * np.sign(grads["policy"]["w"]), rtol=1e-3)
+    np.testing.assert_allclose(updates["value"]["w"], -1e-2 * np.sign(grads["value"]["w"]), rtol=1e-3)
+
+
 def test_dpo_loss_at_initialisation_is_log_two():
     model = Transformer(CFG)
     params = _params(model, jnp.zeros((1, 8), jnp.int32))

@@ -200,6 +200,15 @@ def ppo_step(state: PPOState, batch, frozen, *, model, value_model, cfg, setting
                          kl_coef=kl_coef), metrics
 
 
+def ppo_optimizer(opt_cfg, policy_schedule, value_schedule) -> optax.GradientTransformation:
+    """`make_optimizer` for each of {'policy', 'value'}, with its own learning-rate schedule and its
+    own gradient clipping. The two models share no parameter, so under Adam the value loss's
+    weight (vf_coef) barely changes the value model's step: its learning rate is what sets it."""
+    return optax.multi_transform({"policy": make_optimizer(opt_cfg, policy_schedule),
+                                  "value": make_optimizer(opt_cfg, value_schedule)},
+                                 {"policy": "policy", "value": "value"})
+
+
 def value_init(rm_params: dict, norm: dict) -> dict:
     """The value model's starting parameters: the reward model's, its head rescaled to read in the
     units of the normalised reward, (r - mean) / std (InstructGPT's reward model is itself
@@ -319,7 +328,8 @@ def run(config, workdir: str):
     prompts = prompt_batches(train_examples, tok, config.template, model_cfg, cfg.max_new_tokens)
     settings = sampling.settings(cfg.temperature, 0, 1.0, tok.eos_id, tok.pad_id)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
-    tx = make_optimizer(config.optimizer, schedule)
+    value_schedule = learning_rate_schedule(config.schedule, cfg.value_lr or config.optimizer.lr, config.train.steps)
+    tx = ppo_optimizer(config.optimizer, schedule, value_schedule)
     throughput = pretrain.throughput_info(config, model_cfg, mesh)  # measures the peak: outside the mesh
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
