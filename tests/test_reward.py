@@ -108,7 +108,8 @@ def test_length_grouped_batches_cover_their_megabatch_and_trimming_changes_no_sc
     c = preferences.build_comparisons(groups, [[0, 1, 2]] * 10, [3] * 10, seq_len=64, pad_id=0)
     model = RewardModel(CFG, likelihood_term=True)
     params = random_params(model, jnp.zeros((1, 64), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
-    loss = lambda batch: np.asarray(reward.reward_loss(params, batch, None, model=model, margin=0.0)[0])
+    loss_fn = jax.jit(lambda batch: reward.reward_loss(params, batch, None, model=model, margin=0.0)[0])
+    loss = lambda batch: np.asarray(loss_fn(batch))  # noqa: E731
     trimmed = reward.eval_batches(c, batch_size=4, num_batches=0)
     assert [b["tokens"].shape[2] for b in trimmed] == [48, 64, 64]  # sorted: the shortest prompts first
     whole = c.take(np.arange(10))
