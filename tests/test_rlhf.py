@@ -8,11 +8,15 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 import pytest
 
+from configs import common as configs_common
 from lm import evaluation, sampling, sharding
 from lm.data import preferences
+from lm.errors import ConfigError
 from lm.model import ModelConfig, RewardModel, Transformer
 from lm.tasks import dpo, ppo
 
@@ -56,8 +60,6 @@ def test_ppo_first_minibatch_is_on_policy_and_kl_to_reference_is_zero():
 
 
 def test_ppo_optimizer_steps_the_value_model_at_its_own_learning_rate():
-    import ml_collections
-    import optax
     opt = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
                                          clip_norm=1.0))
     tx = ppo.ppo_optimizer(opt, optax.constant_schedule(1e-4), optax.constant_schedule(1e-2))
@@ -68,6 +70,10 @@ def test_ppo_optimizer_steps_the_value_model_at_its_own_learning_rate():
     # other model's (each model clips its own gradient norm).
     np.testing.assert_allclose(updates["policy"]["w"], -1e-4 * np.sign(grads["policy"]["w"]), rtol=1e-3)
     np.testing.assert_allclose(updates["value"]["w"], -1e-2 * np.sign(grads["value"]["w"]), rtol=1e-3)
+    config = configs_common.get_base_config()
+    config.ppo.reward_from, config.ppo.value_lr = "runs/rm", -1e-4
+    with pytest.raises(ConfigError, match=r"^config\.ppo\.value_lr=-0\.0001: expected >= 0"):
+        ppo.check_config(config.ppo, 32)
 
 
 def test_dpo_loss_at_initialisation_is_log_two():

@@ -230,6 +230,8 @@ def check_config(cfg, batch_size: int) -> None:
                           f"config.train.global_batch_size={batch_size}")
     if cfg.temperature <= 0:
         raise ConfigError(f"config.ppo.temperature={cfg.temperature}: PPO samples, it must be > 0")
+    if cfg.value_lr < 0:
+        raise ConfigError(f"config.ppo.value_lr={cfg.value_lr}: expected >= 0 (0: config.optimizer.lr)")
 
 
 def check_source(source: str, reward: str) -> None:
