@@ -291,14 +291,48 @@ def test_prepare_data_trains_caches_and_loads_a_sentencepiece_model(tmp_path):
     assert 1.0 < h < math.log(400)
 
 
+# A process preparing text_files with the byte tokenizer, printing its train split's token count.
+_PREPARE = ("import json, sys; from lm.data import pipeline; "
+            "d = pipeline.prepare_data(json.loads(sys.argv[1]), {'kind': 'byte'}, 16); print(d.train.num_tokens)")
+
+
 def test_parallel_prepare_data_processes_agree(tmp_path):
     cfg = _text_files(tmp_path)
-    code = ("import json, sys; from lm.data import pipeline; "
-            "d = pipeline.prepare_data(json.loads(sys.argv[1]), {'kind': 'byte'}, 16); print(d.train.num_tokens)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, json.dumps(cfg)], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
-    outputs = [p.communicate()[0].strip().splitlines()[-1] for p in procs]  # tfds prints too
+    outputs = [p.communicate()[0].strip().splitlines()[-1] for p in procs]  # after 'preparing data ...'
     assert all(p.returncode == 0 for p in procs) and len(set(outputs)) == 1 and outputs[0].isdigit()
+
+
+def test_first_run_prints_one_line_of_ours_and_no_library_noise(tmp_path):
+    cfg = _text_files(tmp_path)
+    runs = [subprocess.run([sys.executable, "-c", _PREPARE, json.dumps(cfg)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONWARNINGS": ""}) for _ in range(2)]
+    assert all(r.returncode == 0 and r.stderr == "" for r in runs), [r.stderr for r in runs]
+    first, again = (r.stdout.splitlines() for r in runs)
+    note = rf"preparing data text_files \(first run only; cached in {re.escape(cfg['data_dir'])}\) \.\.\. "
+    assert re.fullmatch(note + r"done in \d+ s", first[0]), first
+    assert len(first) == 2 and again == first[1:]  # cached: nothing but the program's own output
+
+
+def test_quiet_libraries_drops_only_tfds_records_below_error():
+    import logging
+
+    from absl import logging as absl_logging
+
+    from lm.quiet import quiet_libraries
+
+    quiet_libraries()
+    quiet_libraries()  # idempotent
+    logger = absl_logging.get_absl_logger()
+    tfds_file = os.path.join("site-packages", "tensorflow_datasets", "core", "dataset_builder.py")
+
+    def passes(level, path):
+        return logger.filter(logging.LogRecord("absl", level, path, 1, "message", None, None))
+
+    assert not passes(logging.WARNING, tfds_file) and passes(logging.ERROR, tfds_file)
+    assert passes(logging.WARNING, os.path.join("site-packages", "orbax", "checkpoint", "x.py"))
+    assert len([f for f in logger.filters if type(f).__name__ == "_DropTfdsChatter"]) == 1
 
 
 def _error(data_cfg, tokenizer_cfg=None) -> str:

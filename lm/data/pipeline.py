@@ -21,13 +21,15 @@ import fcntl
 import functools
 import json
 import os
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import ByteTokenizer, Tokenizer
 from lm.errors import DataError
+from lm.quiet import quiet_libraries
 
 _SOURCES = "'stdlib', 'text_files' or 'tfds:<name>'"
 READ_BATCH = 512  # documents per data-source read and per encode_batch call
@@ -219,18 +221,20 @@ def prepare_data(data_cfg, tokenizer_cfg, seq_len: int) -> LMData:
     ('' -> $LM_DATA_DIR or ~/.cache/lm/data), eval_fraction. tokenizer_cfg: kind ('sentencepiece'
     | 'byte'), vocab_size, model_type ('bpe' | 'unigram'), split_digits, path ('' -> train on the
     train split once and cache it in the data dir; else load that file). User mistakes raise DataError.
+    What is built rather than read from the cache is announced in one line (`first_run_note`).
     """
     data_dir = resolve_data_dir(config_get(data_cfg, "data_dir", ""))
     os.makedirs(data_dir, exist_ok=True)
-    with file_lock(os.path.join(data_dir, ".prepare.lock")):
-        corpus = open_corpus(data_cfg, data_dir)
-        tokenizer, tokenizer_path = get_tokenizer(tokenizer_cfg, corpus, data_dir)
+    source = config_get(data_cfg, "source", "stdlib")
+    with file_lock(os.path.join(data_dir, ".prepare.lock")), first_run_note(source, data_dir) as begin:
+        corpus = open_corpus(data_cfg, data_dir, begin)
+        tokenizer, tokenizer_path = get_tokenizer(tokenizer_cfg, corpus, data_dir, begin)
         cache_dir = os.path.join(data_dir, "tokens", corpus.key, tokenizer.identity)
-        train, train_stats = tokenize_split(corpus, "train", tokenizer, cache_dir)
-        evals, eval_stats = tokenize_split(corpus, corpus.eval_split, tokenizer, cache_dir)
+        train, train_stats = tokenize_split(corpus, "train", tokenizer, cache_dir, begin)
+        evals, eval_stats = tokenize_split(corpus, corpus.eval_split, tokenizer, cache_dir, begin)
     metadata = corpus.builder.info.metadata or {}
     info = {
-        "source": config_get(data_cfg, "source", "stdlib"),
+        "source": source,
         "dataset": corpus.builder.name,
         "config": corpus.builder.builder_config.name if corpus.builder.builder_config else None,
         "version": str(corpus.builder.version),
@@ -252,8 +256,47 @@ def resolve_data_dir(data_dir: str) -> str:
     return os.path.abspath(os.path.expanduser(data_dir))
 
 
-def open_corpus(data_cfg, data_dir: str) -> Corpus:
-    """Prepares (once) the dataset `data_cfg.source` names as ArrayRecord under data_dir."""
+def _nothing() -> None:
+    """The default `begin` of the preparation steps: announce nothing."""
+
+
+@contextlib.contextmanager
+def first_run_note(what: str, data_dir: str) -> Iterator[Callable[[], None]]:
+    """Yields begin(), which a step calls when it builds something rather than reading the cache.
+
+    begin()'s first call prints 'preparing data <what> (first run only; cached in <data_dir>) ... ';
+    leaving the block then ends that line with 'done in N s', or with just a newline when the block
+    raised, so that the error starts on a line of its own. Nothing is printed when nothing began.
+    """
+    started: list[float] = []
+
+    def begin() -> None:
+        if not started:
+            print(f"preparing data {what} (first run only; cached in {data_dir}) ... ", end="", flush=True)
+            started.append(time.perf_counter())
+
+    try:
+        yield begin
+    except BaseException:
+        if started:
+            print(flush=True)
+        raise
+    if started:
+        print(f"done in {time.perf_counter() - started[0]:.0f} s", flush=True)
+
+
+def prepare_builder(builder, begin: Callable[[], None] = _nothing) -> None:
+    """builder.download_and_prepare() unless the builder is prepared; calls begin() first."""
+    if not builder.is_prepared():
+        begin()
+        builder.download_and_prepare()
+
+
+def open_corpus(data_cfg, data_dir: str, begin: Callable[[], None] = _nothing) -> Corpus:
+    """Prepares (once) the dataset `data_cfg.source` names as ArrayRecord under data_dir.
+
+    begin: called before building anything (`first_run_note`)."""
+    quiet_libraries()
     from lm.data.builders import BUILDERS
 
     source = config_get(data_cfg, "source", "stdlib")
@@ -269,13 +312,13 @@ def open_corpus(data_cfg, data_dir: str) -> Corpus:
         return _open_tfds(source.removeprefix("tfds:"), config_get(data_cfg, "text_field", "text"), common)
     else:
         raise DataError(f"config.data.source: unknown source {source!r}; expected {_SOURCES}")
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    prepare_builder(builder, begin)
     return Corpus(builder, "text", "validation")
 
 
 def _open_tfds(name: str, text_field: str, builder_kwargs: dict) -> Corpus:
-    """A registered TFDS dataset; downloads and prepares it when missing."""
+    """A registered TFDS dataset; downloads and prepares it when missing (under TFDS's own banner,
+    which gives the download size, so before our `first_run_note` line begins)."""
     import tensorflow_datasets as tfds
 
     try:
@@ -300,10 +343,12 @@ def _open_tfds(name: str, text_field: str, builder_kwargs: dict) -> Corpus:
     return Corpus(builder, text_field, "validation" if "validation" in splits else "test")
 
 
-def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str) -> tuple[Tokenizer, str | None]:
+def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str,
+                  begin: Callable[[], None] = _nothing) -> tuple[Tokenizer, str | None]:
     """The configured tokenizer and the file it lives in (None for the byte tokenizer).
 
-    A sentencepiece model is trained on the corpus' train split once and cached under data_dir.
+    A sentencepiece model is trained on the corpus' train split once (after calling begin()) and
+    cached under data_dir.
     """
     kind = config_get(tokenizer_cfg, "kind", "sentencepiece")
     if kind == "byte":
@@ -322,14 +367,18 @@ def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str) -> tuple[Tokeniz
     path = os.path.join(data_dir, "tokenizers", corpus.key, name)
     if os.path.exists(path):
         return tokenizer_lib.load_tokenizer(path), path
+    begin()
     return tokenizer_lib.train_sentencepiece(corpus.texts("train"), path, vocab_size, model_type, split_digits), path
 
 
-def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: str) -> tuple[np.ndarray, dict]:
-    """The split's token stream [num_tokens] (memory-mapped from the cache) and its statistics."""
+def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: str,
+                   begin: Callable[[], None] = _nothing) -> tuple[np.ndarray, dict]:
+    """The split's token stream [num_tokens] (memory-mapped from the cache) and its statistics;
+    begin() is called before tokenizing a split that is not cached."""
     stream_path = os.path.join(cache_dir, f"{split}.npy")
     stats_path = os.path.join(cache_dir, f"{split}.json")
     if not os.path.exists(stats_path):
+        begin()
         tokens, stats = tokenize_documents(corpus.texts(split), tokenizer)
         if not stats["num_docs"]:
             raise DataError(f"config.data.source: split {split!r} of {corpus.key} has no documents")

@@ -31,6 +31,7 @@ from lm.data import pipeline
 from lm.data.pipeline import config_get
 from lm.data.tokenizer import Tokenizer
 from lm.errors import DataError
+from lm.quiet import quiet_libraries
 
 _SOURCES = "'alpaca', 'hh' or 'graded_tasks'"
 DEFAULT_USER, DEFAULT_ASSISTANT = "User: ", "\nAssistant: "
@@ -180,7 +181,9 @@ def pack_split(examples: list[dict], tokenizer: Tokenizer, template_cfg, seq_len
 
 
 def open_sft_dataset(data_cfg, data_dir: str):
-    """The prepared TFDS builder of `data_cfg.source` (prepared now when missing)."""
+    """The prepared TFDS builder of `data_cfg.source` (prepared now when missing, in one line of
+    `pipeline.first_run_note`)."""
+    quiet_libraries()
     from lm.data.builders import BUILDERS
 
     source = config_get(data_cfg, "source", "graded_tasks")
@@ -196,8 +199,8 @@ def open_sft_dataset(data_cfg, data_dir: str):
                                    seed=int(config_get(data_cfg, "task_seed", 0)), **common)
     else:
         raise DataError(f"config.data.source: unknown SFT source {source!r}; expected {_SOURCES}")
-    if not builder.is_prepared():
-        builder.download_and_prepare()
+    with pipeline.first_run_note(source, data_dir) as begin:
+        pipeline.prepare_builder(builder, begin)
     return builder
 
 

@@ -148,7 +148,8 @@ def _piece_bytes(sp, i: int) -> bytes:
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Loads a file written by `save` (a sentencepiece .model, or the byte tokenizer's marker)."""
     try:
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise DataError(f"tokenizer file {os.fspath(path)!r} cannot be read: {e.strerror}") from None
     if data.startswith(b"{") and _BYTE_FORMAT.encode() in data:

@@ -13,6 +13,7 @@ from etils import epath
 
 from lm.data.builders import records
 from lm.data.builders.text_files import resolve_files
+from lm.quiet import NoDownloadBanner
 
 
 def alpaca_example(record: object) -> dict:
@@ -23,7 +24,7 @@ def alpaca_example(record: object) -> dict:
     return {"prompt": f"{instruction}\n\n{extra}" if extra.strip() else instruction, "response": response}
 
 
-class Alpaca(tfds.core.GeneratorBasedBuilder):
+class Alpaca(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
     """Alpaca-format files; splits 'train' and 'validation'; features prompt, response, record."""
 
     VERSION = tfds.core.Version("1.0.0")

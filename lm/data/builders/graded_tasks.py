@@ -10,9 +10,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lm.data import graded_tasks
+from lm.quiet import NoDownloadBanner
 
 
-class GradedTasks(tfds.core.GeneratorBasedBuilder):
+class GradedTasks(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
     """Synthetic graded tasks; splits 'train' and 'validation'; features task, prompt, response, meta, record."""
 
     # Bump when a task's generator changes: the config name only carries the arguments.

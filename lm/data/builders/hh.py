@@ -25,6 +25,7 @@ from etils import epath
 
 from lm.data.builders import records
 from lm.data.builders.text_files import resolve_files
+from lm.quiet import NoDownloadBanner
 
 ASSISTANT = "\n\nAssistant:"
 IRREGULAR = ("prompt_mismatch", "empty_chosen_response", "empty_rejected_response")
@@ -57,7 +58,7 @@ def irregular_summary(examples: list[tuple[str, dict]]) -> dict:
     return {**counts, "num_sft_examples": len(kept), "num_preference_pairs": sum(e["preference"] for e in kept)}
 
 
-class HH(tfds.core.GeneratorBasedBuilder):
+class HH(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
     """HH dialogues; splits 'train' and 'validation'; features prompt, response, chosen, rejected,
     preference, record."""
 

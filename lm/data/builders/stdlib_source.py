@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lm.errors import DataError
+from lm.quiet import NoDownloadBanner
 
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -59,7 +60,7 @@ def heldout_units(sizes: dict[str, int], fraction: float, max_unit_fraction: flo
     return chosen
 
 
-class StdlibSource(tfds.core.GeneratorBasedBuilder):
+class StdlibSource(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
     """Python standard library source; splits 'train' and 'validation'; features text, path."""
 
     VERSION = tfds.core.Version("1.0.0")

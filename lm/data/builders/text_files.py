@@ -19,6 +19,7 @@ from etils import epath
 
 from lm.data.builders.stdlib_source import heldout_units
 from lm.errors import DataError
+from lm.quiet import NoDownloadBanner
 
 _KEY = "config.data.files"
 MAX_CHUNK_CHARS = 4096
@@ -106,7 +107,7 @@ def read_documents(path: str, text_field: str) -> list[tuple[str, str]]:
     return docs
 
 
-class TextFiles(tfds.core.GeneratorBasedBuilder):
+class TextFiles(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
     """User text files; splits 'train' and 'validation'; features text, path ('file:line' or 'file#chunk')."""
 
     VERSION = tfds.core.Version("1.0.0")
