@@ -1,17 +1,20 @@
-"""The base config every task extends: one place for every key and its default.
+"""The config sections, and which task reads which.
 
-A config file starts from `get_base_config()` and sets what differs. Keys are fixed here: the
-runner loads configs with `lock_config=True`, so a mistyped override fails instead of adding one.
+A config file starts from its task's `*_config()` (`pretrain_config()`, `sft_config()`, ...) and sets
+what differs. Each holds the sections every task reads (model, precision, data, optimizer, schedule,
+train, mesh, axis_rules) and its own task's keys, nothing else: the runner loads configs with
+`lock_config=True`, so a key the task does not read is an unknown key, and a mistyped override fails
+instead of adding one.
 """
 import ml_collections
 
 
 def get_base_config() -> ml_collections.ConfigDict:
-    """Returns the defaults for every section (task, model, data, optimizer, train, mesh, ...)."""
+    """The sections every task reads: task, seed, model, precision, data, optimizer, schedule, train,
+    mesh and axis_rules."""
     c = ml_collections.ConfigDict()
     c.task = 'pretrain'          # pretrain | sft | reward | ppo | dpo | recipe
     c.seed = 0
-    c.init_from = ''             # a workdir or orbax checkpoint path to initialise parameters from
 
     # Model: keys are the fields of lm.model.ModelConfig. Defaults are GPT-2 style.
     c.model = ml_collections.ConfigDict()
@@ -39,8 +42,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.precision.compute_dtype = 'float32'
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = 'stdlib'     # stdlib | text_files | tfds:<name>
-    c.data.files = ''            # text_files: a glob or a comma-separated list of .txt/.jsonl
+    c.data.source = 'stdlib'     # stdlib | text_files | tfds:<name> | graded_tasks | alpaca | hh
+    c.data.files = ''            # text_files, alpaca, hh: a glob or a comma-separated list of .txt/.jsonl
     c.data.text_field = 'text'   # the text field of .jsonl records and TFDS datasets
     c.data.data_dir = ''         # '': $LM_DATA_DIR or ~/.cache/lm/data
     c.data.eval_fraction = 0.05
@@ -49,76 +52,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.num_train = 20000     # graded_tasks: examples generated per split
     c.data.num_eval = 500
     c.data.task_seed = 0         # graded_tasks: the generator's seed (config.seed orders batches)
-
-    # Chat template of SFT and later stages: user + prompt + assistant, then the response and EOS.
-    c.template = ml_collections.ConfigDict()
-    c.template.user = 'User: '
-    c.template.assistant = '\nAssistant: '
-
-    # LoRA (Hu et al. 2021); rank 0 = full fine-tuning. quantize='nf4' stores the frozen base in
-    # 4-bit NF4 (QLoRA, Dettmers et al. 2023).
-    c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0
-    c.lora.alpha = 16.0
-    c.lora.dropout = 0.0
-    c.lora.targets = ('query', 'key', 'value', 'out')  # also: wi, wi_gate, wi_up, wo (MLP)
-    c.lora.modules_to_save = ()       # trained in full beside the adapters: token_embed, pos_embed, ln_final, lm_head
-    c.lora.quantize = ''              # '' | 'nf4'
-    c.lora.double_quant = False       # NF4: 8-bit block scales with a float32 scale per 256 blocks
-    c.lora.lr = 0.0                   # > 0: the peak learning rate when rank > 0 (adapters take larger steps)
-
-    # SFT: what init_from gives, and the graded evaluation (greedy answers to held-out prompts).
-    c.sft = ml_collections.ConfigDict()
-    c.sft.reinit = False          # architecture and tokenizer from init_from, parameters random
-    c.sft.eval_prompts = 200      # held-out prompts answered greedily and graded at each eval
-    c.sft.max_new_tokens = 32
-
-    # Reward model (task 'reward'): comparisons, and the pairwise loss.
-    c.reward = ml_collections.ConfigDict()
-    c.reward.samples_per_prompt = 4   # graded_tasks: K responses sampled from the SFT policy per prompt
-    c.reward.temperature = 1.0        # graded_tasks: sampling temperature of those responses
-    c.reward.max_new_tokens = 32      # graded_tasks: the longest sampled response
-    c.reward.sample_batch = 256       # graded_tasks: rows per generate call (one compile per prompt bucket)
-    c.reward.num_prompts = 2000       # train prompts (graded_tasks); hh: at most this many train triples, 0 all
-    c.reward.num_eval_prompts = 200   # held-out prompts (graded_tasks); hh: at most this many, 0 all
-    c.reward.label_noise = 0.0        # probability that a train prompt's ranking is reversed
-    c.reward.margin = 0.0             # subtracted from every score difference in the loss (Llama 2)
-    c.reward.likelihood_term = False  # add a learned multiple of the response's mean log-prob (model.RewardModel)
-
-    # PPO (task 'ppo'): policy and reference from init_from (SFT), reward and value from reward_from.
-    # Defaults follow lm-human-preferences and Huang et al. 2024 where a tiny model allows.
-    c.ppo = ml_collections.ConfigDict()
-    c.ppo.reward_from = ''            # the reward-model workdir
-    c.ppo.reward = 'rm'               # rm | oracle (train on the grader itself: an upper reference)
-    c.ppo.temperature = 1.0           # sampling temperature, also applied to the trained log-probs
-    c.ppo.max_new_tokens = 32
-    c.ppo.epochs = 4                  # passes over each rollout batch
-    c.ppo.minibatches = 4             # per pass; must divide train.global_batch_size (prompts per rollout)
-    c.ppo.clip = 0.2                  # policy ratio clip
-    c.ppo.value_clip = 0.2
-    c.ppo.vf_coef = 0.1
-    c.ppo.value_lr = 0.0              # the value model's peak learning rate (same schedule); 0: optimizer.lr
-    c.ppo.entropy_coef = 0.0
-    c.ppo.gamma = 1.0
-    c.ppo.lam = 0.95
-    c.ppo.kl_coef = 0.05              # β of the per-token KL penalty (the start value when adaptive)
-    c.ppo.kl_target = 0.0             # > 0: adaptive β (Ziegler et al.) aiming at this KL in nats
-    c.ppo.kl_horizon = 10000
-    c.ppo.whiten_rewards = False
-    c.ppo.missing_eos_penalty = 1.0   # subtracted from the score of a response that never ends
-    c.ppo.ptx_coef = 0.0              # PPO-ptx: weight of the LM loss on SFT rows (InstructGPT: pretraining rows)
-
-    # DPO (task 'dpo'): policy and reference from init_from (SFT), comparisons from a reward-model workdir.
-    c.dpo = ml_collections.ConfigDict()
-    c.dpo.comparisons_from = ''       # the reward-model workdir whose comparisons.npz DPO trains on
-    c.dpo.beta = 0.1                  # the implicit reward's scale (the strength of the KL constraint)
-
-    c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = 'sentencepiece'  # sentencepiece | byte
-    c.tokenizer.vocab_size = 4096
-    c.tokenizer.model_type = 'bpe'      # bpe | unigram
-    c.tokenizer.split_digits = True
-    c.tokenizer.path = ''               # a trained .model to use instead of training one
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3
@@ -136,13 +69,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.schedule.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
     c.schedule.decay_fraction = 0.2  # wsd: fraction of the steps spent decaying
 
+    # The same meaning in every task (lm/trainer.py runs them all).
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
     c.train.global_batch_size = 32
     c.train.seq_len = 256
-    c.train.grad_accum = 1        # microbatches per step (lax.scan inside the step)
-    c.train.length_group = 8      # reward, dpo: this many batches drawn together and cut by length (1: plain shuffle)
-    c.train.z_loss = 0.0          # PaLM's auxiliary loss on log Z, e.g. 1e-4
+    c.train.grad_accum = 1        # microbatches per update (lax.scan inside the step)
     c.train.log_every = 10
     c.train.eval_every = 200      # 0: only at the end
     c.train.eval_batches = 20     # 0: the whole held-out split
@@ -151,14 +83,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.on_nonfinite = 'stop'  # a step with a non-finite loss or gradient norm: stop | skip (its update)
     c.train.inject_nan_at_step = -1  # fault injection for tests: this step's gradients are NaN
     c.train.peak_flops = 0.0      # FLOP/s per device for MFU; 0: measured by a matmul probe
-    c.train.num_samples = 3       # samples printed and saved at the end
-    c.train.sample_tokens = 64
-    c.train.sample_prompt = ''    # '': each sample starts from BOS alone
-
-    # IsoFLOP members: a FLOP budget sets train.steps, so the schedule ends at the member's own budget.
-    c.scaling = ml_collections.ConfigDict()
-    c.scaling.budget = 0.0        # training FLOPs; 0: train.steps as set
-    c.scaling.flops = 'chinchilla'  # how C is counted: chinchilla (with attention) | 6nd | 6n | palm
 
     # Mesh axis sizes; -1 takes the devices left over. Their product must equal the device count.
     c.mesh = ml_collections.ConfigDict()
@@ -168,13 +92,143 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # Logical axis -> mesh axes (lm/sharding.py names the logical axes).
     c.axis_rules = [
-            ('batch', ('data', 'fsdp')),
-            ('embed', 'fsdp'),
-            ('mlp', 'tensor'),
-            ('heads', 'tensor'),
-            ('kv_heads', 'tensor'),
-            ('vocab', 'tensor'),
+        ('batch', ('data', 'fsdp')),
+        ('embed', 'fsdp'),
+        ('mlp', 'tensor'),
+        ('heads', 'tensor'),
+        ('kv_heads', 'tensor'),
+        ('vocab', 'tensor'),
     ]
+    return c
+
+
+def _template() -> ml_collections.ConfigDict:
+    """Chat template of SFT and later stages: user + prompt + assistant, then the response and EOS."""
+    t = ml_collections.ConfigDict()
+    t.user = 'User: '
+    t.assistant = '\nAssistant: '
+    return t
+
+
+def _finetune(task: str) -> ml_collections.ConfigDict:
+    """The base sections plus what every stage after pretraining reads: init_from and the template."""
+    c = get_base_config()
+    c.task = task
+    c.init_from = ''             # the workdir (or a checkpoint in one) this stage starts from
+    c.template = _template()     # replaced by the init_from run's template where it has one
+    return c
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+    """Pretraining: the base sections, the tokenizer, z-loss, samples and the scaling budget."""
+    c = get_base_config()
+    c.task = 'pretrain'
+    c.train.z_loss = 0.0          # PaLM's auxiliary loss on log Z, e.g. 1e-4
+    c.train.num_samples = 3       # samples printed and saved at the end
+    c.train.sample_tokens = 64
+    c.train.sample_prompt = ''    # '': each sample starts from BOS alone
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = 'sentencepiece'  # sentencepiece | byte
+    c.tokenizer.vocab_size = 4096
+    c.tokenizer.model_type = 'bpe'      # bpe | unigram
+    c.tokenizer.split_digits = True
+    c.tokenizer.path = ''               # a trained .model to use instead of training one
+
+    # IsoFLOP members: a FLOP budget sets train.steps, so the schedule ends at the member's own budget.
+    c.scaling = ml_collections.ConfigDict()
+    c.scaling.budget = 0.0        # training FLOPs; 0: train.steps as set
+    c.scaling.flops = 'chinchilla'  # how C is counted: chinchilla (with attention) | 6nd | 6n | palm
+    return c
+
+
+def sft_config() -> ml_collections.ConfigDict:
+    """SFT: init_from, the template, LoRA and the graded evaluation."""
+    c = _finetune('sft')
+    c.train.z_loss = 0.0
+
+    # LoRA (Hu et al. 2021); rank 0 = full fine-tuning. quantize='nf4' stores the frozen base in
+    # 4-bit NF4 (QLoRA, Dettmers et al. 2023).
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = ('query', 'key', 'value', 'out')  # also: wi, wi_gate, wi_up, wo (MLP)
+    c.lora.modules_to_save = ()       # trained in full beside the adapters: token_embed, pos_embed, ln_final, lm_head
+    c.lora.quantize = ''              # '' | 'nf4'
+    c.lora.double_quant = False       # NF4: 8-bit block scales with a float32 scale per 256 blocks
+    c.lora.lr = 0.0                   # > 0: the peak learning rate when rank > 0 (adapters take larger steps)
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.reinit = False          # architecture and tokenizer from init_from, parameters random
+    c.sft.eval_prompts = 200      # held-out prompts answered greedily and graded at each eval
+    c.sft.max_new_tokens = 32
+    return c
+
+
+def reward_config() -> ml_collections.ConfigDict:
+    """Reward model: comparisons, and the pairwise loss."""
+    c = _finetune('reward')
+    c.train.length_group = 8      # this many batches drawn together and cut by length (1: plain shuffle)
+    c.reward = ml_collections.ConfigDict()
+    c.reward.samples_per_prompt = 4   # graded_tasks: K responses sampled from the SFT policy per prompt
+    c.reward.temperature = 1.0        # graded_tasks: sampling temperature of those responses
+    c.reward.max_new_tokens = 32      # graded_tasks: the longest sampled response
+    c.reward.sample_batch = 256       # graded_tasks: rows per generate call (one compile per prompt bucket)
+    c.reward.num_prompts = 2000       # train prompts (graded_tasks); hh: at most this many train triples, 0 all
+    c.reward.num_eval_prompts = 200   # held-out prompts (graded_tasks); hh: at most this many, 0 all
+    c.reward.label_noise = 0.0        # probability that a train prompt's ranking is reversed
+    c.reward.margin = 0.0             # subtracted from every score difference in the loss (Llama 2)
+    c.reward.likelihood_term = False  # add a learned multiple of the response's mean log-prob (model.RewardModel)
+    return c
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+    """PPO: policy and reference from init_from (SFT), reward and value from ppo.reward_from.
+    Defaults follow lm-human-preferences and Huang et al. 2024 where a tiny model allows."""
+    c = _finetune('ppo')
+    c.ppo = ml_collections.ConfigDict()
+    c.ppo.reward_from = ''            # the reward-model workdir
+    c.ppo.reward = 'rm'               # rm | oracle (train on the grader itself: an upper reference)
+    c.ppo.temperature = 1.0           # sampling temperature, also applied to the trained log-probs
+    c.ppo.max_new_tokens = 32         # rollouts and evaluation answers
+    c.ppo.eval_prompts = 200          # held-out prompts answered greedily at each eval
+    c.ppo.epochs = 4                  # passes over each rollout batch
+    c.ppo.minibatches = 4             # per pass; must divide train.global_batch_size (prompts per rollout)
+    c.ppo.clip = 0.2                  # policy ratio clip
+    c.ppo.value_clip = 0.2
+    c.ppo.vf_coef = 0.1
+    c.ppo.value_lr = 0.0              # the value model's peak learning rate (same schedule); 0: optimizer.lr
+    c.ppo.entropy_coef = 0.0
+    c.ppo.gamma = 1.0
+    c.ppo.lam = 0.95
+    c.ppo.kl_coef = 0.05              # β of the per-token KL penalty (the start value when adaptive)
+    c.ppo.kl_target = 0.0             # > 0: adaptive β (Ziegler et al.) aiming at this KL in nats
+    c.ppo.kl_horizon = 10000
+    c.ppo.whiten_rewards = False
+    c.ppo.missing_eos_penalty = 1.0   # subtracted from the score of a response that never ends
+    c.ppo.ptx_coef = 0.0              # PPO-ptx: weight of the LM loss on SFT rows (InstructGPT: pretraining rows)
+    return c
+
+
+def dpo_config() -> ml_collections.ConfigDict:
+    """DPO: policy and reference from init_from (SFT), comparisons from a reward-model workdir."""
+    c = _finetune('dpo')
+    c.train.length_group = 8
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.comparisons_from = ''       # the reward-model workdir whose comparisons.npz DPO trains on
+    c.dpo.beta = 0.1                  # the implicit reward's scale (the strength of the KL constraint)
+    c.dpo.eval_prompts = 200          # held-out prompts answered greedily and graded at each eval
+    c.dpo.max_new_tokens = 32
+    return c
+
+
+def recipe_config() -> ml_collections.ConfigDict:
+    """The recipe: a seed and the recipe section (its stages have their own config files)."""
+    c = ml_collections.ConfigDict()
+    c.task = 'recipe'
+    c.seed = 0
+    c.recipe = ml_collections.ConfigDict()
     return c
 
 
@@ -219,7 +273,7 @@ def zipped(*axes: list[dict]) -> list[dict]:
 
 
 def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Shrinks any config to a seconds-long CPU run of the same code paths (the `smoke` variant)."""
+    """Shrinks a pretraining config to a seconds-long CPU run of the same code paths (the `smoke` variant)."""
     c.model.num_layers = 2
     c.model.d_model = 64
     c.model.num_heads = 4

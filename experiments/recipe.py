@@ -23,7 +23,6 @@ from lm import metrics as metrics_lib
 from lm.data import preferences
 from lm.data import sft as sft_data
 from lm.errors import ConfigError, DataError
-from lm.tasks import reward as reward_task
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
 SOURCES = ("graded_tasks", "hh")  # config.recipe.source
@@ -37,7 +36,7 @@ REPORT_FIELDS = ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win
                  "kl_to_sft", "rm_accuracy", "rm_score", "rm_score_sampled")
 
 
-def check_config(config) -> None:
+def validate(config) -> None:
     """One clear line for a recipe that cannot run: an unknown source, or HH without its data."""
     source = config.recipe.source
     if source not in SOURCES:
@@ -127,7 +126,7 @@ class Judges:
 
 def make_judges(examples, prompts, tokenizer, score_fn, sft_greedy, *, graded: bool) -> Judges:
     """The report's Judges on [n] examples and their [n] prompt token lists: the grader when
-    `graded`, the reward model's normalised `score_fn` (`reward.load_reward_model`) unless None."""
+    `graded`, the reward model's normalised `score_fn` (`saved_model.load_reward_model`) unless None."""
     def grade(responses):
         return evaluation.oracle_scores(examples, evaluation.decode(tokenizer, responses))
 
@@ -203,7 +202,7 @@ def make_report(config, workdir: str) -> dict:
     prompts = evaluation.encode_prompts(examples, tok, sft.config.template)
     width, seed = config.recipe.max_new_tokens, config.seed
     rm_dir = os.path.join(workdir, "reward")
-    score_fn = reward_task.load_reward_model(rm_dir)[0] if os.path.isdir(rm_dir) else None
+    score_fn = saved_model.load_reward_model(rm_dir)[0] if os.path.isdir(rm_dir) else None
     responses = policy_responses(sft, tok, prompts, max_new_tokens=width, seed=seed)
     judges = make_judges(examples, prompts, tok, score_fn, responses[0], graded=config.recipe.source == "graded_tasks")
     stages = {"sft": stage_report(sft, sft, prompts, responses, judges, max_new_tokens=width, seed=seed)}
@@ -258,7 +257,6 @@ def write_markdown(path: str, report: dict) -> None:
 
 def run(config, workdir: str) -> dict:
     """Runs the stages still to run, then writes the report; returns it."""
-    check_config(config)
     run_stages(config, workdir)
     report = make_report(config, workdir)
     print(open(os.path.join(workdir, "report.md")).read())

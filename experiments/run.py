@@ -1,21 +1,28 @@
 """The runner: `python -m experiments.run --config configs/<file>.py[:arg] [--config.key=value] --workdir DIR`.
 
-Loads the config (keys locked: a mistyped override is an error), validates it once, joins the other
-processes when there are several (`lm.distributed`), and dispatches on `config.task`. User mistakes
+Loads the config (keys locked: a mistyped override, or a key the task does not read, is an error),
+validates it once with its task's validator (`experiments.tasks`), joins the other processes when
+there are several (`lm.distributed`), runs the task and ends with a summary. `--print_config` prints
+the config as JSON and exits without creating the workdir; `--help` lists the flags. User mistakes
 print one line and exit 2; bugs keep their tracebacks; a run stopped by SIGTERM checkpoints and
 exits 75.
 """
 import copy
+import json
 import os
 import sys
+import time
 
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import sweep
-from lm import distributed, flops, lora
+from experiments import overrides, sweep, tasks
+from lm import distributed, trainer
 from lm.errors import ConfigError, Preempted, UserError
-from lm.tasks.pretrain import model_config
+from lm.quiet import quiet_libraries
+
+USAGE = ("usage: python -m experiments.run --config configs/<file>.py[:arg] [--config.KEY=VALUE ...] "
+         "--workdir DIR [--print_config] [--member NAME]")
 
 EX_TEMPFAIL = 75  # sysexits.h: a preempted run; launchers requeue it
 
@@ -27,6 +34,8 @@ def define_flags() -> flags.FlagValues:
     config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", flag_values=fv,
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", flag_values=fv)
+    flags.DEFINE_bool("print_config", False, "Print the config as JSON (resolved as far as it can be without "
+                      "preparing data) and exit; nothing is written.", flag_values=fv)
     flags.DEFINE_string("member", None, "Run only this member of the config's sweep (the sweep runner sets it).",
                         flag_values=fv)
     flags.DEFINE_integer("parallel", 1, "Sweeps: members run at once.", flag_values=fv)
@@ -48,69 +57,19 @@ def define_flags() -> flags.FlagValues:
 FLAGS = define_flags()
 
 
-def _pretrain(config, workdir):
-    from lm.tasks import pretrain
-    return pretrain.run(config, workdir)
-
-
-def _sft(config, workdir):
-    from lm.tasks import sft
-    return sft.run(config, workdir)
-
-
-def _reward(config, workdir):
-    from lm.tasks import reward
-    return reward.run(config, workdir)
-
-
-def _ppo(config, workdir):
-    from lm.tasks import ppo
-    return ppo.run(config, workdir)
-
-
-def _dpo(config, workdir):
-    from lm.tasks import dpo
-    return dpo.run(config, workdir)
-
-
-def _recipe(config, workdir):
-    from experiments import recipe
-    return recipe.run(config, workdir)
-
-
-TASKS = {"pretrain": _pretrain, "sft": _sft, "reward": _reward, "ppo": _ppo, "dpo": _dpo, "recipe": _recipe}
-
-
-def _positive(config, *keys):
-    for key in keys:
-        section, name = key.split(".")
-        if config[section][name] <= 0:
-            raise ConfigError(f"config.{key}={config[section][name]} must be positive")
-
-
 def validate(config) -> None:
-    """Checks values the types alone cannot: one ConfigError naming the first bad key."""
-    if config.task not in TASKS:
-        raise ConfigError(f"config.task={config.task!r}: expected one of {sorted(TASKS)}")
-    _positive(config, "train.steps", "train.global_batch_size", "train.seq_len", "train.grad_accum",
-              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
-    t = config.train
-    if t.seq_len > config.model.max_seq_len:
-        raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds config.model.max_seq_len="
-                          f"{config.model.max_seq_len}")
-    if config.scaling.flops not in flops.FLOPS_METHODS:
-        raise ConfigError(f"config.scaling.flops={config.scaling.flops!r}: expected one of {flops.FLOPS_METHODS}")
-    if config.scaling.budget < 0:
-        raise ConfigError(f"config.scaling.budget={config.scaling.budget} must be >= 0 (0: train.steps as set)")
-    if not 0 <= config.schedule.warmup_fraction < 1:
-        raise ConfigError(f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)")
-    model_config(config, vocab_size=1)  # the model's and LoRA's own checks, before any data is prepared
-    lora.from_config(config.lora)
-    if t.on_nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
-    if t.global_batch_size % t.grad_accum:
-        raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
-                          f"config.train.grad_accum={t.grad_accum}")
+    """The task's own validation (its sections and the common ones): one ConfigError naming the
+    first bad key. The same for a run, a sweep member and --print_config."""
+    if config.get("task") not in tasks.TASKS:
+        raise ConfigError(f"config.task={config.get('task')!r}: expected one of {sorted(tasks.TASKS)}")
+    tasks.module(config.task).validate(config)
+
+
+def print_config(config) -> None:
+    """The config as JSON on stdout, with what its task can resolve without data under "resolved"."""
+    module = tasks.module(config.task)
+    resolved = module.preview(config) if hasattr(module, "preview") else {}
+    print(json.dumps({**config.to_dict(), "resolved": resolved}, indent=2, sort_keys=True, default=str))
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -137,25 +96,12 @@ def _config_arg(argv) -> str | None:
     return None
 
 
-def _unknown_override(argv, config) -> str:
-    """The first `--config.a.b=...` override naming a key the config does not have."""
-    for arg in argv:
-        if arg.startswith("--config."):
-            path = arg[len("--config."):].split("=", 1)[0]
-            node = config
-            for part in path.split("."):
-                if not hasattr(node, "keys") or part not in node:
-                    return f"unknown config key config.{path} ({arg})"
-                node = node[part]
-    return "unknown config key"
-
-
 def parse_flags(argv):
     """Parses the command line; raises ConfigError with one line for any mistake in it."""
     config_arg = _config_arg(argv)
     path = config_arg and config_arg.split(":", 1)[0]
     if path is None or not any(a.startswith("--workdir") for a in argv):
-        raise ConfigError("--config and --workdir are required")
+        raise ConfigError(f"--config and --workdir are required ({USAGE[7:]}; --help lists every flag)")
     if not os.path.isfile(path):
         raise ConfigError(f"--config: no such file {path!r}")
     global FLAGS
@@ -168,7 +114,7 @@ def parse_flags(argv):
         cause = f" ({lines[-1]})" if len(lines) > 1 else ""
         raise ConfigError(f"{lines[0]}{cause}") from None
     except (AttributeError, KeyError):  # config_flags' way of saying an override names no key
-        raise ConfigError(_unknown_override(argv, FLAGS["config"].value)) from None
+        raise ConfigError(overrides.first_unknown(argv, overrides.load_config(config_arg))) from None
     finally:
         sys.argv = saved_argv
     return FLAGS.config, FLAGS.workdir
@@ -198,7 +144,7 @@ def run_sweep(config, members, argv, workdir: str) -> int:
     """Validates every member's config, then runs the sweep; exit 0 when every member completed."""
     for member in members:
         member_config = copy.deepcopy(config)
-        sweep.apply_overrides(member_config, member.overrides, f"sweep member {member.name}")
+        overrides.apply(member_config, member.overrides, f"sweep member {member.name}")
         validate(member_config)
     config_arg = _config_arg(argv)
     passthrough = [a for a in argv[1:] if a.startswith("--config.")]
@@ -209,20 +155,36 @@ def run_sweep(config, members, argv, workdir: str) -> int:
     return 0 if counts.get("completed", 0) == len(members) else 1
 
 
+def help_text() -> str:
+    """The usage line and every flag with its help."""
+    return f"{USAGE}\n\n{__doc__.strip()}\n\nflags:\n{define_flags().get_help()}\n"
+
+
 def main(argv) -> int:
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(help_text())
+        return 0
+    quiet_libraries()
     try:
         config, workdir = parse_flags(argv)
         config_arg = _config_arg(argv)
         members = sweep.load_sweep(config_arg.split(":", 1)[0], _arg_of(config_arg))
-        if members and FLAGS.member is None:
-            return run_sweep(config, members, argv, prepare_workdir(workdir))
         if FLAGS.member is not None:
             member = _select_member(members, FLAGS.member)
-            sweep.apply_overrides(config, member.overrides, f"sweep member {member.name}")
+            overrides.apply(config, member.overrides, f"sweep member {member.name}")
         validate(config)
+        if FLAGS.print_config:
+            print_config(config)
+            return 0
+        if members and FLAGS.member is None:
+            return run_sweep(config, members, argv, prepare_workdir(workdir))
         workdir = prepare_workdir(workdir)
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-        TASKS[config.task](config, workdir)
+        start = time.time()
+        tasks.module(config.task).run(config, workdir)
+        if config.task != "recipe":
+            print(trainer.summary(workdir, config.task, time.time() - start,
+                                  tasks.NEXT.get(config.task, "").format(workdir=workdir)))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

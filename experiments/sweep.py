@@ -10,7 +10,6 @@ Launchers: `local` (subprocesses, `--parallel N` at a time), `slurm` (a submitit
 """
 import concurrent.futures
 import csv
-import importlib.util
 import io
 import math
 import os
@@ -20,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from experiments import overrides as overrides_lib
 from lm import metrics as metrics_lib
 from lm.errors import ConfigError
 
@@ -37,9 +37,7 @@ class Member:
 
 def load_sweep(config_path: str, arg: str | None) -> list[Member] | None:
     """The members a config file declares through `get_sweep(arg)`, or None when it declares none."""
-    spec = importlib.util.spec_from_file_location("_sweep_config", config_path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = overrides_lib.load_module(config_path)
     if not hasattr(module, "get_sweep"):
         return None
     overrides = module.get_sweep(arg) if arg is not None else module.get_sweep()
@@ -67,22 +65,6 @@ def member_name(overrides: dict) -> str:
     -> 'budget=3e12,d_model=64' (the last part of each key, in declaration order)."""
     parts = [f"{key.rsplit('.', 1)[-1]}={_format_value(v)}" for key, v in overrides.items()]
     return ",".join(parts).replace("/", "_").replace(" ", "") or "base"
-
-
-def apply_overrides(config, overrides: dict, source: str) -> None:
-    """Sets each dotted key of `overrides` on the (locked) config; unknown keys are a ConfigError."""
-    for key, value in overrides.items():
-        node, parts = config, key.split(".")
-        for part in parts[:-1]:
-            if part not in node:
-                raise ConfigError(f"{source}: unknown config key config.{key}")
-            node = node[part]
-        if parts[-1] not in node:
-            raise ConfigError(f"{source}: unknown config key config.{key}")
-        try:
-            node[parts[-1]] = value
-        except TypeError as e:
-            raise ConfigError(f"{source}: config.{key}={value!r}: {e}") from None
 
 
 # ---- one member ----------------------------------------------------------------------------------

@@ -184,13 +184,26 @@ def restore_params(path: str, abstract_params):
     return restored["params"]
 
 
+def read_run_config(run_dir: str) -> dict:
+    """A workdir's config.json as the run used it: the user's keys with its "resolved" section
+    (steps from a budget, an adopted architecture and template) applied; "run" kept as it is."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    for section, values in saved.pop("resolved", {}).items():
+        if isinstance(values, dict) and isinstance(saved.get(section), dict):
+            saved[section] = {**saved[section], **values}
+        else:
+            saved[section] = values
+    return saved
+
+
 def pretrained_run(path: str) -> tuple[str, dict]:
     """The run directory an `init_from` path belongs to, and the config saved there.
 
     Args:
       path: a workdir, its checkpoints/ directory, or one step's directory.
     Returns:
-      (run directory holding config.json and its tokenizer file, that config.json as a dict).
+      (run directory holding config.json and its tokenizer file, that config as `read_run_config`).
     """
     start = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(start):
@@ -198,8 +211,17 @@ def pretrained_run(path: str) -> tuple[str, dict]:
     here = start
     for _ in range(3):
         if os.path.isfile(os.path.join(here, "config.json")) and os.path.exists(os.path.join(here, "tokenizer")):
-            with open(os.path.join(here, "config.json")) as f:
-                return here, json.load(f)
+            return here, read_run_config(here)
         here = os.path.dirname(here)
     raise CheckpointError(f"config.init_from={path!r}: not a training workdir or a checkpoint inside one "
                           f"(no config.json and tokenizer at it or above it)")
+
+
+def policy_checkpoint(init_from: str, run_dir: str) -> str:
+    """Where a later stage's starting parameters are: run_dir/best/ when init_from names the run
+    and it kept a best checkpoint (SFT does), else init_from itself."""
+    best = os.path.join(run_dir, "best")
+    named_run = os.path.abspath(os.path.expanduser(init_from)) == run_dir
+    if named_run and os.path.isdir(best) and any(d.isdigit() for d in os.listdir(best)):
+        return best
+    return init_from

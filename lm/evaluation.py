@@ -18,10 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import rl, sampling
-from lm.data import graded_tasks, preferences
+from lm import losses, rl, sampling, sharding
+from lm.data import graded_tasks, pipeline, preferences
 from lm.data import sft as sft_data
 from lm.model import Transformer
+
+GRADER_BATCH = 128  # prompts per sampler call of the grader eval
 
 
 def encode_prompts(examples: list[dict], tokenizer, template_cfg) -> list[list[int]]:
@@ -75,8 +77,9 @@ def _sequence_logprobs_impl(params, prompts, lengths, responses, *, model_cfg, e
     tokens = jnp.concatenate([prompts, responses], axis=1)
     positions, segments = sampling.prompt_layout(lengths, tokens.shape[1], prompts.shape[1])
     logits = Transformer(model_cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segments)
-    logp = rl.token_logprobs(logits[:, prompts.shape[1] - 1:-1], responses)
-    return jnp.sum(logp * rl.response_mask(responses, eos_id), axis=1)
+    width = prompts.shape[1]
+    mask = jnp.pad(rl.response_mask(responses, eos_id), ((0, 0), (width, 0)))
+    return jnp.sum(rl.sequence_logprobs(logits, tokens, mask, start=width - 1), axis=1)
 
 
 _sequence_logprobs = jax.jit(_sequence_logprobs_impl, static_argnames=("model_cfg", "eos_id"))
@@ -105,7 +108,7 @@ def rm_scores(score_fn, prompts: list[list[int]], responses: list[list[int]], *,
 
     Args:
       score_fn: `(tokens [b, seq], first_index [b], last_index [b]) -> [b]` scores of right-padded
-        sequences whose response spans columns first_index..last_index (`reward.load_reward_model`).
+        sequences whose response spans columns first_index..last_index (`saved_model.load_reward_model`).
       prompts, responses: [n] token lists each; a response has at least one token.
       batch: sequences per score_fn call, in order of length (`preferences.in_length_order`): all
         at once would hold [n, seq, vocab] logits where the RM has a likelihood term.
@@ -133,3 +136,53 @@ def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int
     scores = rm_scores(score_fn, [p for p, group in zip(prompts, candidates) for _ in group],
                        [r for group in candidates for r in group], pad_id=pad_id, batch=batch)
     return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()
+
+
+def lm_eval_fn(model, rows, batch_size: int, num_batches: int, token_bytes, batch_sharding):
+    """`params -> {eval_loss, eval_bits_per_byte}` of a language `model` over fixed held-out batches
+    of packed `rows` (`pipeline.eval_batches`; num_batches 0: all). Bits per byte divide the summed
+    loss by the bytes the predicted targets stand for (`token_bytes` [vocab]), so losses compare
+    across tokenizers."""
+    local = list(pipeline.eval_batches(rows, batch_size, num_batches, jax.process_index(), jax.process_count()))
+    num_bytes = _sum_over_processes(sum(float((token_bytes[b["targets"]] * b["loss_mask"]).sum()) for b in local))
+    batches = [sharding.global_batch(b, batch_sharding) for b in local]
+
+    @jax.jit
+    def sums(params, batch):
+        loss_sum, aux = losses.lm_loss(params, batch, None, model=model)
+        return loss_sum, aux["weight"]
+
+    def evaluate(params):
+        loss_sum = weight = 0.0
+        for batch in batches:
+            s, w = sums(params, batch)
+            loss_sum, weight = loss_sum + s, weight + w
+        loss_sum, weight = float(loss_sum), float(weight)
+        return {"eval_loss": loss_sum / weight, "eval_bits_per_byte": loss_sum / math.log(2) / num_bytes}
+    return evaluate
+
+
+def _sum_over_processes(x: float) -> float:
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return float(np.sum(multihost_utils.process_allgather(np.float64(x))))
+
+
+def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new_tokens: int):
+    """`params -> {eval_grader_score, eval_exact_match, eval_score_<task>, eval_exact_<task>}`.
+
+    Greedy answers (temperature 0, stop at EOS) to the held-out prompts of `examples`, graded by
+    each task's programmatic grader; the prompts go through the sampler in batches of similar length.
+    """
+    prompts = encode_prompts(examples, tokenizer, template_cfg)
+
+    def evaluate(params):
+        outs = sampling.generate_sorted({"params": params}, model_cfg, prompts, max_batch=GRADER_BATCH,
+                                        max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0),
+                                        temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        grades = graded_tasks.grade_batch(examples, decode(tokenizer, outs))
+        record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
+        record.update({f"eval_{k}": v for k, v in grades.items()})
+        return record
+    return evaluate

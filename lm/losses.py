@@ -81,3 +81,19 @@ def dpo_loss(policy_logp_chosen, policy_logp_rejected, ref_logp_chosen, ref_logp
     chosen_reward = beta * (f32(policy_logp_chosen) - f32(ref_logp_chosen))
     rejected_reward = beta * (f32(policy_logp_rejected) - f32(ref_logp_rejected))
     return -jax.nn.log_sigmoid(chosen_reward - rejected_reward), chosen_reward, rejected_reward
+
+
+def next_token_loss(logits, batch, z_loss: float = 0.0):
+    """logits: [batch, seq, vocab] of a packed batch (dict of [batch, seq] `targets`, `loss_mask`)
+    -> `(loss_sum + z-loss sum, {"weight": tokens counted, "z_loss": z-loss sum})`."""
+    loss_sum, z_sum, weight = cross_entropy(logits, batch["targets"], batch["loss_mask"], z_loss)
+    return loss_sum + z_sum, {"weight": weight, "z_loss": z_sum}
+
+
+def lm_loss(params, batch, rng, *, model, z_loss: float = 0.0):
+    """`next_token_loss` of a language `model` (lm.model.Transformer) on a packed batch (dict of
+    [batch, seq] `inputs`, `positions`, `segment_ids`, `targets`, `loss_mask`); `rng` None: no dropout."""
+    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
+                         segment_ids=batch["segment_ids"], deterministic=rng is None,
+                         rngs=None if rng is None else {"dropout": rng})
+    return next_token_loss(logits, batch, z_loss)

@@ -250,31 +250,90 @@ class LMHead(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Decoder-only language model: tokens -> next-token logits."""
+    """Decoder-only language model: tokens -> next-token logits.
+
+    One forward pass (`_forward`, the module's only `nn.compact` method) behind named methods,
+    each with one return shape; call a method other than `__call__` with
+    `model.apply(variables, ..., method=Transformer.hidden)` (or `method='hidden'`):
+      __call__           logits [batch, seq, vocab]
+      last_logits        logits of the last column [batch, vocab]
+      hidden             final-normed hidden states [batch, seq, d_model]
+      logits_and_hidden  both of the above
+      extend / prefill   with a KV cache: (logits [batch, seq, vocab] / [batch, vocab], new cache)
+    Every method makes the same parameters, except that `hidden` never uses the output
+    projection, so an untied model's `lm_head` is made only by the others.
+
+    Common args:
+      tokens: [batch, seq] int32.
+      positions: [batch, seq] int32 position of each token (default: 0.. from the cache index).
+      segment_ids: [batch, seq] int32 document of each token; 0 = padding (default: all 1).
+        Tokens attend only to earlier tokens of their own segment.
+      deterministic: False applies dropout (needs the 'dropout' rng).
+      cache: a pytree from `init_cache`; this call's tokens fill the slots from its index, and
+        attend to every earlier filled slot of their segment.
+    """
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, cache=None,
-                 return_hidden=False, last_logits_only=False, with_hidden=False):
-        """Next-token logits; with a cache, also writes this call's keys and values into it.
+    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+        """Next-token logits: tokens [batch, seq] -> [batch, seq, vocab] float32."""
+        _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, 'all')
+        return logits
+
+    def last_logits(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+        """Logits of the last column only: tokens [batch, seq] -> [batch, vocab] float32.
+
+        The vocabulary projection of every other position is skipped (a quarter of a tiny
+        model's work over a prompt).
+        """
+        _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, 'last')
+        return logits
+
+    def hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+        """Final-normed hidden states: tokens [batch, seq] -> [batch, seq, d_model] in the compute
+        dtype. No output projection: an untied model makes no `lm_head` parameter here."""
+        hidden, _, _ = self._forward(tokens, positions, segment_ids, deterministic, None, None)
+        return hidden
+
+    def logits_and_hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+        """tokens [batch, seq] -> (logits [batch, seq, vocab] float32, final-normed hidden states
+        [batch, seq, d_model] in the compute dtype), from one forward pass."""
+        hidden, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, 'all')
+        return logits, hidden
+
+    def extend(self, tokens, cache, *, positions=None, segment_ids=None):
+        """Writes this call's keys and values into the KV cache and attends over it (no dropout).
 
         Args:
-          tokens: [batch, seq] int32.
-          positions: [batch, seq] int32 position of each token (default: 0.. from the cache index).
-          segment_ids: [batch, seq] int32 document of each token; 0 = padding (default: all 1).
-            Tokens attend only to earlier tokens of their own segment.
-          deterministic: False applies dropout (needs the 'dropout' rng).
-          cache: None, or a pytree from `init_cache`; this call's tokens fill the slots from its
-            index, and attend to every earlier filled slot of their segment.
-          return_hidden: return the final-normed hidden states instead of logits (no cache); an
-            untied model then has no lm_head parameter.
-          last_logits_only: logits of the last column only (a sampler's prefill needs no more;
-            the vocabulary projection of every prompt position is a quarter of a tiny model's work).
-          with_hidden: return (logits, hidden states) (no cache).
+          tokens: [batch, seq] int32, written to cache slots index .. index + seq - 1.
+          cache: from `init_cache` or an earlier `extend` / `prefill`.
         Returns:
-          logits [batch, seq, vocab] float32 ([batch, 1, vocab] with last_logits_only); with a
-          cache, (logits, new_cache); with return_hidden, hidden states [batch, seq, d_model] in
-          the compute dtype.
+          (logits [batch, seq, vocab] float32, the new cache, its index advanced by seq).
+        """
+        _, logits, new_cache = self._forward(tokens, positions, segment_ids, True, cache, 'all')
+        return logits, new_cache
+
+    def prefill(self, tokens, cache, *, positions=None, segment_ids=None):
+        """As `extend`, with the logits of the last column only (a sampler's prompt pass).
+
+        Returns:
+          (logits [batch, vocab] float32, the new cache, its index advanced by seq).
+        """
+        _, logits, new_cache = self._forward(tokens, positions, segment_ids, True, cache, 'last')
+        return logits, new_cache
+
+    @nn.compact
+    def _forward(self, tokens, positions, segment_ids, deterministic, cache, head):
+        """The forward pass that every public method runs.
+
+        Args:
+          tokens, positions, segment_ids, deterministic, cache: as in the class docstring (cache
+            may be None).
+          head: 'all' (logits at every column), 'last' (the last column's only), or None (no
+            output projection).
+        Returns:
+          (hidden [batch, seq, d_model] final-normed in the compute dtype, logits float32
+          ([batch, seq, vocab] for 'all', [batch, vocab] for 'last', None for None), the new cache
+          or None without one).
         """
         cfg = self.config
         b, l = tokens.shape
@@ -310,27 +369,22 @@ class Transformer(nn.Module):
             x, new_layer = block(cfg, name=f'layers_{i}')(x, mask, positions, layer_cache, start,
                                                           deterministic)
             new_layers.append(new_layer)
-        x = norm_layer(cfg, 'ln_final')(x)                             # [batch, seq, d_model]
-        if return_hidden:
-            if cache is not None:
-                raise ValueError('return_hidden does not support a cache')
-            return x
-        hidden = x
-        if last_logits_only:
-            x = x[:, -1:]
-        x = x.reshape(-1, cfg.d_model)                                 # [tokens, d_model]
-
+        hidden = norm_layer(cfg, 'ln_final')(x)                        # [batch, seq, d_model]
+        new_cache = None if cache is None else {'index': start + l, 'segment_ids': key_segments,
+                                                'layers': tuple(new_layers)}
+        if head is None:
+            return hidden, None, new_cache
+        if head not in ('all', 'last'):
+            raise ValueError(f"head={head!r} must be 'all', 'last' or None")
+        x = hidden[:, -1] if head == 'last' else hidden.reshape(b * l, cfg.d_model)   # [tokens, d_model]
         if cfg.tie_embeddings:
-            head = embed.embedding.T                                   # [d_model, vocab]
+            w = embed.embedding.T                                      # [d_model, vocab]
         else:
-            head = LMHead(cfg, name='lm_head')()
-        logits = jnp.dot(x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
-        logits = logits.reshape(b, -1, cfg.vocab_size)                 # [batch, seq or 1, vocab]
-        if with_hidden:
-            return logits, hidden
-        if cache is None:
-            return logits
-        return logits, {'index': start + l, 'segment_ids': key_segments, 'layers': tuple(new_layers)}
+            w = LMHead(cfg, name='lm_head')()
+        logits = jnp.dot(x, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        if head == 'all':
+            logits = logits.reshape(b, l, cfg.vocab_size)              # [batch, seq, vocab]
+        return hidden, logits, new_cache                               # 'last': [batch, vocab]
 
 
 class RewardModel(nn.Module):
@@ -372,9 +426,9 @@ class RewardModel(nn.Module):
         kw = dict(positions=positions, segment_ids=segment_ids, deterministic=deterministic)
         with_likelihood = self.likelihood_term and last_index is not None
         if with_likelihood:
-            logits, hidden = lm(tokens, with_hidden=True, **kw)         # [batch, seq, vocab], [batch, seq, d]
+            logits, hidden = lm.logits_and_hidden(tokens, **kw)         # [batch, seq, vocab], [batch, seq, d]
         else:
-            hidden = lm(tokens, return_hidden=True, **kw)               # [batch, seq, d_model]
+            hidden = lm.hidden(tokens, **kw)                            # [batch, seq, d_model]
         # N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences: initial scores of about unit scale.
         # With the likelihood term, zero: the model starts as the policy's likelihood (which ranks
         # better than chance) and the head learns what it misses, not first to undo its own noise.

@@ -52,6 +52,22 @@ def token_logprobs(logits, tokens):
     return token_logit - jax.nn.logsumexp(logits, axis=-1)
 
 
+def sequence_logprobs(logits, tokens, mask, *, start: int = 0, temperature: float = 1.0):
+    """The one sequence log-prob function: log pi of each scored token of a sequence.
+
+    Contract: `logits` [batch, seq, vocab] are the model's outputs on `tokens` [batch, seq] (any
+    padding, left or right, with the positions and segment ids the model was given); the logits at
+    column c predict token c + 1; `mask` [batch, seq] is 1 on the tokens to score (column 0 is never
+    scored). Only columns from `start` on are computed (the prompt of a prompt + response layout).
+
+    Returns:
+      [batch, seq - 1 - start] float32: entry t is log pi(tokens[:, start + t + 1]) under
+      logits / temperature where mask is 1 there, else 0. Sum over axis 1 for a sequence's log-prob.
+    """
+    logp = token_logprobs(logits[:, start:-1] / temperature, tokens[:, start + 1:])
+    return jnp.where(mask[:, start + 1:] > 0, logp, 0.0)
+
+
 def entropy_from_logits(logits):
     """Entropy of the softmax of `logits` [batch, seq, vocab] -> [batch, seq] float32 (nats)."""
     logits = logits.astype(jnp.float32)

@@ -6,12 +6,14 @@ token). `generate` prefills a KV cache in one call, then decodes one token per s
 `lax.while_loop` that exits when every row has emitted EOS. `generate_recompute` runs the full
 forward pass over a fixed `[batch, bucket + max_new_tokens]` buffer each step: the no-cache
 baseline for tests and benchmarks. Both are compiled once per
-(batch, prompt bucket, max_new_tokens) shape; sampling settings are traced, not static.
+(batch, prompt bucket, max_new_tokens) shape; sampling settings (`SamplingSettings`) are traced,
+not static.
 
 Returned completions contain the new tokens only, cut after the first EOS, which is included
 (so a finished completion can be told from one that ran out of tokens).
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,22 +72,23 @@ def _decode(first_logits, state, next_logits, rng, settings, max_new_tokens: int
       state: the caller's loop state (a KV cache, or a token buffer).
       next_logits: (state, step, tokens [batch]) -> (logits [batch, vocab], state), run after
         `tokens` was sampled as new token number `step`.
-      settings: (temperature, top_k, top_p, eos_id, pad_id) traced scalars.
+      settings: `SamplingSettings` of traced scalars.
     Returns:
       (tokens [batch, max_new_tokens] int32, pad_id after each row's EOS; log-probs
       [batch, max_new_tokens] float32 of each sampled token under the temperature-scaled softmax
       before top-k / top-p filtering (the policy PPO trains), 0 after EOS).
     """
-    temperature, top_k, top_p, eos_id, pad_id = settings
+    temperature = settings.temperature
     batch = first_logits.shape[0]
 
     def emit(step, logits, out, logps, done):
-        token = sample_tokens(logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
-        token = jnp.where(done, pad_id, token)                          # [batch]
+        token = sample_tokens(logits, jax.random.fold_in(rng, step), temperature, settings.top_k,
+                              settings.top_p)
+        token = jnp.where(done, settings.pad_id, token)                 # [batch]
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
         logp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=-1)[:, 0]
         logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
-        return token, out.at[:, step].set(token), logps, done | (token == eos_id)
+        return token, out.at[:, step].set(token), logps, done | (token == settings.eos_id)
 
     def body(carry):
         step, state, token, out, logps, done = carry
@@ -97,7 +100,7 @@ def _decode(first_logits, state, next_logits, rng, settings, max_new_tokens: int
         step, done = carry[0], carry[-1]
         return (step + 1 < max_new_tokens) & ~jnp.all(done)
 
-    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    out = jnp.full((batch, max_new_tokens), settings.pad_id, jnp.int32)
     logps = jnp.zeros((batch, max_new_tokens), jnp.float32)
     token, out, logps, done = emit(0, first_logits, out, logps, jnp.zeros((batch,), bool))
     carry = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, token, out, logps, done))
@@ -126,16 +129,16 @@ def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelCon
     batch, prompt = tokens.shape
     positions, segments = prompt_layout(lengths, prompt, prompt)
     cache = init_cache(config, batch, prompt + max_new_tokens)
-    logits, cache = model.apply(params, tokens, positions=positions, segment_ids=segments,
-                                cache=cache, last_logits_only=True)     # [batch, 1, vocab]
+    logits, cache = model.apply(params, tokens, cache, positions=positions, segment_ids=segments,
+                                method=Transformer.prefill)             # [batch, vocab]
 
     def next_logits(cache, step, token):
         position = (lengths + step)[:, None]                            # [batch, 1]
-        logits, cache = model.apply(params, token[:, None], positions=position,
-                                    segment_ids=jnp.ones_like(position), cache=cache)
+        logits, cache = model.apply(params, token[:, None], cache, positions=position,
+                                    segment_ids=jnp.ones_like(position), method=Transformer.extend)
         return logits[:, 0], cache
 
-    return _decode(logits[:, -1], cache, next_logits, rng, settings, max_new_tokens)
+    return _decode(logits, cache, next_logits, rng, settings, max_new_tokens)
 
 
 @functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens'))
@@ -178,10 +181,30 @@ def left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
     return tokens, lengths
 
 
-def settings(temperature: float, top_k: int, top_p: float, eos_id: int, pad_id: int) -> tuple:
-    """The traced sampling settings tuple that the jitted samplers take."""
-    return (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eos_id),
-            jnp.int32(pad_id))
+class SamplingSettings(NamedTuple):
+    """The sampling settings that the jitted samplers take: a pytree of [] arrays, traced (not
+    static), so changing a value never recompiles. Build it with `SamplingSettings.create`, which
+    fixes each field's dtype (a Python scalar would be traced with a weak type of its own).
+
+    Fields:
+      temperature: [] float32; 0 -> greedy.
+      top_k: [] int32; 0 = off.
+      top_p: [] float32; 1.0 = off.
+      eos_id: [] int32; a row stops after emitting it.
+      pad_id: [] int32; fills each row after its EOS.
+    """
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    eos_id: jax.Array
+    pad_id: jax.Array
+
+    @classmethod
+    def create(cls, temperature: float, top_k: int, top_p: float, eos_id: int,
+               pad_id: int) -> 'SamplingSettings':
+        """Settings from Python scalars, each cast to its field's dtype."""
+        return cls(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
+                   top_p=jnp.float32(top_p), eos_id=jnp.int32(eos_id), pad_id=jnp.int32(pad_id))
 
 
 def sample_arrays(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
@@ -189,7 +212,7 @@ def sample_arrays(params, tokens, lengths, rng, settings, *, config: ModelConfig
 
     Args:
       tokens: [batch, prompt] int32 left-padded prompts (`left_pad`); lengths: [batch] int32.
-      settings: from `settings(...)`.
+      settings: a `SamplingSettings` (from `SamplingSettings.create`).
     Returns:
       (new tokens [batch, max_new_tokens] int32, pad after EOS; their log-probs [batch,
       max_new_tokens] float32 under the temperature-scaled softmax, 0 after EOS).
@@ -201,8 +224,10 @@ def sample_arrays(params, tokens, lengths, rng, settings, *, config: ModelConfig
 def _run(fn, params, config, prompts, max_new_tokens, rng, temperature, top_k, top_p, eos_id,
          pad_id):
     tokens, lengths = left_pad(prompts, pad_id, config, max_new_tokens)
-    out = np.asarray(fn(params, tokens, lengths, rng, settings(temperature, top_k, top_p, eos_id, pad_id),
-                        config=config, max_new_tokens=max_new_tokens)[0])  # [batch, max_new_tokens]
+    settings = SamplingSettings.create(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                                       pad_id=pad_id)
+    out = np.asarray(fn(params, tokens, lengths, rng, settings, config=config,
+                        max_new_tokens=max_new_tokens)[0])                 # [batch, max_new_tokens]
     completions = []
     for row in out.tolist():
         completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)

@@ -6,7 +6,6 @@ were trained on, re-quantised to NF4 first for QLoRA so the merge is the functio
 or 'auto' (best when there is one, else latest). Everything lands on one device.
 """
 import dataclasses
-import json
 import os
 
 import flax.linen as nn
@@ -14,12 +13,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm import checkpoint, lora, sharding
+from lm import checkpoint, lora, sharding, trainer
+from lm import metrics as metrics_lib
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 from lm.errors import CheckpointError, UserError
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, RewardModel, Transformer
 
 CHOICES = ("auto", "best", "latest")
+COMPARISONS_FILE = "comparisons.npz"  # a reward-model workdir's comparisons (DPO trains on them too)
+NORM_FILE = "reward_norm.json"        # its normalisation: mean and std of the best model's scores
 
 
 @dataclasses.dataclass
@@ -32,12 +34,10 @@ class SavedModel:
 
 
 def read_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """(config without its "run" section, the "run" section) of a training workdir."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    """(the config the run used: its "resolved" section applied, the "run" section) of a training workdir."""
+    if not os.path.exists(os.path.join(workdir, "config.json")):
         raise UserError(f"--workdir {workdir}: no config.json (not a training workdir?)")
-    with open(path) as f:
-        saved = json.load(f)
+    saved = checkpoint.read_run_config(workdir)
     run = saved.pop("run", {})
     return ml_collections.ConfigDict(saved), run
 
@@ -63,14 +63,13 @@ def _merged_latest(workdir: str, config, run: dict, model: Transformer, mesh):
 
 def load(workdir: str, which: str = "auto") -> SavedModel:
     """The plain parameters of `workdir` ('auto' | 'best' | 'latest'), on the first device."""
-    from lm.tasks.pretrain import model_config  # the one place config -> ModelConfig lives
     if which not in CHOICES:
         raise UserError(f"--checkpoint={which!r}: expected one of {CHOICES}")
     config, run = read_config(workdir)
     if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
         config.model.attention = "xla"  # the same model; cuDNN's kernel runs on NVIDIA GPUs only
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    model_cfg = model_config(config, tokenizer.vocab_size)
+    model_cfg = trainer.model_config(config, tokenizer.vocab_size)
     model = Transformer(model_cfg)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     best = os.path.join(workdir, "best")
@@ -87,3 +86,52 @@ def load(workdir: str, which: str = "auto") -> SavedModel:
             params = checkpoint.restore_params(source, _abstract_params(model, config, mesh)[1])
     return SavedModel(params=params, model_cfg=model_cfg, tokenizer=tokenizer, config=config,
                       source=best if which == "best" else os.path.join(workdir, "checkpoints"))
+
+
+def restore_reward_model(workdir: str):
+    """The best reward model of a finished run and its normalisation, on the first device.
+
+    Returns:
+      (model: RewardModel, params, norm: {"mean", "std", ...} of workdir/reward_norm.json, config).
+    """
+    config, _ = read_config(workdir)
+    norm = metrics_lib.read_json(os.path.join(workdir, NORM_FILE))
+    if norm is None:
+        raise CheckpointError(f"{workdir}: no {NORM_FILE} (not a finished reward-model run?)")
+    tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    model = RewardModel(trainer.model_config(config, tok.vocab_size), likelihood_term=config.reward.likelihood_term)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    rules = sharding.axis_rules(config.axis_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        zeros = jnp.zeros((1,), jnp.int32)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
+                                                  zeros, zeros)["params"])
+        abstract = checkpoint.abstract_like(sharding.unboxed(boxed), sharding.tree_shardings(boxed, mesh, rules))
+        params = checkpoint.restore_params(os.path.join(workdir, "best"), abstract)
+    return model, params, norm, config
+
+
+def load_reward_model(workdir: str):
+    """The best reward model of a finished run, normalised as in workdir/reward_norm.json.
+
+    Returns:
+      (score_fn, tokenizer, template): score_fn(tokens [batch, seq] int, first_index [batch] int,
+      last_index [batch] int) -> [batch] float32 normalised scores, for right-padded sequences
+      [BOS] + formatted prompt + response + [EOS] whose response starts at first_index and whose
+      EOS is at last_index; template: {"user", "assistant"}, the SFT run's.
+    """
+    model, params, norm, config = restore_reward_model(workdir)
+    tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    return normalised_score_fn(model, params, norm), tok, dict(config.template)
+
+
+def normalised_score_fn(model: RewardModel, params, norm: dict):
+    """`score_fn(tokens [batch, seq], first_index [batch], last_index [batch]) -> [batch] float32`:
+    the reward model's (score - norm['mean']) / norm['std'] of right-padded sequences whose
+    response spans columns first_index..last_index (as `load_reward_model`'s)."""
+    mean, std = norm["mean"], norm["std"]
+    scores = jax.jit(lambda p, tokens, first, last: (model.apply({"params": p}, tokens, last, first) - mean) / std)
+
+    def score_fn(tokens, first_index, last_index):
+        return scores(params, *(jnp.asarray(x, jnp.int32) for x in (tokens, first_index, last_index)))
+    return score_fn

@@ -87,6 +87,17 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def process_slice(global_size: int) -> slice:
+    """This process' contiguous part of `global_size` rows (the rows `global_batch` expects from it)."""
+    local = global_size // jax.process_count()
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
+def vector_sharding(batch_sharding_: NamedSharding) -> NamedSharding:
+    """Sharding of `[batch]` arrays split like the batch axis of `batch_sharding_`."""
+    return NamedSharding(batch_sharding_.mesh, PartitionSpec(batch_sharding_.spec[0]))
+
+
 def unboxed(tree):
     """The values of a tree of `nn.LogicallyPartitioned` boxes (e.g. an abstract `eval_shape` of
     `init`), without a sharding constraint: usable outside jit on shapes alone."""

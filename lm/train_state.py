@@ -30,20 +30,23 @@ class TrainState:
     skipped_steps: jax.Array
 
 
-def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules):
+def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules,
+               state_cls=TrainState, **extra):
     """Creates the state already sharded: shapes and logical axes from `jax.eval_shape`, then one
     `jax.jit(..., out_shardings=...)` so no full copy ever lives on one device.
 
     Args:
       init_params: `rng -> params` whose leaves are `nn.LogicallyPartitioned` (a Flax `init`).
+      state_cls, extra: a TrainState subclass and its further fields (replicated arrays, e.g.
+        PPO's adaptive KL coefficient).
     Returns:
       (state, state_shardings): the state and the NamedSharding tree matching it.
     """
     def boxed_state(rng):
         init_rng, train_rng = jax.random.split(rng)
         params = init_params(init_rng)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32))
+        return state_cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                         rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32), **extra)
 
     rng = jax.random.PRNGKey(seed)
     shardings = sharding.tree_shardings(jax.eval_shape(boxed_state, rng), mesh, rules)
@@ -60,6 +63,46 @@ def _microbatches(batch, grad_accum: int):
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
     return jax.tree.map(split, batch)
+
+
+def summed_grads(loss_fn, params, batch, rng, grad_accum: int = 1):
+    """`(loss_sum, aux, grads)` of `loss_fn(params, batch, rng) -> (loss_sum, aux)` over the batch,
+    summed over `grad_accum` microbatches (a `lax.scan`; microbatch j gets `fold_in(rng, j)`)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (loss_sum, aux), grads = grad_fn(params, batch, rng)
+        return loss_sum, aux, grads
+    micro = _microbatches(batch, grad_accum)
+
+    def accumulate(carry, xs):
+        i, mb = xs
+        (loss, aux), grads = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+    (l0, a0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+    (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum), micro))
+    return loss_sum, aux, grads
+
+
+def guarded_update(tx, grads, loss, params, opt_state, step, nan_at_step: int = -1):
+    """One optimizer update that happens only if `loss` and the gradient norm are finite.
+
+    Args:
+      step: the state's step, for the fault-injection hook `nan_at_step` (that step's gradients
+        are NaN; -1: never).
+    Returns:
+      (params, opt_state, grad_norm, finite): the old params and opt_state when not finite, so no
+      non-finite value ever enters them.
+    """
+    if nan_at_step >= 0:
+        grads = jax.tree.map(lambda g: jnp.where(step == nan_at_step, jnp.nan, g), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = tx.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), grad_norm, finite
 
 
 def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, grad_accum: int = 1,
@@ -80,44 +123,29 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, 
     rng = jax.random.fold_in(state.rng, state.step)
     if frozen is not None:
         loss_fn = functools.partial(loss_fn, frozen=frozen)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if grad_accum == 1:
-        (loss_sum, aux), grads = grad_fn(state.params, batch, rng)
-    else:
-        def accumulate(carry, xs):
-            i, micro = xs
-            (l, a), g = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
-            return jax.tree.map(jnp.add, carry, (l, a, g)), None
-        (l0, a0), g0 = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], _microbatches(batch, grad_accum)), rng)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-        xs = (jnp.arange(grad_accum), _microbatches(batch, grad_accum))
-        (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, zeros, xs)
+    loss_sum, aux, grads = summed_grads(loss_fn, state.params, batch, rng, grad_accum)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    if nan_at_step >= 0:
-        grads = jax.tree.map(lambda g: jnp.where(state.step == nan_at_step, jnp.nan, g), grads)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    params, opt_state, grad_norm, finite = guarded_update(tx, grads, loss_sum, state.params, state.opt_state,
+                                                          state.step, nan_at_step)
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     metrics = {k: v / weight for k, v in aux.items() if k != "weight"}
     metrics.update(loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    skipped_steps=skipped)
-    new_state = state.replace(step=state.step + 1, params=keep_if_finite(params, state.params),
-                              opt_state=keep_if_finite(opt_state, state.opt_state), skipped_steps=skipped)
-    return new_state, metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped), metrics
+
+
+def jit_step(step, state_shardings, batch_shardings, frozen_shardings, mesh):
+    """`step(state, batch, frozen) -> (state, metrics)` jitted once with explicit shardings (metrics
+    replicated) and the state donated; frozen None: called as `(state, batch)`."""
+    compiled = jax.jit(step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return lambda state, batch, frozen=None: compiled(state, batch, frozen)
 
 
 def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh,
                    frozen_shardings=None, nan_at_step: int = -1):
-    """`train_step` jitted once with explicit shardings and the state donated; with
-    `frozen_shardings`, the step takes the frozen parameters as a third argument."""
+    """`train_step` of `loss_fn` through `jit_step`: `(state, batch[, frozen]) -> (state, metrics)`."""
     step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum,
                              nan_at_step=nan_at_step)
-    in_shardings = (state_shardings, batch_sharding)
-    if frozen_shardings is not None:
-        in_shardings += (frozen_shardings,)
-    return jax.jit(step, in_shardings=in_shardings,
-                   out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    return jit_step(step, state_shardings, batch_sharding, frozen_shardings, mesh)

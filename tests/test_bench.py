@@ -11,7 +11,8 @@ import pytest
 
 from lm import flops
 from lm.model import Transformer
-from lm.tasks.pretrain import model_config
+from lm.errors import ConfigError
+from lm.trainer import model_config
 from tools import bench
 
 SMOKE = "configs/pretrain/tiny.py:smoke"
@@ -55,7 +56,7 @@ def test_overrides_take_the_type_of_the_default():
     c = bench.load_config(None, ["--config.model.remat=full", "--config.train.grad_accum=2",
                                  "--config.model.use_bias=true", "--config.optimizer.lr=3e-4"])
     assert (c.model.remat, c.train.grad_accum, c.model.use_bias, c.optimizer.lr) == ("full", 2, True, 3e-4)
-    with pytest.raises(ValueError, match="no such config key"):
+    with pytest.raises(ConfigError, match="no such config key"):
         bench.load_config(None, ["--config.model.rematt=full"])
 
 

@@ -32,7 +32,6 @@ stored in NF4 (single and double-quantised scales) against float32, by `nbytes` 
 JAX against the plain loop of scipy L-BFGS-B over the same starts and data, in the same process.
 """
 import argparse
-import ast
 import contextlib
 import csv
 import functools
@@ -53,11 +52,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import common
+from experiments import overrides
 from lm import flops, lora, quant, sampling, sharding
+from lm.errors import UserError
 from lm.model import ModelConfig, Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.scaling import chinchilla
-from lm.tasks.pretrain import lm_loss, model_config
+from lm.losses import lm_loss
+from lm.trainer import model_config
 from lm.train_state import init_state, jit_train_step
 
 
@@ -67,43 +69,19 @@ class Figure(NamedTuple):
     note: str = ""
 
 
-def load_config(spec: str | None, overrides: list[str] = ()):
+def load_config(spec: str | None, items: list[str] = ()):
     """`path.py[:arg]` -> ConfigDict (None: the performance-notes reference model), then each
     `config.KEY=VALUE` override applied in order."""
     if spec is None:
-        c = common.get_base_config()
+        c = common.pretrain_config()
         c.model.update(num_layers=6, num_heads=6, d_model=384, d_ff=1536, max_seq_len=256, use_bias=False)
         c.tokenizer.vocab_size = 4096
         c.train.update(global_batch_size=8, seq_len=256)
     else:
-        path, _, arg = spec.partition(":")
-        module_spec = importlib.util.spec_from_file_location("bench_config", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-        c = module.get_config(arg or None)
-    for item in overrides:
-        apply_override(c, item)
+        c = overrides.load_config(spec)
+    for item in items:
+        overrides.set_key(c, *overrides.parse(item, c), source="tools.bench")
     return c
-
-
-def apply_override(config, item: str) -> None:
-    """Sets `config.a.b=value` (the leading `config.` optional) on an existing key, converting the
-    value to the type of the key's current value (tuples and lists as Python literals)."""
-    key, sep, text = item.removeprefix("--").removeprefix("config.").partition("=")
-    *sections, name = key.split(".")
-    node = config
-    for section in sections:
-        node = node.get(section) if hasattr(node, "get") else None
-    if not sep or node is None or not hasattr(node, "get") or name not in node:
-        raise ValueError(f"--config.{key}: no such config key (expected --config.SECTION.KEY=VALUE)")
-    old = node[name]
-    if isinstance(old, bool):
-        value = text.lower() in ("1", "true", "yes")
-    elif isinstance(old, (tuple, list)):
-        value = type(old)(ast.literal_eval(text))
-    else:
-        value = type(old)(text)
-    node[name] = value
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -483,15 +461,15 @@ def main(argv=None) -> int:
     p.add_argument("--new_tokens", type=int, default=256, help="decode: tokens generated per prompt")
     p.add_argument("--csv", default=EPOCH_CSV, help="Epoch's Chinchilla data (fit; default "
                    "../shared/data/chinchilla_epoch_svg_extracted_data.csv from the project root); synthetic if absent")
-    args, overrides = p.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
+    args, items = p.parse_known_args(argv)
+    bad = [o for o in items if not o.startswith("--config.") or "=" not in o]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --config.KEY=VALUE)")
     try:
-        config = load_config(args.config, overrides) if args.bench in ("train", "decode", "nf4") else None
-    except ValueError as e:
+        config = load_config(args.config, items) if args.bench in ("train", "decode", "nf4") else None
+    except (ValueError, UserError) as e:
         p.error(str(e))
-    name = " ".join([args.config or "reference"] + [o.removeprefix("--config.") for o in overrides])
+    name = " ".join([args.config or "reference"] + [o.removeprefix("--config.") for o in items])
     if args.bench == "matmul":
         report("matmul", args.dtype, bench_matmul(args.dtype, args.matmul_n, args.repeats or 7), args.json)
     elif args.bench == "nf4":
@@ -502,7 +480,7 @@ def main(argv=None) -> int:
     elif args.bench == "decode":
         report("decode", name, bench_decode(config, args.new_tokens, args.repeats or 3), args.json)
     elif args.sweep_memory:
-        config_args = (["--config", args.config] if args.config else []) + overrides
+        config_args = (["--config", args.config] if args.config else []) + items
         report_sweep(name, sweep_memory(config_args, args.steps, args.repeats or 5, args.matmul_n), args.json)
     else:
         modes = tuple(m for m in args.torch.split(",") if m and m != "none")

@@ -12,8 +12,7 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'dpo'
+    c = common.dpo_config()
     c.dpo.beta = 0.1
     c.optimizer.lr = 1e-4
     c.optimizer.weight_decay = 0.0

@@ -9,8 +9,7 @@ from configs.reward import tasks_tiny as reward_config
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'dpo'
+    c = common.dpo_config()
     c.data.tasks = reward_config.RL_TASKS
     c.dpo.beta = 0.1
     c.optimizer.lr = 1e-4
@@ -23,10 +22,10 @@ def get_config(arg=None):
     c.train.eval_every = 25
     c.train.eval_batches = 8
     c.train.checkpoint_every = 25
-    c.sft.eval_prompts = 200
+    c.dpo.eval_prompts = 200
     if a.smoke:
         c.data.tasks = 'add,reverse'
         c.train.steps, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 4, 2, 2, 1
         c.train.global_batch_size, c.train.seq_len, c.train.eval_batches = 8, 64, 1
-        c.sft.eval_prompts, c.sft.max_new_tokens = 8, 8
+        c.dpo.eval_prompts, c.dpo.max_new_tokens = 8, 8
     return c

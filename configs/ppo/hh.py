@@ -21,5 +21,5 @@ def get_config(arg=None):
     c.data.skip_bad_records = True
     if not a.smoke:                   # smoke: tasks_tiny's (bytes, 64 positions, 8 prompts)
         c.train.seq_len = 256         # prompt + response
-        c.sft.eval_prompts = 128      # held-out prompts of eval_rm_score
+        c.ppo.eval_prompts = 128      # held-out prompts of eval_rm_score
     return c

@@ -13,8 +13,7 @@ from configs.reward import tasks_tiny as reward_config
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'ppo'
+    c = common.ppo_config()
     c.data.source = 'graded_tasks'
     c.data.tasks = reward_config.RL_TASKS
     c.data.num_train = 4000           # RL prompts (a different seed from SFT's data)
@@ -28,7 +27,7 @@ def get_config(arg=None):
     c.train.log_every = 5
     c.train.eval_every = 20
     c.train.checkpoint_every = 20
-    c.sft.eval_prompts = 200
+    c.ppo.eval_prompts = 200
     c.ppo.kl_coef = 0.05
     c.ppo.value_lr = 3e-4             # 10x the policy's: at 3e-5 the value model learned nothing (explained variance ~0)
     c.ppo.minibatches = 2             # of 16 rollouts: 8-row minibatches run the CPU at half speed
@@ -38,5 +37,5 @@ def get_config(arg=None):
         c.train.steps, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 4, 2, 2, 1
         c.train.global_batch_size, c.train.seq_len = 8, 64
         c.ppo.epochs, c.ppo.minibatches, c.ppo.max_new_tokens = 2, 2, 8
-        c.sft.eval_prompts, c.sft.max_new_tokens = 8, 8
+        c.ppo.eval_prompts = 8
     return c

@@ -7,7 +7,7 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
+    c = common.pretrain_config()
     c.model.vocab_size = 50257
     c.model.num_layers = 12
     c.model.num_heads = 12

@@ -18,7 +18,7 @@ def get_config(arg=None):
     a = common.parse_arg(arg, size='125m', seq=1024, attention='cudnn', smoke=False)
     if a.size not in SIZES:
         raise ValueError(f'size={a.size!r}: expected one of {sorted(SIZES)}')
-    c = common.get_base_config()
+    c = common.pretrain_config()
     c.model.update(vocab_size=50304, d_ff=4 * SIZES[a.size]['d_model'], max_seq_len=a.seq, **SIZES[a.size])
     c.tokenizer.vocab_size = 50257
     c.model.attention = 'xla' if a.smoke else a.attention

@@ -7,7 +7,7 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
+    c = common.pretrain_config()
     c.model.vocab_size = 32000
     c.model.num_layers = 24
     c.model.num_heads = 16

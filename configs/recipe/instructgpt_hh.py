@@ -12,16 +12,13 @@ as config.data.files. No oracle: DIR/report.json and report.md have the graded r
 the oracle fields null, and score each policy with the reward model on held-out ('validation')
 HH prompts (rm_score, rm_score_sampled), beside kl_to_sft and the reward model's rm_accuracy.
 """
-import ml_collections
 
 from configs import common
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'recipe'
-    c.recipe = ml_collections.ConfigDict()
+    c = common.recipe_config()
     c.recipe.source = 'hh'
     c.recipe.data_files = ''  # required: the HH file(s)
     suffix = ':smoke' if a.smoke else ''

@@ -6,7 +6,6 @@ pretrain (configs/pretrain/tiny.py) -> SFT (configs/sft/tasks_tiny.py, exactly: 
 checkpoint) -> reward model -> PPO, with DPO beside PPO and best-of-n at report time; each stage in
 DIR/<stage>/, skipped once completed. Ends with DIR/report.md and DIR/report.json.
 """
-import ml_collections
 
 from configs import common
 from configs.reward import tasks_tiny as reward_config
@@ -14,9 +13,7 @@ from configs.reward import tasks_tiny as reward_config
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'recipe'
-    c.recipe = ml_collections.ConfigDict()
+    c = common.recipe_config()
     c.recipe.source = 'graded_tasks'  # the report's prompts and judges: the oracle and the reward model
     suffix = ':smoke' if a.smoke else ''
     c.recipe.pretrain = 'configs/pretrain/tiny.py' + suffix  # '' skips a stage

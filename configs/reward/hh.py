@@ -13,8 +13,7 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'reward'
+    c = common.reward_config()
     c.data.source = 'hh'
     c.data.skip_bad_records = True
     c.reward.num_prompts = 0          # every train triple that fits

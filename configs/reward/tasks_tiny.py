@@ -19,8 +19,7 @@ RL_TASKS = 'add,reverse,constrained_line'  # the graded tasks of the RL stages (
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'reward'
+    c = common.reward_config()
     c.data.source = 'graded_tasks'
     c.data.tasks = RL_TASKS
     c.data.task_seed = 1          # any seed: the prompts are held out from SFT by hash either way

@@ -20,7 +20,7 @@ SIZES_PER_BUDGET = 5
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
+    c = common.pretrain_config()
     c.tokenizer.vocab_size = 512
     c.model.max_seq_len = 128
     c.train.seq_len = 128

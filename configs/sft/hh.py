@@ -14,8 +14,7 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'sft'
+    c = common.sft_config()
     c.data.source = 'hh'
     c.data.skip_bad_records = True    # the reward and PPO configs build the same split with the same flag
     c.template.user = ''

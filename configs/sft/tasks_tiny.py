@@ -12,8 +12,7 @@ from configs import common
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
-    c = common.get_base_config()
-    c.task = 'sft'
+    c = common.sft_config()
     c.data.source = 'graded_tasks'
     c.data.tasks = 'sort,add,reverse,constrained_line'
     c.data.num_train = 20000
