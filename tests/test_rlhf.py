@@ -44,7 +44,7 @@ def test_ppo_first_minibatch_is_on_policy_and_kl_to_reference_is_zero():
     batch = {"prompts": jnp.asarray(prompts), "lengths": jnp.asarray(lengths), "index": jnp.arange(3)}
     params = {"policy": policy, "value": rm}
     frozen = {"reference": policy, "reward": rm, "norm": jnp.array([0.0, 1.0])}
-    settings = sampling.settings(cfg.temperature, 0, 1.0, EOS, PAD)
+    settings = sampling.SamplingSettings.create(cfg.temperature, 0, 1.0, EOS, PAD)
     data, stats = ppo.rollout(params, frozen, batch, jax.random.PRNGKey(2), jnp.float32(0.05), model=model,
                               value_model=value_model, cfg=cfg, settings=settings, oracle=None)
     assert float(stats["kl"]) == 0.0                       # policy = reference

@@ -35,13 +35,14 @@ def test_cache_prefill_and_decode_match_full_forward(style):
     c = STYLES[style]
     params = params_for(c)
     apply = jax.jit(Transformer(c).apply)
+    extend = jax.jit(functools.partial(Transformer(c).apply, method=Transformer.extend))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, c.vocab_size)
     full = apply(params, tokens)
     cache = init_cache(c, 2, 16)
-    prefill, cache = apply(params, tokens[:, :9], cache=cache)
+    prefill, cache = extend(params, tokens[:, :9], cache)
     steps = [prefill]
     for t in range(9, 12):
-        logits, cache = apply(params, tokens[:, t:t + 1], cache=cache)
+        logits, cache = extend(params, tokens[:, t:t + 1], cache)
         steps.append(logits)
     assert int(cache['index']) == 12
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-4, atol=1e-4)
@@ -140,8 +141,8 @@ def test_sampler_log_probs_equal_teacher_forced_log_probs(style):
     c, temperature, width = STYLES[style], 0.7, 8
     params = params_for(c)
     tokens, lengths = sampling.left_pad(PROMPTS, 0, c, width)
-    new, logps = sampling.sample_arrays(params, tokens, lengths, jax.random.key(3),
-                                        sampling.settings(temperature, 0, 1.0, EOS, 0), config=c,
+    settings = sampling.SamplingSettings.create(temperature, 0, 1.0, EOS, 0)
+    new, logps = sampling.sample_arrays(params, tokens, lengths, jax.random.key(3), settings, config=c,
                                         max_new_tokens=width)
     full = jnp.concatenate([tokens, new], axis=1)                       # [batch, prompt + width]
     positions, segments = sampling.prompt_layout(jnp.asarray(lengths), full.shape[1], tokens.shape[1])
