@@ -136,11 +136,13 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, 
 
 
 def jit_step(step, state_shardings, batch_shardings, frozen_shardings, mesh):
-    """`step(state, batch, frozen) -> (state, metrics)` jitted once with explicit shardings (metrics
-    replicated) and the state donated; frozen None: called as `(state, batch)`."""
-    compiled = jax.jit(step, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    return lambda state, batch, frozen=None: compiled(state, batch, frozen)
+    """`step(state, batch[, frozen]) -> (state, metrics)` jitted once with explicit shardings
+    (metrics replicated) and the state donated; without `frozen_shardings` it takes two arguments."""
+    in_shardings = (state_shardings, batch_shardings)
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   donate_argnums=0)
 
 
 def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh,

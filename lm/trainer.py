@@ -181,9 +181,9 @@ class Task:
     """What a task plugs into `fit`.
 
     Exactly one of `loss_fn` (the core's step: `(params, batch, rng[, frozen]) -> (loss_sum, aux)`,
-    aux with `weight`) and `make_step` (a whole step: `(tx, schedule, grad_accum, nan_at_step) ->
-    step(state, batch, frozen) -> (state, metrics)`, which must use `train_state.guarded_update`
-    and count `skipped_steps`) is set.
+    aux with `weight`) and `step` (a whole step: `(state, batch, frozen, *, tx, schedule,
+    grad_accum, nan_at_step) -> (state, metrics)`, which must update through
+    `train_state.guarded_update` and count `skipped_steps`) is set.
     """
     init_params: Callable            # rng -> boxed params (a Flax init: shapes and logical axes)
     batch_fn: Callable[[int], dict]  # step -> the global batch (sharded arrays), a pure function of step
@@ -192,7 +192,7 @@ class Task:
     tokens_per_step: int
     flops_per_step: float
     loss_fn: Callable | None = None
-    make_step: Callable | None = None
+    step: Callable | None = None
     start_params: Callable | None = None  # random-init params -> params of a fresh run (None: kept)
     frozen: Any = None               # arrays the step reads and never updates (LoRA base, PPO's models)
     eval_fn: Callable | None = None  # params -> {eval_...: float}
@@ -232,13 +232,15 @@ def write_run_files(workdir: str, user_config, resolved: dict, run_info: dict, t
 
 def _jit_step(task: Task, config, state_shardings, batch_shardings, frozen_shardings, mesh):
     t = config.train
-    if task.make_step is not None:
-        step = task.make_step(tx=task.tx, schedule=task.schedule, grad_accum=t.grad_accum,
-                              nan_at_step=t.inject_nan_at_step)
+    if task.step is not None:
+        step = functools.partial(task.step, tx=task.tx, schedule=task.schedule, grad_accum=t.grad_accum,
+                                 nan_at_step=t.inject_nan_at_step)
     else:
         step = functools.partial(train_step, loss_fn=task.loss_fn, tx=task.tx, schedule=task.schedule,
                                  grad_accum=t.grad_accum, nan_at_step=t.inject_nan_at_step)
     compiled = jit_step(step, state_shardings, batch_shardings, frozen_shardings, mesh)
+    if task.frozen is None:
+        return compiled
     return lambda state, batch: compiled(state, batch, task.frozen)
 
 

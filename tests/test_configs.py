@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments.run import TASKS
+from experiments.tasks import TASKS
 from lm.flops import param_counts
 from lm.model import Transformer
-from lm.tasks.pretrain import model_config
+from lm.trainer import model_config
 
 CONFIGS = sorted(os.path.relpath(p)[:-3].replace(os.sep, ".") for p in glob.glob("configs/*/*.py")
                  if not p.endswith("__init__.py"))

@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from configs.common import get_base_config
+from configs.common import get_base_config, sft_config
 from lm import lora, losses, quant, sharding
 from lm.errors import ConfigError
 from lm.model import Linear, ModelConfig, Transformer
@@ -368,7 +368,7 @@ def test_lora_train_step_with_base_as_argument():
     the frozen base an argument of the jitted step, and LoRA dropout on."""
     model, abstract, params = setup('llama')
     mesh, rules = on_mesh((2, 2, 2))
-    config = get_base_config()
+    config = sft_config()
     config.schedule.update(kind='constant', warmup_steps=0)
     schedule = learning_rate_schedule(config.schedule, 1e-2, 10)
     tx = make_optimizer(config.optimizer, schedule)

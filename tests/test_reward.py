@@ -1,6 +1,7 @@
 """Reward model: the last-token head, comparison arrays, HH triples, the run end to end, bad input."""
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import losses, sharding
+from lm import losses, saved_model, sharding
+from lm.data import comparison_batches
 from lm.data import graded_tasks, pipeline, preferences
 from lm.data.tokenizer import ByteTokenizer
 from lm.errors import DataError
@@ -110,7 +112,7 @@ def test_length_grouped_batches_cover_their_megabatch_and_trimming_changes_no_sc
     params = random_params(model, jnp.zeros((1, 64), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
     loss_fn = jax.jit(lambda batch: reward.reward_loss(params, batch, None, model=model, margin=0.0)[0])
     loss = lambda batch: np.asarray(loss_fn(batch))  # noqa: E731
-    trimmed = reward.eval_batches(c, batch_size=4, num_batches=0)
+    trimmed = comparison_batches.eval_batches(c, batch_size=4, num_batches=0)
     assert [b["tokens"].shape[2] for b in trimmed] == [48, 64, 64]  # sorted: the shortest prompts first
     whole = c.take(np.arange(10))
     np.testing.assert_allclose(sum(loss(b) for b in trimmed), loss(whole), rtol=1e-5)
@@ -165,41 +167,20 @@ def run(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
-# The SFT run the reward model starts from is not under test: one device compiles faster.
-ONE_DEVICE = {**os.environ, "XLA_FLAGS": re.sub(r"--xla_force_host_platform_device_count=\d+", "",
-                                                os.environ.get("XLA_FLAGS", ""))}
-
-
-@pytest.fixture(scope="module")
-def sft_checkpoint(tmp_path_factory):
-    """A smoke SFT run's last checkpoint: 40 steps, enough for some answers to earn partial credit."""
-    pre, sft = tmp_path_factory.mktemp("pre"), tmp_path_factory.mktemp("sft")
-    result = run("-m", "experiments.run", "--config=configs/pretrain/tiny.py:smoke", f"--workdir={pre}",
-                 env=ONE_DEVICE)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run("-m", "experiments.run", "--config=configs/sft/tasks_tiny.py:smoke", f"--workdir={sft}",
-                 f"--config.init_from={pre}", "--config.optimizer.lr=3e-3", "--config.train.steps=40",
-                 "--config.train.eval_every=40", "--config.train.checkpoint_every=40", env=ONE_DEVICE)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return str(sft / "checkpoints" / "40")
-
-
-def test_reward_run_evaluates_keeps_best_and_normalises(sft_checkpoint, tmp_path):
-    workdir = tmp_path / "rm"
-    result = run("-m", "experiments.run", "--config=configs/reward/tasks_tiny.py:smoke", f"--workdir={workdir}",
-                 f"--config.init_from={sft_checkpoint}")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_reward_run_evaluates_keeps_best_and_normalises(smoke_chain):
+    """The smoke chain's reward model (from the SFT run's step-40 checkpoint)."""
+    workdir = pathlib.Path(smoke_chain["reward"])
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     evals = [r for r in records if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [0, 3, 6]
     assert all(0 <= r["eval_accuracy"] <= 1 and "eval_train_accuracy" in r for r in evals)
     assert {"loss", "accuracy"} <= set(records[1])
-    norm = json.loads((workdir / reward.NORM_FILE).read_text())
+    norm = json.loads((workdir / saved_model.NORM_FILE).read_text())
     assert norm["best_eval_accuracy"] == max(r["eval_accuracy"] for r in evals) and norm["std"] > 0
 
-    data = preferences.load(str(workdir / reward.DATA_FILE))
+    data = preferences.load(str(workdir / saved_model.COMPARISONS_FILE))
     assert data.train.tokens.shape[1:] == (4, 64) and data.info["label_noise"] == 0.0
-    score_fn, tok, template = reward.load_reward_model(str(workdir))
+    score_fn, tok, template = saved_model.load_reward_model(str(workdir))
     assert template == {"user": "User: ", "assistant": "\nAssistant: "} and tok.vocab_size == 259
     scores = np.asarray(score_fn(data.norm_tokens, data.norm_first_index, data.norm_last_index))
     assert len(scores) == norm["num_responses"] == 4 * (48 + 24)  # every sample, tied prompts' too

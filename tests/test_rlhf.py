@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from configs import common as configs_common
-from lm import evaluation, sampling, sharding
+from lm import evaluation, rollouts, sampling, sharding
 from lm.data import preferences
 from lm.errors import ConfigError
 from lm.model import ModelConfig, RewardModel, Transformer
@@ -70,10 +70,11 @@ def test_ppo_optimizer_steps_the_value_model_at_its_own_learning_rate():
     # other model's (each model clips its own gradient norm).
     np.testing.assert_allclose(updates["policy"]["w"], -1e-4 * np.sign(grads["policy"]["w"]), rtol=1e-3)
     np.testing.assert_allclose(updates["value"]["w"], -1e-2 * np.sign(grads["value"]["w"]), rtol=1e-3)
-    config = configs_common.get_base_config()
+    config = configs_common.ppo_config()
+    config.init_from, config.data.source = "runs/sft", "graded_tasks"
     config.ppo.reward_from, config.ppo.value_lr = "runs/rm", -1e-4
     with pytest.raises(ConfigError, match=r"^config\.ppo\.value_lr=-0\.0001: expected >= 0"):
-        ppo.check_config(config.ppo, 32)
+        ppo.validate(config)
 
 
 def test_dpo_loss_at_initialisation_is_log_two():
@@ -223,11 +224,13 @@ def test_ppo_hh_prompts_of_the_real_file(tmp_path):
     config = ppo_hh.get_config()
     config.data.files, config.data.data_dir = HH_FILE, str(tmp_path / "data")
     config.template.user, config.template.assistant = "", " "
-    train, held_out, info = ppo.prompt_examples(config, ByteTokenizer(), {}, max_seq_len=256)
+    train, held_out, info = rollouts.prompt_examples(config, ByteTokenizer(), {}, max_seq_len=256,
+                                                     eval_prompts=config.ppo.eval_prompts,
+                                                     max_new_tokens=config.ppo.max_new_tokens)
     every = {split: preferences.hh_prompts(config.data, split) for split in ("train", "validation")}
     assert len(train) + info["num_skipped_too_long"]["train"] == len(every["train"]) > 1500
     fitting = len(every["validation"]) - info["num_skipped_too_long"]["validation"]
-    assert len(held_out) == min(config.sft.eval_prompts, fitting) > 0
+    assert len(held_out) == min(config.ppo.eval_prompts, fitting) > 0
     assert not set(every["train"]) & set(every["validation"])
     limit = config.train.seq_len - config.ppo.max_new_tokens
     for e in train + held_out:

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.common import get_base_config
+from configs.common import pretrain_config
 from lm import sharding
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
-from lm.tasks.pretrain import lm_loss, model_config
+from lm.losses import lm_loss
+from lm.trainer import model_config
 from lm.train_state import init_state, jit_train_step
 
 MESHES = {  # (data, fsdp, tensor) -> expected specs of the embedding, a query and an MLP kernel
@@ -23,7 +24,7 @@ MESHES = {  # (data, fsdp, tensor) -> expected specs of the embedding, a query a
 
 
 def small_config(style):
-    c = get_base_config()
+    c = pretrain_config()
     c.model.update(num_layers=2, d_model=64, num_heads=4, d_ff=128, max_seq_len=32)
     if style == "llama":
         c.model.update(positions="rotary", norm="rmsnorm", mlp="swiglu", tie_embeddings=False,

@@ -179,16 +179,6 @@ def value_init(rm_params: dict, norm: dict) -> dict:
                                   "bias": (head["bias"] - norm["mean"]) / norm["std"]}}
 
 
-def value_init(rm_params: dict, norm: dict) -> dict:
-    """The value model's starting parameters: the reward model's, its head rescaled to read in the
-    units of the normalised reward, (r - mean) / std (InstructGPT's reward model is itself
-    normalised by its bias). Read at every position, the value head then starts near the scale
-    of the returns instead of the raw head's offset."""
-    head = rm_params["head"]
-    return {**rm_params, "head": {"kernel": head["kernel"] / norm["std"],
-                                  "bias": (head["bias"] - norm["mean"]) / norm["std"]}}
-
-
 def validate(config) -> None:
     """The common checks, then one clear line for a PPO setting that cannot work."""
     trainer.validate(config)
@@ -280,7 +270,7 @@ def run(user_config, workdir: str):
         oracle = rollouts.host_oracle(train_examples, tok) if graded else None
         task = trainer.Task(
             init_params=init_params, batch_fn=batch_fn, tx=tx, schedule=schedule, start_params=start,
-            make_step=functools.partial(ppo_step, model=model, value_model=value_model, cfg=cfg, settings=settings,
+            step=functools.partial(ppo_step, model=model, value_model=value_model, cfg=cfg, settings=settings,
                                         oracle=oracle),
             frozen=frozen, eval_fn=lambda params: grade(params["policy"]), eval_at_start=True,
             best=("eval_grader_score" if graded else "eval_rm_score", "max"), to_plain=lambda p: p["policy"],

@@ -18,6 +18,7 @@ so that normalised scores (r - mean) / std have mean 0 and std 1 there.
 `saved_model.load_reward_model` serves the normalised scores.
 """
 import functools
+import json
 import os
 
 import jax
@@ -89,21 +90,6 @@ def prepare_comparisons(config, tok, model_cfg, policy_params, sft_data_cfg: dic
     data.train.ranks = preferences.reverse_rankings(data.train.ranks, data.train.mask, r.label_noise, config.seed)
     data.info["label_noise"] = r.label_noise
     return data
-
-
-def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
-    """The ranking loss of a batch of prompts: `(loss_sum, {"weight": prompts with a pair,
-    "accuracy": per-prompt accuracy sum})`.
-
-    batch: tokens [b, K, seq], first_index, last_index, ranks, mask [b, K].
-    """
-    b, k, length = batch["tokens"].shape
-    scores = model.apply({"params": params}, batch["tokens"].reshape(b * k, length),
-                         batch["last_index"].reshape(b * k), batch["first_index"].reshape(b * k),
-                         deterministic=rng is None,
-                         rngs=None if rng is None else {"dropout": rng})
-    loss_sum, accuracy_sum, weight = losses.ranking_loss(scores.reshape(b, k), batch["ranks"], batch["mask"], margin)
-    return loss_sum, {"weight": weight, "accuracy": accuracy_sum}
 
 
 def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
