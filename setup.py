@@ -1,4 +1,5 @@
 """Install with `pip install -e .` (add `[test]` for the test suite)."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -6,7 +7,9 @@ setup(
     version="0.1.0",
     description="JAX/Flax recipe for language models: pretraining, scaling laws, SFT, reward models, PPO.",
     python_requires=">=3.10",
-    packages=find_packages(include=["lm", "lm.*", "experiments", "experiments.*", "configs", "configs.*", "tools", "tools.*"]),
+    packages=find_packages(
+        include=["lm", "lm.*", "experiments", "experiments.*", "configs", "configs.*", "tools", "tools.*"]
+    ),
     install_requires=[
         "jax>=0.4.35",
         "flax>=0.10",
@@ -26,7 +29,7 @@ setup(
         "threadpoolctl",
     ],
     extras_require={
-        "test": ["pytest>=7", "chex", "submitit", "hypothesis"],  # the sweep tests run the SLURM path locally
+        "test": ["pytest>=7", "chex", "submitit", "hypothesis", "ruff==0.17.6"],  # the sweep tests run the SLURM path locally
         "bench": ["torch==2.13.0"],
         "slurm": ["submitit"],
     },

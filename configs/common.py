@@ -6,6 +6,7 @@ train, mesh, axis_rules) and its own task's keys, nothing else: the runner loads
 `lock_config=True`, so a key the task does not read is an unknown key, and a mistyped override fails
 instead of adding one.
 """
+
 import ml_collections
 
 
@@ -13,45 +14,45 @@ def get_base_config() -> ml_collections.ConfigDict:
     """The sections every task reads: task, seed, model, precision, data, optimizer, schedule, train,
     mesh and axis_rules."""
     c = ml_collections.ConfigDict()
-    c.task = 'pretrain'          # pretrain | sft | reward | ppo | dpo | recipe
+    c.task = "pretrain"  # pretrain | sft | reward | ppo | dpo | recipe
     c.seed = 0
 
     # Model: keys are the fields of lm.model.ModelConfig. Defaults are GPT-2 style.
     c.model = ml_collections.ConfigDict()
-    c.model.vocab_size = 0       # 0: the tokenizer's vocabulary size
+    c.model.vocab_size = 0  # 0: the tokenizer's vocabulary size
     c.model.num_layers = 6
     c.model.num_heads = 6
-    c.model.num_kv_heads = 0     # 0: same as num_heads (multi-head); fewer: grouped-query
-    c.model.head_dim = 0         # 0: d_model // num_heads
+    c.model.num_kv_heads = 0  # 0: same as num_heads (multi-head); fewer: grouped-query
+    c.model.head_dim = 0  # 0: d_model // num_heads
     c.model.d_model = 384
     c.model.d_ff = 1536
     c.model.max_seq_len = 256
-    c.model.positions = 'learned'  # learned | rotary
-    c.model.norm = 'layernorm'     # layernorm | rmsnorm
-    c.model.mlp = 'gelu'           # gelu | swiglu
+    c.model.positions = "learned"  # learned | rotary
+    c.model.norm = "layernorm"  # layernorm | rmsnorm
+    c.model.mlp = "gelu"  # gelu | swiglu
     c.model.tie_embeddings = True
     c.model.use_bias = True
     c.model.dropout = 0.0
     c.model.rope_theta = 10000.0
     c.model.norm_eps = 1e-5
-    c.model.remat = 'none'         # none | full | dots: activation recomputation per block
-    c.model.attention = 'xla'      # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
+    c.model.remat = "none"  # none | full | dots: activation recomputation per block
+    c.model.attention = "xla"  # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
 
     c.precision = ml_collections.ConfigDict()
-    c.precision.param_dtype = 'float32'
-    c.precision.compute_dtype = 'float32'
+    c.precision.param_dtype = "float32"
+    c.precision.compute_dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = 'stdlib'     # stdlib | text_files | tfds:<name> | graded_tasks | alpaca | hh
-    c.data.files = ''            # text_files, alpaca, hh: a glob or a comma-separated list of .txt/.jsonl
-    c.data.text_field = 'text'   # the text field of .jsonl records and TFDS datasets
-    c.data.data_dir = ''         # '': $LM_DATA_DIR or ~/.cache/lm/data
+    c.data.source = "stdlib"  # stdlib | text_files | tfds:<name> | graded_tasks | alpaca | hh
+    c.data.files = ""  # text_files, alpaca, hh: a glob or a comma-separated list of .txt/.jsonl
+    c.data.text_field = "text"  # the text field of .jsonl records and TFDS datasets
+    c.data.data_dir = ""  # '': $LM_DATA_DIR or ~/.cache/lm/data
     c.data.eval_fraction = 0.05
     c.data.skip_bad_records = False  # instruction data: skip (and count) bad records instead of stopping
-    c.data.tasks = 'sort,add,reverse,constrained_line'  # graded_tasks: which tasks
-    c.data.num_train = 20000     # graded_tasks: examples generated per split
+    c.data.tasks = "sort,add,reverse,constrained_line"  # graded_tasks: which tasks
+    c.data.num_train = 20000  # graded_tasks: examples generated per split
     c.data.num_eval = 500
-    c.data.task_seed = 0         # graded_tasks: the generator's seed (config.seed orders batches)
+    c.data.task_seed = 0  # graded_tasks: the generator's seed (config.seed orders batches)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-3
@@ -60,10 +61,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.1
     c.optimizer.decay_embeddings = False  # norms and biases are never decayed
-    c.optimizer.clip_norm = 1.0           # global gradient norm; 0 disables
+    c.optimizer.clip_norm = 1.0  # global gradient norm; 0 disables
 
     c.schedule = ml_collections.ConfigDict()
-    c.schedule.kind = 'cosine'    # cosine | wsd (warmup-stable-decay) | constant
+    c.schedule.kind = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
     c.schedule.warmup_steps = 100
     c.schedule.warmup_fraction = 0.0  # > 0: warmup is this fraction of train.steps (overrides warmup_steps)
     c.schedule.min_lr_ratio = 0.1  # final learning rate as a fraction of the peak
@@ -74,15 +75,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.global_batch_size = 32
     c.train.seq_len = 256
-    c.train.grad_accum = 1        # microbatches per update (lax.scan inside the step)
+    c.train.grad_accum = 1  # microbatches per update (lax.scan inside the step)
     c.train.log_every = 10
-    c.train.eval_every = 200      # 0: only at the end
-    c.train.eval_batches = 20     # 0: the whole held-out split
+    c.train.eval_every = 200  # 0: only at the end
+    c.train.eval_batches = 20  # 0: the whole held-out split
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
-    c.train.on_nonfinite = 'stop'  # a step with a non-finite loss or gradient norm: stop | skip (its update)
+    c.train.on_nonfinite = "stop"  # a step with a non-finite loss or gradient norm: stop | skip (its update)
     c.train.inject_nan_at_step = -1  # fault injection for tests: this step's gradients are NaN
-    c.train.peak_flops = 0.0      # FLOP/s per device for MFU; 0: measured by a matmul probe
+    c.train.peak_flops = 0.0  # FLOP/s per device for MFU; 0: measured by a matmul probe
 
     # Mesh axis sizes; -1 takes the devices left over. Their product must equal the device count.
     c.mesh = ml_collections.ConfigDict()
@@ -92,12 +93,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     # Logical axis -> mesh axes (lm/sharding.py names the logical axes).
     c.axis_rules = [
-        ('batch', ('data', 'fsdp')),
-        ('embed', 'fsdp'),
-        ('mlp', 'tensor'),
-        ('heads', 'tensor'),
-        ('kv_heads', 'tensor'),
-        ('vocab', 'tensor'),
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("vocab", "tensor"),
     ]
     return c
 
@@ -105,8 +106,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 def _template() -> ml_collections.ConfigDict:
     """Chat template of SFT and later stages: user + prompt + assistant, then the response and EOS."""
     t = ml_collections.ConfigDict()
-    t.user = 'User: '
-    t.assistant = '\nAssistant: '
+    t.user = "User: "
+    t.assistant = "\nAssistant: "
     return t
 
 
@@ -114,37 +115,37 @@ def _finetune(task: str) -> ml_collections.ConfigDict:
     """The base sections plus what every stage after pretraining reads: init_from and the template."""
     c = get_base_config()
     c.task = task
-    c.init_from = ''             # the workdir (or a checkpoint in one) this stage starts from
-    c.template = _template()     # replaced by the init_from run's template where it has one
+    c.init_from = ""  # the workdir (or a checkpoint in one) this stage starts from
+    c.template = _template()  # replaced by the init_from run's template where it has one
     return c
 
 
 def pretrain_config() -> ml_collections.ConfigDict:
     """Pretraining: the base sections, the tokenizer, z-loss, samples and the scaling budget."""
     c = get_base_config()
-    c.task = 'pretrain'
-    c.train.z_loss = 0.0          # PaLM's auxiliary loss on log Z, e.g. 1e-4
-    c.train.num_samples = 3       # samples printed and saved at the end
+    c.task = "pretrain"
+    c.train.z_loss = 0.0  # PaLM's auxiliary loss on log Z, e.g. 1e-4
+    c.train.num_samples = 3  # samples printed and saved at the end
     c.train.sample_tokens = 64
-    c.train.sample_prompt = ''    # '': each sample starts from BOS alone
+    c.train.sample_prompt = ""  # '': each sample starts from BOS alone
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = 'sentencepiece'  # sentencepiece | byte
+    c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
     c.tokenizer.vocab_size = 4096
-    c.tokenizer.model_type = 'bpe'      # bpe | unigram
+    c.tokenizer.model_type = "bpe"  # bpe | unigram
     c.tokenizer.split_digits = True
-    c.tokenizer.path = ''               # a trained .model to use instead of training one
+    c.tokenizer.path = ""  # a trained .model to use instead of training one
 
     # IsoFLOP members: a FLOP budget sets train.steps, so the schedule ends at the member's own budget.
     c.scaling = ml_collections.ConfigDict()
-    c.scaling.budget = 0.0        # training FLOPs; 0: train.steps as set
-    c.scaling.flops = 'chinchilla'  # how C is counted: chinchilla (with attention) | 6nd | 6n | palm
+    c.scaling.budget = 0.0  # training FLOPs; 0: train.steps as set
+    c.scaling.flops = "chinchilla"  # how C is counted: chinchilla (with attention) | 6nd | 6n | palm
     return c
 
 
 def sft_config() -> ml_collections.ConfigDict:
     """SFT: init_from, the template, LoRA and the graded evaluation."""
-    c = _finetune('sft')
+    c = _finetune("sft")
     c.train.z_loss = 0.0
 
     # LoRA (Hu et al. 2021); rank 0 = full fine-tuning. quantize='nf4' stores the frozen base in
@@ -153,72 +154,75 @@ def sft_config() -> ml_collections.ConfigDict:
     c.lora.rank = 0
     c.lora.alpha = 16.0
     c.lora.dropout = 0.0
-    c.lora.targets = ('query', 'key', 'value', 'out')  # also: wi, wi_gate, wi_up, wo (MLP)
-    c.lora.modules_to_save = ()       # trained in full beside the adapters: token_embed, pos_embed, ln_final, lm_head
-    c.lora.quantize = ''              # '' | 'nf4'
-    c.lora.double_quant = False       # NF4: 8-bit block scales with a float32 scale per 256 blocks
-    c.lora.lr = 0.0                   # > 0: the peak learning rate when rank > 0 (adapters take larger steps)
+    c.lora.targets = ("query", "key", "value", "out")  # also: wi, wi_gate, wi_up, wo (MLP)
+    # Trained in full beside the adapters: token_embed, pos_embed, ln_final, lm_head.
+    c.lora.modules_to_save = ()
+    c.lora.quantize = ""  # '' | 'nf4'
+    c.lora.double_quant = False  # NF4: 8-bit block scales with a float32 scale per 256 blocks
+    c.lora.lr = 0.0  # > 0: the peak learning rate when rank > 0 (adapters take larger steps)
 
     c.sft = ml_collections.ConfigDict()
-    c.sft.reinit = False          # architecture and tokenizer from init_from, parameters random
-    c.sft.eval_prompts = 200      # held-out prompts answered greedily and graded at each eval
+    c.sft.reinit = False  # architecture and tokenizer from init_from, parameters random
+    c.sft.eval_prompts = 200  # held-out prompts answered greedily and graded at each eval
     c.sft.max_new_tokens = 32
     return c
 
 
 def reward_config() -> ml_collections.ConfigDict:
     """Reward model: comparisons, and the pairwise loss."""
-    c = _finetune('reward')
-    c.train.length_group = 8      # this many batches drawn together and cut by length (1: plain shuffle)
+    c = _finetune("reward")
+    c.train.length_group = 8  # this many batches drawn together and cut by length (1: plain shuffle)
     c.reward = ml_collections.ConfigDict()
-    c.reward.samples_per_prompt = 4   # graded_tasks: K responses sampled from the SFT policy per prompt
-    c.reward.temperature = 1.0        # graded_tasks: sampling temperature of those responses
-    c.reward.max_new_tokens = 32      # graded_tasks: the longest sampled response
-    c.reward.sample_batch = 256       # graded_tasks: rows per generate call (one compile per prompt bucket)
-    c.reward.num_prompts = 2000       # train prompts (graded_tasks); hh: at most this many train triples, 0 all
-    c.reward.num_eval_prompts = 200   # held-out prompts (graded_tasks); hh: at most this many, 0 all
-    c.reward.label_noise = 0.0        # probability that a train prompt's ranking is reversed
-    c.reward.margin = 0.0             # subtracted from every score difference in the loss (Llama 2)
-    c.reward.likelihood_term = False  # add a learned multiple of the response's mean log-prob (model.RewardModel)
+    c.reward.samples_per_prompt = 4  # graded_tasks: K responses sampled from the SFT policy per prompt
+    c.reward.temperature = 1.0  # graded_tasks: sampling temperature of those responses
+    c.reward.max_new_tokens = 32  # graded_tasks: the longest sampled response
+    c.reward.sample_batch = 256  # graded_tasks: rows per generate call (one compile per prompt bucket)
+    c.reward.num_prompts = 2000  # train prompts (graded_tasks); hh: at most this many train triples, 0 all
+    c.reward.num_eval_prompts = 200  # held-out prompts (graded_tasks); hh: at most this many, 0 all
+    c.reward.label_noise = 0.0  # probability that a train prompt's ranking is reversed
+    c.reward.margin = 0.0  # subtracted from every score difference in the loss (Llama 2)
+    c.reward.likelihood_term = (
+        False  # add a learned multiple of the response's mean log-prob (model.RewardModel)
+    )
     return c
 
 
 def ppo_config() -> ml_collections.ConfigDict:
     """PPO: policy and reference from init_from (SFT), reward and value from ppo.reward_from.
     Defaults follow lm-human-preferences and Huang et al. 2024 where a tiny model allows."""
-    c = _finetune('ppo')
+    c = _finetune("ppo")
     c.ppo = ml_collections.ConfigDict()
-    c.ppo.reward_from = ''            # the reward-model workdir
-    c.ppo.reward = 'rm'               # rm | oracle (train on the grader itself: an upper reference)
-    c.ppo.temperature = 1.0           # sampling temperature, also applied to the trained log-probs
-    c.ppo.max_new_tokens = 32         # rollouts and evaluation answers
-    c.ppo.eval_prompts = 200          # held-out prompts answered greedily at each eval
-    c.ppo.epochs = 4                  # passes over each rollout batch
-    c.ppo.minibatches = 4             # per pass; must divide train.global_batch_size (prompts per rollout)
-    c.ppo.clip = 0.2                  # policy ratio clip
+    c.ppo.reward_from = ""  # the reward-model workdir
+    c.ppo.reward = "rm"  # rm | oracle (train on the grader itself: an upper reference)
+    c.ppo.temperature = 1.0  # sampling temperature, also applied to the trained log-probs
+    c.ppo.max_new_tokens = 32  # rollouts and evaluation answers
+    c.ppo.eval_prompts = 200  # held-out prompts answered greedily at each eval
+    c.ppo.epochs = 4  # passes over each rollout batch
+    c.ppo.minibatches = 4  # per pass; must divide train.global_batch_size (prompts per rollout)
+    c.ppo.clip = 0.2  # policy ratio clip
     c.ppo.value_clip = 0.2
     c.ppo.vf_coef = 0.1
-    c.ppo.value_lr = 0.0              # the value model's peak learning rate (same schedule); 0: optimizer.lr
+    c.ppo.value_lr = 0.0  # the value model's peak learning rate (same schedule); 0: optimizer.lr
     c.ppo.entropy_coef = 0.0
     c.ppo.gamma = 1.0
     c.ppo.lam = 0.95
-    c.ppo.kl_coef = 0.05              # β of the per-token KL penalty (the start value when adaptive)
-    c.ppo.kl_target = 0.0             # > 0: adaptive β (Ziegler et al.) aiming at this KL in nats
+    c.ppo.kl_coef = 0.05  # β of the per-token KL penalty (the start value when adaptive)
+    c.ppo.kl_target = 0.0  # > 0: adaptive β (Ziegler et al.) aiming at this KL in nats
     c.ppo.kl_horizon = 10000
     c.ppo.whiten_rewards = False
-    c.ppo.missing_eos_penalty = 1.0   # subtracted from the score of a response that never ends
-    c.ppo.ptx_coef = 0.0              # PPO-ptx: weight of the LM loss on SFT rows (InstructGPT: pretraining rows)
+    c.ppo.missing_eos_penalty = 1.0  # subtracted from the score of a response that never ends
+    c.ppo.ptx_coef = 0.0  # PPO-ptx: weight of the LM loss on SFT rows (InstructGPT: pretraining rows)
     return c
 
 
 def dpo_config() -> ml_collections.ConfigDict:
     """DPO: policy and reference from init_from (SFT), comparisons from a reward-model workdir."""
-    c = _finetune('dpo')
+    c = _finetune("dpo")
     c.train.length_group = 8
     c.dpo = ml_collections.ConfigDict()
-    c.dpo.comparisons_from = ''       # the reward-model workdir whose comparisons.npz DPO trains on
-    c.dpo.beta = 0.1                  # the implicit reward's scale (the strength of the KL constraint)
-    c.dpo.eval_prompts = 200          # held-out prompts answered greedily and graded at each eval
+    c.dpo.comparisons_from = ""  # the reward-model workdir whose comparisons.npz DPO trains on
+    c.dpo.beta = 0.1  # the implicit reward's scale (the strength of the KL constraint)
+    c.dpo.eval_prompts = 200  # held-out prompts answered greedily and graded at each eval
     c.dpo.max_new_tokens = 32
     return c
 
@@ -226,7 +230,7 @@ def dpo_config() -> ml_collections.ConfigDict:
 def recipe_config() -> ml_collections.ConfigDict:
     """The recipe: a seed and the recipe section (its stages have their own config files)."""
     c = ml_collections.ConfigDict()
-    c.task = 'recipe'
+    c.task = "recipe"
     c.seed = 0
     c.recipe = ml_collections.ConfigDict()
     return c
@@ -238,15 +242,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     Only the names given in `defaults` are allowed; values take the type of their default.
     """
     out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or '').split(',')):
-        key, _, value = item.partition('=')
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
         if key not in defaults:
-            raise ValueError(f'config argument {key!r} is not one of {sorted(defaults)}')
+            raise ValueError(f"config argument {key!r} is not one of {sorted(defaults)}")
         default = defaults[key]
         if not value:
             out[key] = True
         elif isinstance(default, bool):
-            out[key] = value.lower() in ('1', 'true', 'yes')
+            out[key] = value.lower() in ("1", "true", "yes")
         else:
             out[key] = type(default)(value)
     return out
@@ -279,11 +283,11 @@ def shrink_for_smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.num_heads = 4
     c.model.num_kv_heads = min(c.model.num_kv_heads, 2)
     c.model.head_dim = 0
-    c.model.d_ff = 128 if c.model.mlp == 'swiglu' else 256
+    c.model.d_ff = 128 if c.model.mlp == "swiglu" else 256
     c.model.max_seq_len = 64
     c.model.vocab_size = 0
-    c.tokenizer.kind = 'byte'
-    c.precision.compute_dtype = 'float32'
+    c.tokenizer.kind = "byte"
+    c.precision.compute_dtype = "float32"
     c.train.steps = 6
     c.train.global_batch_size = 8
     c.train.seq_len = 64

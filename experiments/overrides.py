@@ -3,6 +3,7 @@
 The runner, sweep members and tools/bench all go through these, so a key that is not in the
 config is the same one-line error everywhere.
 """
+
 import ast
 import importlib.util
 import os
@@ -77,7 +78,8 @@ def first_unknown(argv: list[str], config) -> str:
     """The message for the first `--config.a.b=...` of `argv` naming a key `config` does not have."""
     for arg in argv:
         if arg.startswith("--config."):
-            key = arg[len("--config."):].split("=", 1)[0]
+            key = arg[len("--config.") :].split("=", 1)[0]
             if missing_key(config, key):
-                return f"unknown config key config.{key} ({arg}): config.task={config.get('task')!r} does not read it"
+                task = config.get("task")
+                return f"unknown config key config.{key} ({arg}): config.task={task!r} does not read it"
     return "unknown config key"

@@ -9,6 +9,7 @@ DIR/report.md and DIR/report.json. config.recipe.source says which prompts and j
 tasks are scored by the oracle (the grader; win rates against SFT) and by the reward model, HH
 dialogues by the reward model alone (the oracle fields are null).
 """
+
 import dataclasses
 import os
 import sys
@@ -27,13 +28,29 @@ from lm.errors import ConfigError, DataError
 STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
 SOURCES = ("graded_tasks", "hh")  # config.recipe.source
 # recipe key -> (the stage config key it sets, the stages that take it); passed where the recipe sets it.
-PASSED = {"tasks": ("data.tasks", ("reward", "ppo", "dpo")), "data_files": ("data.files", ("sft", "reward", "ppo"))}
+PASSED = {
+    "tasks": ("data.tasks", ("reward", "ppo", "dpo")),
+    "data_files": ("data.files", ("sft", "reward", "ppo")),
+}
 # Which earlier stages a stage's config keys point at.
-LINKS = {"sft": {"init_from": "pretrain"}, "reward": {"init_from": "sft"},
-         "ppo": {"init_from": "sft", "ppo.reward_from": "reward"}, "dpo": {"init_from": "sft", "dpo.comparisons_from": "reward"}}
+LINKS = {
+    "sft": {"init_from": "pretrain"},
+    "reward": {"init_from": "sft"},
+    "ppo": {"init_from": "sft", "ppo.reward_from": "reward"},
+    "dpo": {"init_from": "sft", "dpo.comparisons_from": "reward"},
+}
 EXTRA_FIELDS = ("oracle_score_by_task",)  # in report.json beside the issue's fields, where they apply
-REPORT_FIELDS = ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win_rate_ci", "tie_rate",
-                 "kl_to_sft", "rm_accuracy", "rm_score", "rm_score_sampled")
+REPORT_FIELDS = (
+    "oracle_score",
+    "oracle_score_sampled",
+    "win_rate_vs_sft",
+    "win_rate_ci",
+    "tie_rate",
+    "kl_to_sft",
+    "rm_accuracy",
+    "rm_score",
+    "rm_score_sampled",
+)
 
 
 def validate(config) -> None:
@@ -42,8 +59,10 @@ def validate(config) -> None:
     if source not in SOURCES:
         raise ConfigError(f"config.recipe.source={source!r}: expected one of {SOURCES}")
     if source == "hh" and not config.recipe.get("data_files"):
-        raise ConfigError("config.recipe.data_files is empty: set it to the HH .jsonl/.json file(s) of "
-                          "{\"chosen\", \"rejected\"} transcripts (a glob or a comma-separated list)")
+        raise ConfigError(
+            "config.recipe.data_files is empty: set it to the HH .jsonl/.json file(s) of "
+            '{"chosen", "rejected"} transcripts (a glob or a comma-separated list)'
+        )
 
 
 def stage_command(spec: str, stage_dir: str, links: dict, recipe_dir: str, overrides: tuple) -> list[str]:
@@ -95,8 +114,12 @@ def graded_report_prompts(config, sft_config) -> list[dict]:
     when recipe.tasks is empty), from a seed no stage uses, minus the SFT run's own eval prompts
     (it chose its best checkpoint on them)."""
     tasks = config.recipe.tasks or sft_config.data.tasks
-    return preferences.held_out_prompts(tasks, config.recipe.eval_prompts, sft_config.data.task_seed + 7,
-                                        preferences.sft_heldout_prompts(sft_config.data.to_dict()))
+    return preferences.held_out_prompts(
+        tasks,
+        config.recipe.eval_prompts,
+        sft_config.data.task_seed + 7,
+        preferences.sft_heldout_prompts(sft_config.data.to_dict()),
+    )
 
 
 def hh_report_prompts(config, sft) -> list[dict]:
@@ -108,9 +131,11 @@ def hh_report_prompts(config, sft) -> list[dict]:
     room = sft.model_cfg.max_seq_len - config.recipe.max_new_tokens
     kept, skipped = sft_data.prompts_that_fit(sft.tokenizer, sft.config.template, texts, room)
     if not kept:
-        raise DataError(f"config.recipe.max_new_tokens={config.recipe.max_new_tokens}: no held-out HH prompt "
-                        f"fits the SFT model's {sft.model_cfg.max_seq_len} positions with it ({skipped} longer)")
-    return [{"prompt": p} for p in kept[:config.recipe.eval_prompts]]
+        raise DataError(
+            f"config.recipe.max_new_tokens={config.recipe.max_new_tokens}: no held-out HH prompt "
+            f"fits the SFT model's {sft.model_cfg.max_seq_len} positions with it ({skipped} longer)"
+        )
+    return [{"prompt": p} for p in kept[: config.recipe.eval_prompts]]
 
 
 @dataclasses.dataclass
@@ -118,6 +143,7 @@ class Judges:
     """How the report scores [n] responses (token lists) to its n prompts: `oracle` (graded tasks)
     and `rm` (where there is a reward model), each `responses -> [n] scores` or None; `baseline`:
     the [n] oracle scores of SFT's greedy responses (win rates), None without an oracle."""
+
     examples: list[dict]
     oracle: Callable | None
     rm: Callable | None
@@ -127,13 +153,19 @@ class Judges:
 def make_judges(examples, prompts, tokenizer, score_fn, sft_greedy, *, graded: bool) -> Judges:
     """The report's Judges on [n] examples and their [n] prompt token lists: the grader when
     `graded`, the reward model's normalised `score_fn` (`saved_model.load_reward_model`) unless None."""
+
     def grade(responses):
         return evaluation.oracle_scores(examples, evaluation.decode(tokenizer, responses))
 
     def score(responses):
         return evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
-    return Judges(examples, grade if graded else None, None if score_fn is None else score,
-                  grade(sft_greedy) if graded else None)
+
+    return Judges(
+        examples,
+        grade if graded else None,
+        None if score_fn is None else score,
+        grade(sft_greedy) if graded else None,
+    )
 
 
 def score_fields(judges: Judges, greedy, sampled, seed: int) -> dict:
@@ -142,10 +174,16 @@ def score_fields(judges: Judges, greedy, sampled, seed: int) -> dict:
     row = {}
     if judges.oracle is not None:
         scores = judges.oracle(greedy)
-        row.update(oracle_score=float(scores.mean()), oracle_score_sampled=float(judges.oracle(sampled).mean()),
-                   **_versus(scores, judges.baseline, seed), oracle_score_by_task=by_task(judges.examples, scores))
+        row.update(
+            oracle_score=float(scores.mean()),
+            oracle_score_sampled=float(judges.oracle(sampled).mean()),
+            **_versus(scores, judges.baseline, seed),
+            oracle_score_by_task=by_task(judges.examples, scores),
+        )
     if judges.rm is not None:
-        row.update(rm_score=float(judges.rm(greedy).mean()), rm_score_sampled=float(judges.rm(sampled).mean()))
+        row.update(
+            rm_score=float(judges.rm(greedy).mean()), rm_score_sampled=float(judges.rm(sampled).mean())
+        )
     return row
 
 
@@ -153,10 +191,12 @@ def policy_responses(policy, tokenizer, prompts, *, max_new_tokens: int, seed: i
     """[n] greedy and [n] temperature-1 responses (token lists, EOS-ended when they end) of
     `policy` (a SavedModel) to [n] prompts; the samples draw from PRNGKey(seed + 1)."""
     kw = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    greedy = evaluation.sample_responses(policy.params, policy.model_cfg, prompts, rng=jax.random.PRNGKey(seed),
-                                         temperature=0.0, **kw)
-    sampled = evaluation.sample_responses(policy.params, policy.model_cfg, prompts,
-                                          rng=jax.random.PRNGKey(seed + 1), temperature=1.0, **kw)
+    greedy = evaluation.sample_responses(
+        policy.params, policy.model_cfg, prompts, rng=jax.random.PRNGKey(seed), temperature=0.0, **kw
+    )
+    sampled = evaluation.sample_responses(
+        policy.params, policy.model_cfg, prompts, rng=jax.random.PRNGKey(seed + 1), temperature=1.0, **kw
+    )
     return greedy, sampled
 
 
@@ -164,31 +204,53 @@ def stage_report(policy, sft, prompts, responses, judges: Judges, *, max_new_tok
     """`score_fields` of one policy's (greedy, sampled) `responses` and its KL to SFT on its samples."""
     greedy, sampled = responses
     tok = sft.tokenizer
-    kl = evaluation.kl_to_reference(policy.model_cfg, policy.params, sft.params, prompts, sampled,
-                                    pad_id=tok.pad_id, eos_id=tok.eos_id, width=max_new_tokens)
+    kl = evaluation.kl_to_reference(
+        policy.model_cfg,
+        policy.params,
+        sft.params,
+        prompts,
+        sampled,
+        pad_id=tok.pad_id,
+        eos_id=tok.eos_id,
+        width=max_new_tokens,
+    )
     return {**score_fields(judges, greedy, sampled, seed), "kl_to_sft": kl}
 
 
 def by_task(examples: list[dict], scores: np.ndarray) -> dict:
     """{task: mean oracle score of its prompts} for [n] examples and their [n] scores."""
     tasks = [e["task"] for e in examples]
-    return {task: float(np.mean([s for t, s in zip(tasks, scores) if t == task])) for task in dict.fromkeys(tasks)}
+    return {
+        task: float(np.mean([s for t, s in zip(tasks, scores) if t == task])) for task in dict.fromkeys(tasks)
+    }
 
 
 def _versus(scores, sft_scores, seed) -> dict:
     versus = evaluation.win_rate(scores, sft_scores, seed=seed)
-    return {"win_rate_vs_sft": versus["win_rate"], "win_rate_ci": versus["win_rate_ci"],
-            "tie_rate": versus["tie_rate"]}
+    return {
+        "win_rate_vs_sft": versus["win_rate"],
+        "win_rate_ci": versus["win_rate_ci"],
+        "tie_rate": versus["tie_rate"],
+    }
 
 
-def best_of_n_report(sft, score_fn, prompts, judges: Judges, *, n: int, max_new_tokens: int, seed: int) -> dict:
+def best_of_n_report(
+    sft, score_fn, prompts, judges: Judges, *, n: int, max_new_tokens: int, seed: int
+) -> dict:
     """Best-of-n against the reward model, on the SFT policy's samples at temperature 1: the
     scores of the chosen samples (greedy and sampled fields alike) and the analytic KL."""
     tok = sft.tokenizer
-    samples = evaluation.sample_responses(sft.params, sft.model_cfg, [p for p in prompts for _ in range(n)],
-                                          max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(seed + 2),
-                                          temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id)
-    groups = [samples[i * n:(i + 1) * n] for i in range(len(prompts))]
+    samples = evaluation.sample_responses(
+        sft.params,
+        sft.model_cfg,
+        [p for p in prompts for _ in range(n)],
+        max_new_tokens=max_new_tokens,
+        rng=jax.random.PRNGKey(seed + 2),
+        temperature=1.0,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
+    groups = [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
     chosen = evaluation.best_of_n(score_fn, prompts, groups, pad_id=tok.pad_id)
     picked = [g[c] for g, c in zip(groups, chosen)]
     return {**score_fields(judges, picked, picked, seed), "kl_to_sft": evaluation.best_of_n_kl(n)}
@@ -204,20 +266,30 @@ def make_report(config, workdir: str) -> dict:
     rm_dir = os.path.join(workdir, "reward")
     score_fn = saved_model.load_reward_model(rm_dir)[0] if os.path.isdir(rm_dir) else None
     responses = policy_responses(sft, tok, prompts, max_new_tokens=width, seed=seed)
-    judges = make_judges(examples, prompts, tok, score_fn, responses[0], graded=config.recipe.source == "graded_tasks")
+    judges = make_judges(
+        examples, prompts, tok, score_fn, responses[0], graded=config.recipe.source == "graded_tasks"
+    )
     stages = {"sft": stage_report(sft, sft, prompts, responses, judges, max_new_tokens=width, seed=seed)}
     if score_fn is not None:
         stages["reward"] = {"rm_accuracy": reward_accuracy(rm_dir)}
-        stages["best_of_n"] = best_of_n_report(sft, score_fn, prompts, judges, n=config.recipe.best_of_n,
-                                               max_new_tokens=width, seed=seed)
+        stages["best_of_n"] = best_of_n_report(
+            sft, score_fn, prompts, judges, n=config.recipe.best_of_n, max_new_tokens=width, seed=seed
+        )
     for stage in ("ppo", "dpo"):
         if os.path.isdir(os.path.join(workdir, stage, "best")):
             policy = saved_model.load(os.path.join(workdir, stage), "best")
             responses = policy_responses(policy, tok, prompts, max_new_tokens=width, seed=seed)
-            stages[stage] = stage_report(policy, sft, prompts, responses, judges, max_new_tokens=width, seed=seed)
-    report = {"stages": {name: {f: row.get(f) for f in REPORT_FIELDS} | {f: row[f] for f in EXTRA_FIELDS if f in row}
-                         for name, row in stages.items()},
-              "num_prompts": len(examples), "best_of_n": config.recipe.best_of_n}
+            stages[stage] = stage_report(
+                policy, sft, prompts, responses, judges, max_new_tokens=width, seed=seed
+            )
+    report = {
+        "stages": {
+            name: {f: row.get(f) for f in REPORT_FIELDS} | {f: row[f] for f in EXTRA_FIELDS if f in row}
+            for name, row in stages.items()
+        },
+        "num_prompts": len(examples),
+        "best_of_n": config.recipe.best_of_n,
+    }
     metrics_lib.write_json_atomic(os.path.join(workdir, "report.json"), report)
     write_markdown(os.path.join(workdir, "report.md"), report)
     return report
@@ -225,30 +297,54 @@ def make_report(config, workdir: str) -> dict:
 
 def reward_accuracy(rm_dir: str) -> float | None:
     """The reward model's best held-out comparison accuracy (its metrics.jsonl)."""
-    values = [r["eval_accuracy"] for r in metrics_lib.read_jsonl(os.path.join(rm_dir, "metrics.jsonl"))
-              if "eval_accuracy" in r]
+    values = [
+        r["eval_accuracy"]
+        for r in metrics_lib.read_jsonl(os.path.join(rm_dir, "metrics.jsonl"))
+        if "eval_accuracy" in r
+    ]
     return max(values) if values else None
 
 
 def write_markdown(path: str, report: dict) -> None:
-    """A paper-style table of `report` (atomic); fields null in every row (HH's oracle fields) are left out."""
+    """A paper-style table of `report` (atomic); fields null in every row (HH's oracle fields) are
+    left out."""
+
     def cell(value):
         if value is None:
             return "–"
         if isinstance(value, list):
             return f"[{value[0]:.3f}, {value[1]:.3f}]"
         return f"{value:.3f}"
+
     fields = [f for f in REPORT_FIELDS if any(row[f] is not None for row in report["stages"].values())]
-    lines = [f"Held-out prompts: {report['num_prompts']}; best-of-n: n = {report['best_of_n']}.", "",
-             "| stage | " + " | ".join(fields) + " |", "|---|" + "---:|" * len(fields)]
-    lines += [f"| {name} | " + " | ".join(cell(row[f]) for f in fields) + " |"
-              for name, row in report["stages"].items()]
-    per_task = {name: row["oracle_score_by_task"] for name, row in report["stages"].items() if row.get("oracle_score_by_task")}
+    lines = [
+        f"Held-out prompts: {report['num_prompts']}; best-of-n: n = {report['best_of_n']}.",
+        "",
+        "| stage | " + " | ".join(fields) + " |",
+        "|---|" + "---:|" * len(fields),
+    ]
+    lines += [
+        f"| {name} | " + " | ".join(cell(row[f]) for f in fields) + " |"
+        for name, row in report["stages"].items()
+    ]
+    per_task = {
+        name: row["oracle_score_by_task"]
+        for name, row in report["stages"].items()
+        if row.get("oracle_score_by_task")
+    }
     if per_task:
         tasks = list(next(iter(per_task.values())))
-        lines += ["", "Oracle score (greedy) by task:", "", "| stage | " + " | ".join(tasks) + " |",
-                  "|---|" + "---:|" * len(tasks)]
-        lines += [f"| {name} | " + " | ".join(cell(row.get(t)) for t in tasks) + " |" for name, row in per_task.items()]
+        lines += [
+            "",
+            "Oracle score (greedy) by task:",
+            "",
+            "| stage | " + " | ".join(tasks) + " |",
+            "|---|" + "---:|" * len(tasks),
+        ]
+        lines += [
+            f"| {name} | " + " | ".join(cell(row.get(t)) for t in tasks) + " |"
+            for name, row in per_task.items()
+        ]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -261,4 +357,3 @@ def run(config, workdir: str) -> dict:
     report = make_report(config, workdir)
     print(open(os.path.join(workdir, "report.md")).read())
     return report
-

@@ -1,4 +1,5 @@
-"""The runner: `python -m experiments.run --config configs/<file>.py[:arg] [--config.key=value] --workdir DIR`.
+"""The runner: `python -m experiments.run --config configs/<file>.py[:arg] [--config.key=value]
+--workdir DIR`.
 
 Loads the config (keys locked: a mistyped override, or a key the task does not read, is an error),
 validates it once with its task's validator (`experiments.tasks`), joins the other processes when
@@ -7,6 +8,7 @@ the config as JSON and exits without creating the workdir; `--help` lists the fl
 print one line and exit 2; bugs keep their tracebacks; a run stopped by SIGTERM checkpoints and
 exits 75.
 """
+
 import copy
 import json
 import os
@@ -21,8 +23,10 @@ from lm import distributed, trainer
 from lm.errors import ConfigError, Preempted, UserError
 from lm.quiet import quiet_libraries
 
-USAGE = ("usage: python -m experiments.run --config configs/<file>.py[:arg] [--config.KEY=VALUE ...] "
-         "--workdir DIR [--print_config] [--member NAME]")
+USAGE = (
+    "usage: python -m experiments.run --config configs/<file>.py[:arg] [--config.KEY=VALUE ...] "
+    "--workdir DIR [--print_config] [--member NAME]"
+)
 
 EX_TEMPFAIL = 75  # sysexits.h: a preempted run; launchers requeue it
 
@@ -31,26 +35,49 @@ def define_flags() -> flags.FlagValues:
     """A fresh set of the runner's flags: each `main(argv)` parses into its own, so the runner can
     be called in-process again and again (config_flags defines one flag per override it meets)."""
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':arg'.", flag_values=fv,
-                                    lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file, optionally with ':arg'.", flag_values=fv, lock_config=True
+    )
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.", flag_values=fv)
-    flags.DEFINE_bool("print_config", False, "Print the config as JSON (resolved as far as it can be without "
-                      "preparing data) and exit; nothing is written.", flag_values=fv)
-    flags.DEFINE_string("member", None, "Run only this member of the config's sweep (the sweep runner sets it).",
-                        flag_values=fv)
+    flags.DEFINE_bool(
+        "print_config",
+        False,
+        "Print the config as JSON (resolved as far as it can be without "
+        "preparing data) and exit; nothing is written.",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "member",
+        None,
+        "Run only this member of the config's sweep (the sweep runner sets it).",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("parallel", 1, "Sweeps: members run at once.", flag_values=fv)
     flags.DEFINE_string("launcher", "local", "Sweeps: local | slurm | submitit-local.", flag_values=fv)
     flags.DEFINE_string("slurm_partition", None, "Sweeps on SLURM: the partition.", flag_values=fv)
-    flags.DEFINE_integer("slurm_timeout_min", 240, "Sweeps on SLURM: each member's time limit.", flag_values=fv)
+    flags.DEFINE_integer(
+        "slurm_timeout_min", 240, "Sweeps on SLURM: each member's time limit.", flag_values=fv
+    )
     flags.DEFINE_integer("slurm_gpus_per_node", 0, "Sweeps on SLURM: GPUs per member.", flag_values=fv)
-    flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0 (default: "
-                        "$JAX_COORDINATOR_ADDRESS, or a cluster manager's).", flag_values=fv)
-    flags.DEFINE_integer("num_processes", None, "Several processes: how many (default: $JAX_NUM_PROCESSES).",
-                         flag_values=fv)
-    flags.DEFINE_integer("process_id", None, "Several processes: this one's index (default: $JAX_PROCESS_ID).",
-                         flag_values=fv)
-    flags.DEFINE_integer("slurm_cpus_per_task", 0, "Sweeps on SLURM: CPUs per member (0: the cluster's default).",
-                         flag_values=fv)
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Several processes: host:port of process 0 (default: "
+        "$JAX_COORDINATOR_ADDRESS, or a cluster manager's).",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "Several processes: how many (default: $JAX_NUM_PROCESSES).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "Several processes: this one's index (default: $JAX_PROCESS_ID).", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "slurm_cpus_per_task",
+        0,
+        "Sweeps on SLURM: CPUs per member (0: the cluster's default).",
+        flag_values=fv,
+    )
     return fv
 
 
@@ -125,8 +152,10 @@ def _select_member(members, name: str):
         if member.name == name:
             return member
     known = ", ".join(m.name for m in (members or [])[:3])
-    raise ConfigError(f"--member={name!r}: the config declares no such sweep member"
-                      + (f" (e.g. {known})" if known else " (it has no get_sweep)"))
+    raise ConfigError(
+        f"--member={name!r}: the config declares no such sweep member"
+        + (f" (e.g. {known})" if known else " (it has no get_sweep)")
+    )
 
 
 def _slurm_parameters() -> dict:
@@ -148,8 +177,15 @@ def run_sweep(config, members, argv, workdir: str) -> int:
         validate(member_config)
     config_arg = _config_arg(argv)
     passthrough = [a for a in argv[1:] if a.startswith("--config.")]
-    counts = sweep.run_sweep(members, config_arg=config_arg, passthrough=passthrough, sweep_dir=workdir,
-                             launcher=FLAGS.launcher, parallel=FLAGS.parallel, slurm=_slurm_parameters())
+    counts = sweep.run_sweep(
+        members,
+        config_arg=config_arg,
+        passthrough=passthrough,
+        sweep_dir=workdir,
+        launcher=FLAGS.launcher,
+        parallel=FLAGS.parallel,
+        slurm=_slurm_parameters(),
+    )
     summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     print(f"sweep: {summary}; results in {os.path.join(workdir, 'results.csv')}")
     return 0 if counts.get("completed", 0) == len(members) else 1
@@ -183,14 +219,22 @@ def main(argv) -> int:
         start = time.time()
         tasks.module(config.task).run(config, workdir)
         if config.task != "recipe":
-            print(trainer.summary(workdir, config.task, time.time() - start,
-                                  tasks.NEXT.get(config.task, "").format(workdir=workdir)))
+            print(
+                trainer.summary(
+                    workdir,
+                    config.task,
+                    time.time() - start,
+                    tasks.NEXT.get(config.task, "").format(workdir=workdir),
+                )
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:
-        print(f"preempted at step {e.step}; checkpoint saved, resume by running the same command",
-              file=sys.stderr)
+        print(
+            f"preempted at step {e.step}; checkpoint saved, resume by running the same command",
+            file=sys.stderr,
+        )
         return EX_TEMPFAIL
     return 0
 

@@ -8,6 +8,7 @@ finishes. A re-run skips completed members and resumes the rest from their check
 Launchers: `local` (subprocesses, `--parallel N` at a time), `slurm` (a submitit job array) and
 `submitit-local` (submitit's LocalExecutor: the SLURM code path on one machine, used by the tests).
 """
+
 import concurrent.futures
 import csv
 import io
@@ -24,8 +25,18 @@ from lm import metrics as metrics_lib
 from lm.errors import ConfigError
 
 LAUNCHERS = ("local", "slurm", "submitit-local")
-RESULT_COLUMNS = ["name", "status", "N", "N_nonembedding", "D", "C", "train_loss", "eval_loss",
-                  "eval_bits_per_byte", "wall_seconds"]
+RESULT_COLUMNS = [
+    "name",
+    "status",
+    "N",
+    "N_nonembedding",
+    "D",
+    "C",
+    "train_loss",
+    "eval_loss",
+    "eval_bits_per_byte",
+    "wall_seconds",
+]
 TRAIN_LOSS_TAIL = 0.1  # train_loss: mean logged loss over the last 10% of steps (one step is noisy)
 
 
@@ -69,6 +80,7 @@ def member_name(overrides: dict) -> str:
 
 # ---- one member ----------------------------------------------------------------------------------
 
+
 def run_member(command: list[str], workdir: str) -> str:
     """Runs one member's command to the end, logging to workdir/log.txt; writes workdir/status.json.
 
@@ -83,12 +95,20 @@ def run_member(command: list[str], workdir: str) -> str:
     with open(os.path.join(workdir, "log.txt"), "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "TQDM_MININTERVAL": "30"}).returncode
+        returncode = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_MININTERVAL": "30"}
+        ).returncode
     status = "completed" if returncode == 0 else "failed"
-    metrics_lib.write_json_atomic(status_path, {
-        "status": status, "returncode": returncode, "error": _last_error(workdir) if returncode else "",
-        "wall_seconds": time.time() - start, "attempts": attempts})
+    metrics_lib.write_json_atomic(
+        status_path,
+        {
+            "status": status,
+            "returncode": returncode,
+            "error": _last_error(workdir) if returncode else "",
+            "wall_seconds": time.time() - start,
+            "attempts": attempts,
+        },
+    )
     return status
 
 
@@ -102,22 +122,37 @@ def _last_error(workdir: str) -> str:
 
 def member_command(config_arg: str, passthrough: list[str], workdir: str, name: str) -> list[str]:
     """The command line that runs member `name` of the sweep in `config_arg` as a plain run."""
-    return [sys.executable, "-m", "experiments.run", f"--config={config_arg}", *passthrough,
-            f"--workdir={workdir}", f"--member={name}"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        f"--config={config_arg}",
+        *passthrough,
+        f"--workdir={workdir}",
+        f"--member={name}",
+    ]
 
 
 # ---- results -------------------------------------------------------------------------------------
+
 
 def member_row(sweep_dir: str, member: Member) -> dict:
     """One results.csv row from the member's status.json, config.json and metrics.jsonl."""
     workdir = os.path.join(sweep_dir, member.name)
     status = metrics_lib.read_json(os.path.join(workdir, "status.json")) or {}
-    row = {"name": member.name, "status": status.get("status", "pending"),
-           "wall_seconds": status.get("wall_seconds")}
+    row = {
+        "name": member.name,
+        "status": status.get("status", "pending"),
+        "wall_seconds": status.get("wall_seconds"),
+    }
     run = (metrics_lib.read_json(os.path.join(workdir, "config.json")) or {}).get("run", {})
     if run:
-        row.update(N=run["params"]["total"], N_nonembedding=run["params"]["non_embedding"],
-                   D=run["scaling"]["tokens"], C=run["scaling"]["compute"])
+        row.update(
+            N=run["params"]["total"],
+            N_nonembedding=run["params"]["non_embedding"],
+            D=run["scaling"]["tokens"],
+            C=run["scaling"]["compute"],
+        )
     records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     if records and row["status"] == "completed":
         last_step = records[-1]["step"]
@@ -134,8 +169,9 @@ def write_results(sweep_dir: str, members: list[Member]) -> str:
     """Rewrites sweep_dir/results.csv (atomically): RESULT_COLUMNS, then one column per override."""
     override_keys = list(dict.fromkeys(k for m in members for k in m.overrides))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULT_COLUMNS + override_keys, restval="",
-                            lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer, fieldnames=RESULT_COLUMNS + override_keys, restval="", lineterminator="\n"
+    )
     writer.writeheader()
     for member in members:
         writer.writerow({k: _csv_value(v) for k, v in member_row(sweep_dir, member).items()})
@@ -157,8 +193,17 @@ def _csv_value(value):
 
 # ---- the sweep -----------------------------------------------------------------------------------
 
-def run_sweep(members: list[Member], *, config_arg: str, passthrough: list[str], sweep_dir: str,
-              launcher: str = "local", parallel: int = 1, slurm: dict | None = None) -> dict:
+
+def run_sweep(
+    members: list[Member],
+    *,
+    config_arg: str,
+    passthrough: list[str],
+    sweep_dir: str,
+    launcher: str = "local",
+    parallel: int = 1,
+    slurm: dict | None = None,
+) -> dict:
     """Runs every member not yet completed; returns {status: count} over all members.
 
     Args:
@@ -174,11 +219,19 @@ def run_sweep(members: list[Member], *, config_arg: str, passthrough: list[str],
         raise ConfigError(f"--parallel={parallel}: must be at least 1")
     done = [m for m in members if member_row(sweep_dir, m)["status"] == "completed"]
     todo = [m for m in members if m not in done]
-    print(f"sweep: {len(members)} members, {len(done)} completed, {len(todo)} to run "
-          f"({launcher}, {parallel} at a time) -> {sweep_dir}", flush=True)
+    print(
+        f"sweep: {len(members)} members, {len(done)} completed, {len(todo)} to run "
+        f"({launcher}, {parallel} at a time) -> {sweep_dir}",
+        flush=True,
+    )
     write_results(sweep_dir, members)
-    jobs = [(member_command(config_arg, passthrough, os.path.join(sweep_dir, m.name), m.name),
-             os.path.join(sweep_dir, m.name)) for m in todo]
+    jobs = [
+        (
+            member_command(config_arg, passthrough, os.path.join(sweep_dir, m.name), m.name),
+            os.path.join(sweep_dir, m.name),
+        )
+        for m in todo
+    ]
     lock = threading.Lock()
 
     def finished(member, status):
@@ -208,12 +261,15 @@ def _run_submitit(todo, jobs, sweep_dir, launcher, parallel, slurm, finished) ->
         raise ConfigError("--launcher slurm needs submitit: pip install -e '.[slurm]'") from None
     cluster = "slurm" if launcher == "slurm" else "local"
     executor = submitit.AutoExecutor(folder=os.path.join(sweep_dir, "submitit", "%j"), cluster=cluster)
-    executor.update_parameters(name=os.path.basename(sweep_dir.rstrip("/")) or "sweep",
-                               slurm_array_parallelism=parallel, **slurm)
+    executor.update_parameters(
+        name=os.path.basename(sweep_dir.rstrip("/")) or "sweep", slurm_array_parallelism=parallel, **slurm
+    )
     commands, workdirs = zip(*jobs)
     submitted = executor.map_array(run_member, commands, workdirs)
-    print(f"sweep: submitted job array {submitted[0].job_id.split('_')[0]} ({len(submitted)} members)",
-          flush=True)
+    print(
+        f"sweep: submitted job array {submitted[0].job_id.split('_')[0]} ({len(submitted)} members)",
+        flush=True,
+    )
     pending = dict(zip(submitted, todo))
     while pending:
         for job in [j for j in pending if j.done()]:
@@ -224,8 +280,15 @@ def _run_submitit(todo, jobs, sweep_dir, launcher, parallel, slurm, finished) ->
                 status = "failed"
                 status_path = os.path.join(sweep_dir, member.name, "status.json")
                 previous = metrics_lib.read_json(status_path) or {}
-                metrics_lib.write_json_atomic(status_path, {
-                    "status": status, "returncode": None, "error": (str(e).strip().splitlines() or [""])[-1],
-                    "wall_seconds": None, "attempts": previous.get("attempts", 1)})
+                metrics_lib.write_json_atomic(
+                    status_path,
+                    {
+                        "status": status,
+                        "returncode": None,
+                        "error": (str(e).strip().splitlines() or [""])[-1],
+                        "wall_seconds": None,
+                        "attempts": previous.get("attempts", 1),
+                    },
+                )
             finished(member, status)
         time.sleep(1.0)

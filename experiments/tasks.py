@@ -4,19 +4,26 @@ Each module has `validate(config)` (one ConfigError naming the first bad key, be
 written), `run(config, workdir)`, and optionally `preview(config) -> dict` (what `--print_config`
 can resolve without preparing data). Modules are imported only when their task is asked for.
 """
+
 import importlib
 
-TASKS = {"pretrain": "lm.tasks.pretrain", "sft": "lm.tasks.sft", "reward": "lm.tasks.reward",
-         "ppo": "lm.tasks.ppo", "dpo": "lm.tasks.dpo", "recipe": "experiments.recipe"}
+TASKS = {
+    "pretrain": "lm.tasks.pretrain",
+    "sft": "lm.tasks.sft",
+    "reward": "lm.tasks.reward",
+    "ppo": "lm.tasks.ppo",
+    "dpo": "lm.tasks.dpo",
+    "recipe": "experiments.recipe",
+}
 
 # What to try after a run of each task ({workdir}: the run's).
 NEXT = {
-    "pretrain": "python -m tools.sample --workdir {workdir} --prompt 'def '   (then SFT: python -m experiments.run "
-                "--config configs/sft/tasks_tiny.py --config.init_from={workdir} --workdir DIR)",
-    "sft": "python -m tools.sample --workdir {workdir} --chat --prompt '...'   (then a reward model: configs/reward/tasks_tiny.py "
-           "with --config.init_from={workdir})",
+    "pretrain": "python -m tools.sample --workdir {workdir} --prompt 'def '   (then SFT: python -m "
+    "experiments.run --config configs/sft/tasks_tiny.py --config.init_from={workdir} --workdir DIR)",
+    "sft": "python -m tools.sample --workdir {workdir} --chat --prompt '...'   (then a reward model: "
+    "configs/reward/tasks_tiny.py with --config.init_from={workdir})",
     "reward": "PPO: python -m experiments.run --config configs/ppo/tasks_tiny.py --config.init_from=SFT_DIR "
-              "--config.ppo.reward_from={workdir} --workdir DIR",
+    "--config.ppo.reward_from={workdir} --workdir DIR",
     "ppo": "python -m tools.sample --workdir {workdir} --chat --prompt '...'",
     "dpo": "python -m tools.sample --workdir {workdir} --chat --prompt '...'",
     "recipe": "open {workdir}/report.md",

@@ -9,6 +9,7 @@ of the KV cache (`lm.model.init_cache`), so decoding never transposes the cache.
 stores keys after the rotary rotation; `write_cache` puts a step's keys, values or segment
 ids at the write index.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -28,8 +29,8 @@ def causal_segment_mask(q_segments, k_segments, q_slots, k_slots):
       [batch, q_len, k_len] bool. Real tokens never see padding or another packed document;
       padding attends to padding only, so no row is empty.
     """
-    causal = k_slots[None, None, :] <= q_slots[:, :, None]             # [batch, q, k]
-    same = q_segments[:, :, None] == k_segments[:, None, :]             # [batch, q, k]
+    causal = k_slots[None, None, :] <= q_slots[:, :, None]  # [batch, q, k]
+    same = q_segments[:, :, None] == k_segments[:, None, :]  # [batch, q, k]
     return causal & same
 
 
@@ -44,10 +45,10 @@ def rotary(x, positions, theta: float):
       [batch, seq, heads, head_dim], x's dtype; dims (i, i + head_dim/2) are rotated as a pair.
     """
     half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)   # [half]
-    angle = positions[..., None].astype(jnp.float32) * inv_freq         # [batch, seq, half]
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+    angle = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, half]
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)               # [batch, seq, heads, half]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [batch, seq, heads, half]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
@@ -60,8 +61,8 @@ def _probs(q, k, mask):
     """
     b, kvh, n, _ = q.shape
     lq, lk = mask.shape[1:]
-    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kvh, n // lq, lq, lk)                    # [b, kvh, g, q, k]
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, kvh, n // lq, lq, lk)  # [b, kvh, g, q, k]
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     return jax.nn.softmax(scores, axis=-1).reshape(b, kvh, n, lk)
 
@@ -69,12 +70,12 @@ def _probs(q, k, mask):
 @jax.custom_vjp
 def _attend(q, k, v, mask):
     """softmax(q·k masked)·v for q: [b, kvh, g*q, d], k, v: [b, kvh, k, d] -> [b, kvh, g*q, d]."""
-    return jnp.einsum('bhqk,bhkd->bhqd', _probs(q, k, mask).astype(v.dtype), v)
+    return jnp.einsum("bhqk,bhkd->bhqd", _probs(q, k, mask).astype(v.dtype), v)
 
 
 def _attend_fwd(q, k, v, mask):
-    probs = _probs(q, k, mask).astype(v.dtype)                          # [b, kvh, g*q, k]
-    out = jnp.einsum('bhqk,bhkd->bhqd', probs, v)
+    probs = _probs(q, k, mask).astype(v.dtype)  # [b, kvh, g*q, k]
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v)
     return out, (q, k, v, probs, out)
 
 
@@ -86,12 +87,12 @@ def _attend_bwd(residuals, d_out):
     differentiating through softmax and where.
     """
     q, k, v, probs, out = residuals
-    d_v = jnp.einsum('bhqk,bhqd->bhkd', probs, d_out)
-    d_probs = jnp.einsum('bhqd,bhkd->bhqk', d_out, v, preferred_element_type=jnp.float32)
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs, d_out)
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_scores = (probs.astype(jnp.float32) * (d_probs - delta)).astype(q.dtype)
-    d_q = jnp.einsum('bhqk,bhkd->bhqd', d_scores, k)
-    d_k = jnp.einsum('bhqk,bhqd->bhkd', d_scores, q)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q)
     return d_q, d_k, d_v, None
 
 
@@ -114,7 +115,7 @@ def _blocked_attention(q, k, v, mask, blocks):
     b, lq, h, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    q = q.reshape(b, lq, kvh, g, d).transpose(0, 2, 3, 1, 4)           # [b, kvh, g, q, d]
+    q = q.reshape(b, lq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [b, kvh, g, q, d]
     outs = []
     for start, end, k_end in blocks:
         q_block = q[:, :, :, start:end].reshape(b, kvh, g * (end - start), d)
@@ -163,7 +164,7 @@ def causal_attention(q, k, v, mask, block: int = 64):
     return _blocked_attention(q, k, v, mask, [(s, e, e) for s, e in zip(range(0, seq, block), ends)])
 
 
-def fused_attention(q, k, v, mask, implementation: str = 'cudnn'):
+def fused_attention(q, k, v, mask, implementation: str = "cudnn"):
     """cuDNN's fused (flash) attention: no [seq, seq] score matrix in memory. NVIDIA GPUs only.
 
     The mask reaches cuDNN as an additive bias (exact packed-document semantics); the causal
@@ -176,8 +177,9 @@ def fused_attention(q, k, v, mask, implementation: str = 'cudnn'):
     Returns:
       [batch, seq, heads, head_dim].
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=1.0, is_causal=True,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask[:, None], scale=1.0, is_causal=True, implementation=implementation
+    )
 
 
 def write_cache(buffer, new, index, axis: int = 1):

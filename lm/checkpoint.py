@@ -3,6 +3,7 @@
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoints intact; the manager keeps the last K.
 """
+
 import json
 import os
 import sys
@@ -18,17 +19,25 @@ def manager(workdir: str, keep: int = 2, subdir: str = "checkpoints") -> ocp.Che
     """A CheckpointManager over workdir/<subdir> keeping the newest `keep` checkpoints."""
     # cleanup_tmp_directories: a save cut short by a kill leaves a tmp dir that would break the
     # next save of the same step.
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=1, create=True,
-                                           cleanup_tmp_directories=True,
-                                           enable_async_checkpointing=False)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, subdir)), options=options,
-                                 item_names=("state", "meta"))
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        save_interval_steps=1,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, subdir)), options=options, item_names=("state", "meta")
+    )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
     """Saves `state` (any pytree of arrays) and `meta` (JSON: config, data info) at `step`."""
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
     mngr.wait_until_finished()
 
 
@@ -115,8 +124,9 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
             saved = None
         different = bool(saved) and mismatch(saved, wanted)
         if different:
-            raise CheckpointError(f"checkpoint {candidate} in {mngr.directory} does not fit this config: "
-                                  f"{different}")
+            raise CheckpointError(
+                f"checkpoint {candidate} in {mngr.directory} does not fit this config: {different}"
+            )
         try:
             state = _restore_step(mngr, abstract_state, candidate)
         except Exception as e:
@@ -127,15 +137,20 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
             continue
         if bad:
             names = ", ".join(str(s) for s, _ in bad)
-            print(f"warning: checkpoint {names} in {mngr.directory} unreadable ({bad[0][1][:200]}); "
-                  f"moved aside, resuming from step {candidate}", file=sys.stderr)
+            print(
+                f"warning: checkpoint {names} in {mngr.directory} unreadable ({bad[0][1][:200]}); "
+                f"moved aside, resuming from step {candidate}",
+                file=sys.stderr,
+            )
             for s, _ in bad:
                 path = os.path.join(os.fspath(mngr.directory), str(s))
                 os.replace(path, f"{path}.unreadable-{time.time_ns()}")
             mngr.reload()
         return candidate, state
-    raise CheckpointError(f"no readable checkpoint in {mngr.directory} that matches this config "
-                          f"(step {bad[0][0]}: {bad[0][1][:300]})")
+    raise CheckpointError(
+        f"no readable checkpoint in {mngr.directory} that matches this config "
+        f"(step {bad[0][0]}: {bad[0][1][:300]})"
+    )
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -176,11 +191,18 @@ def restore_params(path: str, abstract_params):
     restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract_params)
     try:
         with ocp.PyTreeCheckpointer() as ckptr:
-            restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-                item={"params": abstract_params}, restore_args={"params": restore_args},
-                partial_restore=True))
+            restored = ckptr.restore(
+                directory,
+                args=ocp.args.PyTreeRestore(
+                    item={"params": abstract_params},
+                    restore_args={"params": restore_args},
+                    partial_restore=True,
+                ),
+            )
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"cannot restore parameters from {directory}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"cannot restore parameters from {directory}: {str(e).splitlines()[0]}"
+        ) from None
     return restored["params"]
 
 
@@ -210,11 +232,15 @@ def pretrained_run(path: str) -> tuple[str, dict]:
         raise CheckpointError(f"config.init_from={path!r}: no such file or directory")
     here = start
     for _ in range(3):
-        if os.path.isfile(os.path.join(here, "config.json")) and os.path.exists(os.path.join(here, "tokenizer")):
+        if os.path.isfile(os.path.join(here, "config.json")) and os.path.exists(
+            os.path.join(here, "tokenizer")
+        ):
             return here, read_run_config(here)
         here = os.path.dirname(here)
-    raise CheckpointError(f"config.init_from={path!r}: not a training workdir or a checkpoint inside one "
-                          f"(no config.json and tokenizer at it or above it)")
+    raise CheckpointError(
+        f"config.init_from={path!r}: not a training workdir or a checkpoint inside one "
+        f"(no config.json and tokenizer at it or above it)"
+    )
 
 
 def policy_checkpoint(init_from: str, run_dir: str) -> str:

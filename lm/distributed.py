@@ -5,6 +5,7 @@ A run is multi-process when the runner is given a coordinator (flags, or the `JA
 under a cluster manager JAX detects by itself (SLURM with more than one task, Open MPI, a TPU pod
 slice). CPU processes exchange collectives through gloo.
 """
+
 import os
 
 import jax
@@ -32,8 +33,9 @@ def under_cluster_manager() -> bool:
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
     """Joins the job's processes when there are several; returns whether it did.
 
     Arguments left None are read from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
@@ -48,11 +50,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         if not under_cluster_manager():
             return False
     elif any(x is None for x in explicit):
-        raise ConfigError("--coordinator_address, --num_processes and --process_id go together "
-                          f"(given: {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+        raise ConfigError(
+            "--coordinator_address, --num_processes and --process_id go together "
+            f"(given: {coordinator_address!r}, {num_processes!r}, {process_id!r})"
+        )
     elif not 0 <= process_id < num_processes:
         raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
-

@@ -10,6 +10,7 @@ Definitions (those of the recipe report):
 - best-of-n: the SFT policy's n samples at temperature 1, the reward model picks one; its KL to
   SFT is the analytic log n - (n - 1) / n (Stiennon et al. 2020), exact for distinct samples.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,13 +32,31 @@ def encode_prompts(examples: list[dict], tokenizer, template_cfg) -> list[list[i
     return [sft_data.encode_prompt(tokenizer, template_cfg, e["prompt"]) for e in examples]
 
 
-def sample_responses(params, model_cfg, prompts: list[list[int]], *, max_new_tokens: int, rng, temperature: float,
-                     eos_id: int, pad_id: int, batch: int = 256) -> list[list[int]]:
+def sample_responses(
+    params,
+    model_cfg,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    rng,
+    temperature: float,
+    eos_id: int,
+    pad_id: int,
+    batch: int = 256,
+) -> list[list[int]]:
     """[n] prompts -> [n] responses (token lists ending at EOS when there is one), `batch` at a
     time in order of length (`sampling.generate_sorted`)."""
-    return sampling.generate_sorted({"params": params}, model_cfg, prompts, max_batch=batch,
-                                    max_new_tokens=max_new_tokens, rng=rng, temperature=temperature,
-                                    eos_id=eos_id, pad_id=pad_id)
+    return sampling.generate_sorted(
+        {"params": params},
+        model_cfg,
+        prompts,
+        max_batch=batch,
+        max_new_tokens=max_new_tokens,
+        rng=rng,
+        temperature=temperature,
+        eos_id=eos_id,
+        pad_id=pad_id,
+    )
 
 
 def decode(tokenizer, responses: list[list[int]]) -> list[str]:
@@ -56,27 +75,47 @@ def win_rate(scores: np.ndarray, baseline: np.ndarray, *, num_bootstrap: int = 1
     wins = np.where(scores > baseline, 1.0, np.where(scores == baseline, 0.5, 0.0))
     draws = np.random.default_rng(seed).integers(0, len(wins), (num_bootstrap, len(wins)))
     means = wins[draws].mean(axis=1)
-    return {"win_rate": float(wins.mean()), "win_rate_ci": [float(np.quantile(means, 0.025)),
-                                                             float(np.quantile(means, 0.975))],
-            "tie_rate": float(np.mean(scores == baseline))}
+    return {
+        "win_rate": float(wins.mean()),
+        "win_rate_ci": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+        "tie_rate": float(np.mean(scores == baseline)),
+    }
 
 
-def sequence_logprobs(model_cfg, params, prompts: list[list[int]], responses: list[list[int]], *,
-                      pad_id: int, eos_id: int, width: int) -> np.ndarray:
+def sequence_logprobs(
+    model_cfg,
+    params,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    width: int,
+) -> np.ndarray:
     """[n] sums of log pi(response tokens | prompt) (temperature 1), teacher-forced; responses are
     padded to `width` tokens (the sampler's max_new_tokens) and counted through their first EOS."""
     tokens, lengths = sampling.left_pad(prompts, pad_id, model_cfg, width)
     padded = np.full((len(responses), width), pad_id, np.int32)
     for i, r in enumerate(responses):
-        padded[i, :len(r)] = r
-    return np.asarray(_sequence_logprobs(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(padded),
-                                         model_cfg=model_cfg, eos_id=eos_id))
+        padded[i, : len(r)] = r
+    return np.asarray(
+        _sequence_logprobs(
+            params,
+            jnp.asarray(tokens),
+            jnp.asarray(lengths),
+            jnp.asarray(padded),
+            model_cfg=model_cfg,
+            eos_id=eos_id,
+        )
+    )
 
 
 def _sequence_logprobs_impl(params, prompts, lengths, responses, *, model_cfg, eos_id: int):
     tokens = jnp.concatenate([prompts, responses], axis=1)
     positions, segments = sampling.prompt_layout(lengths, tokens.shape[1], prompts.shape[1])
-    logits = Transformer(model_cfg).apply({"params": params}, tokens, positions=positions, segment_ids=segments)
+    logits = Transformer(model_cfg).apply(
+        {"params": params}, tokens, positions=positions, segment_ids=segments
+    )
     width = prompts.shape[1]
     mask = jnp.pad(rl.response_mask(responses, eos_id), ((0, 0), (width, 0)))
     return jnp.sum(rl.sequence_logprobs(logits, tokens, mask, start=width - 1), axis=1)
@@ -85,14 +124,27 @@ def _sequence_logprobs_impl(params, prompts, lengths, responses, *, model_cfg, e
 _sequence_logprobs = jax.jit(_sequence_logprobs_impl, static_argnames=("model_cfg", "eos_id"))
 
 
-def kl_to_reference(model_cfg, params, ref_params, prompts, responses, *, pad_id: int, eos_id: int,
-                    width: int, batch: int = 256) -> float:
+def kl_to_reference(
+    model_cfg,
+    params,
+    ref_params,
+    prompts,
+    responses,
+    *,
+    pad_id: int,
+    eos_id: int,
+    width: int,
+    batch: int = 256,
+) -> float:
     """Mean over prompts of sum_t log pi(y_t) - log pi_ref(y_t) for responses y sampled from pi."""
     kls = []
     for s in range(0, len(prompts), batch):
-        args = (prompts[s:s + batch], responses[s:s + batch])
+        args = (prompts[s : s + batch], responses[s : s + batch])
         kw = dict(pad_id=pad_id, eos_id=eos_id, width=width)
-        kls.append(sequence_logprobs(model_cfg, params, *args, **kw) - sequence_logprobs(model_cfg, ref_params, *args, **kw))
+        kls.append(
+            sequence_logprobs(model_cfg, params, *args, **kw)
+            - sequence_logprobs(model_cfg, ref_params, *args, **kw)
+        )
     return float(np.mean(np.concatenate(kls)))
 
 
@@ -101,8 +153,9 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
-def rm_scores(score_fn, prompts: list[list[int]], responses: list[list[int]], *, pad_id: int,
-              batch: int = 256) -> np.ndarray:
+def rm_scores(
+    score_fn, prompts: list[list[int]], responses: list[list[int]], *, pad_id: int, batch: int = 256
+) -> np.ndarray:
     """[n] reward-model scores of prompt i + response i (float64), read at each response's last token
     (its EOS when it has one).
 
@@ -117,15 +170,16 @@ def rm_scores(score_fn, prompts: list[list[int]], responses: list[list[int]], *,
     width = max(map(len, sequences))
     tokens = np.full((len(sequences), width), pad_id, np.int32)
     for i, s in enumerate(sequences):
-        tokens[i, :len(s)] = s
+        tokens[i, : len(s)] = s
     first = np.array([len(p) for p in prompts], np.int32)
     last = np.array([len(s) - 1 for s in sequences], np.int32)
     call = lambda ids, columns: score_fn(tokens[ids, :columns], first[ids], last[ids])
     return preferences.in_length_order(call, last + 1, batch, width)
 
 
-def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int]]], *, pad_id: int,
-              batch: int = 256) -> list[int]:
+def best_of_n(
+    score_fn, prompts: list[list[int]], candidates: list[list[list[int]]], *, pad_id: int, batch: int = 256
+) -> list[int]:
     """For each prompt, the index of the candidate response the reward model scores highest.
 
     Args:
@@ -133,8 +187,13 @@ def best_of_n(score_fn, prompts: list[list[int]], candidates: list[list[list[int
       prompts: [n] token lists; candidates: [n][k] response token lists.
     """
     k = len(candidates[0])
-    scores = rm_scores(score_fn, [p for p, group in zip(prompts, candidates) for _ in group],
-                       [r for group in candidates for r in group], pad_id=pad_id, batch=batch)
+    scores = rm_scores(
+        score_fn,
+        [p for p, group in zip(prompts, candidates) for _ in group],
+        [r for group in candidates for r in group],
+        pad_id=pad_id,
+        batch=batch,
+    )
     return np.argmax(scores.reshape(len(prompts), k), axis=1).tolist()
 
 
@@ -143,8 +202,12 @@ def lm_eval_fn(model, rows, batch_size: int, num_batches: int, token_bytes, batc
     of packed `rows` (`pipeline.eval_batches`; num_batches 0: all). Bits per byte divide the summed
     loss by the bytes the predicted targets stand for (`token_bytes` [vocab]), so losses compare
     across tokenizers."""
-    local = list(pipeline.eval_batches(rows, batch_size, num_batches, jax.process_index(), jax.process_count()))
-    num_bytes = _sum_over_processes(sum(float((token_bytes[b["targets"]] * b["loss_mask"]).sum()) for b in local))
+    local = list(
+        pipeline.eval_batches(rows, batch_size, num_batches, jax.process_index(), jax.process_count())
+    )
+    num_bytes = _sum_over_processes(
+        sum(float((token_bytes[b["targets"]] * b["loss_mask"]).sum()) for b in local)
+    )
     batches = [sharding.global_batch(b, batch_sharding) for b in local]
 
     @jax.jit
@@ -159,6 +222,7 @@ def lm_eval_fn(model, rows, batch_size: int, num_batches: int, token_bytes, batc
             loss_sum, weight = loss_sum + s, weight + w
         loss_sum, weight = float(loss_sum), float(weight)
         return {"eval_loss": loss_sum / weight, "eval_bits_per_byte": loss_sum / math.log(2) / num_bytes}
+
     return evaluate
 
 
@@ -166,6 +230,7 @@ def _sum_over_processes(x: float) -> float:
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
+
     return float(np.sum(multihost_utils.process_allgather(np.float64(x))))
 
 
@@ -178,11 +243,20 @@ def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max
     prompts = encode_prompts(examples, tokenizer, template_cfg)
 
     def evaluate(params):
-        outs = sampling.generate_sorted({"params": params}, model_cfg, prompts, max_batch=GRADER_BATCH,
-                                        max_new_tokens=max_new_tokens, rng=jax.random.PRNGKey(0),
-                                        temperature=0.0, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+        outs = sampling.generate_sorted(
+            {"params": params},
+            model_cfg,
+            prompts,
+            max_batch=GRADER_BATCH,
+            max_new_tokens=max_new_tokens,
+            rng=jax.random.PRNGKey(0),
+            temperature=0.0,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+        )
         grades = graded_tasks.grade_batch(examples, decode(tokenizer, outs))
         record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
         record.update({f"eval_{k}": v for k, v in grades.items()})
         return record
+
     return evaluate

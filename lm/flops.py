@@ -3,6 +3,7 @@
 `param_counts` is tested equal to the parameters `Transformer.init` creates; every FLOPs and MFU
 figure in the project comes from `flops_per_token` and `peak_flops_per_device`.
 """
+
 import statistics
 import time
 
@@ -12,16 +13,23 @@ import jax.numpy as jnp
 from lm.model import DTYPES, ModelConfig
 
 # Dense bfloat16 peak FLOP/s by device kind (vendor data sheets); other devices are measured.
-PEAK_BF16 = {'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12,
-             'NVIDIA A100-SXM4-40GB': 312e12, 'NVIDIA A100-SXM4-80GB': 312e12,
-             'NVIDIA H100 80GB HBM3': 989e12, 'NVIDIA H200': 989e12}
+PEAK_BF16 = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+}
 
 
 def _layer_params(c: ModelConfig) -> int:
     """Parameters of one block: attention, MLP and its two norms."""
     q_width, kv_width = c.num_heads * c.head_size, c.kv_heads * c.head_size
     attn = c.d_model * (q_width + 2 * kv_width) + q_width * c.d_model
-    mlp_in = 2 if c.mlp == 'swiglu' else 1
+    mlp_in = 2 if c.mlp == "swiglu" else 1
     mlp = (mlp_in + 1) * c.d_model * c.d_ff
     if c.use_bias:
         attn += q_width + 2 * kv_width + c.d_model
@@ -31,7 +39,7 @@ def _layer_params(c: ModelConfig) -> int:
 
 def _norm_params(c: ModelConfig) -> int:
     """A norm's scale, plus the bias of a LayerNorm with use_bias."""
-    return c.d_model * (2 if c.norm == 'layernorm' and c.use_bias else 1)
+    return c.d_model * (2 if c.norm == "layernorm" and c.use_bias else 1)
 
 
 def param_counts(config: ModelConfig) -> dict:
@@ -44,10 +52,14 @@ def param_counts(config: ModelConfig) -> dict:
     """
     c = config
     embedding = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
-    position = c.max_seq_len * c.d_model if c.positions == 'learned' else 0
+    position = c.max_seq_len * c.d_model if c.positions == "learned" else 0
     non_embedding = c.num_layers * _layer_params(c) + _norm_params(c)
-    return {'total': embedding + position + non_embedding, 'non_embedding': non_embedding,
-            'embedding': embedding, 'position_embedding': position}
+    return {
+        "total": embedding + position + non_embedding,
+        "non_embedding": non_embedding,
+        "embedding": embedding,
+        "position_embedding": position,
+    }
 
 
 def _chinchilla_forward(c: ModelConfig, seq_len: int) -> float:
@@ -58,13 +70,18 @@ def _chinchilla_forward(c: ModelConfig, seq_len: int) -> float:
     dense 2·T·D·F·(2, or 3 for SwiGLU); final logits 2·T·D·V.
     """
     t, d, v, q, h = seq_len, c.d_model, c.vocab_size, c.head_size, c.num_heads
-    attention = (2 * t * d * q * (h + 2 * c.kv_heads) + 2 * t * t * q * h + 3 * h * t * t
-                 + 2 * t * t * q * h + 2 * t * q * h * d)
-    dense = 2 * t * d * c.d_ff * (3 if c.mlp == 'swiglu' else 2)
+    attention = (
+        2 * t * d * q * (h + 2 * c.kv_heads)
+        + 2 * t * t * q * h
+        + 3 * h * t * t
+        + 2 * t * t * q * h
+        + 2 * t * q * h * d
+    )
+    dense = 2 * t * d * c.d_ff * (3 if c.mlp == "swiglu" else 2)
     return 2 * t * v * d + c.num_layers * (attention + dense) + 2 * t * d * v
 
 
-def flops_per_token(config: ModelConfig, seq_len: int, method: str = 'palm') -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, method: str = "palm") -> float:
     """Training (forward + backward) FLOPs per token.
 
     Methods:
@@ -77,23 +94,24 @@ def flops_per_token(config: ModelConfig, seq_len: int, method: str = 'palm') -> 
       '6n': 6 × non-embedding parameters (Kaplan et al. 2020, C ≈ 6N).
     """
     counts = param_counts(config)
-    if method == 'palm':
-        n = counts['total'] - counts['position_embedding']
+    if method == "palm":
+        n = counts["total"] - counts["position_embedding"]
         return 6.0 * n + 12.0 * config.num_layers * config.num_heads * config.head_size * seq_len
-    if method == 'chinchilla':
+    if method == "chinchilla":
         return 3.0 * _chinchilla_forward(config, seq_len) / seq_len
-    if method == '6nd':
-        return 6.0 * counts['total']
-    if method == '6n':
-        return 6.0 * counts['non_embedding']
+    if method == "6nd":
+        return 6.0 * counts["total"]
+    if method == "6n":
+        return 6.0 * counts["non_embedding"]
     raise ValueError(f"unknown FLOPs method {method!r}: expected one of {FLOPS_METHODS}")
 
 
-FLOPS_METHODS = ('palm', 'chinchilla', '6nd', '6n')
+FLOPS_METHODS = ("palm", "chinchilla", "6nd", "6n")
 
 
-def steps_for_budget(config: ModelConfig, seq_len: int, tokens_per_step: int, budget: float,
-                     method: str) -> int:
+def steps_for_budget(
+    config: ModelConfig, seq_len: int, tokens_per_step: int, budget: float, method: str
+) -> int:
     """Training steps that spend `budget` FLOPs (IsoFLOP sweeps): round(C / (FLOPs/token × tokens/step)).
 
     At least one step; the tokens actually trained are `steps × tokens_per_step`, so the realised
@@ -103,7 +121,7 @@ def steps_for_budget(config: ModelConfig, seq_len: int, tokens_per_step: int, bu
     return max(1, round(budget / per_step))
 
 
-def measure_matmul_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 7) -> float:
+def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 7) -> float:
     """FLOP/s of one jitted [n, n] @ [n, n] matmul on the first device: median of `repeats`."""
     a = jax.device_put(jnp.ones((n, n), DTYPES[dtype]), jax.devices()[0])
     matmul = jax.jit(lambda x: x @ x)
@@ -113,7 +131,7 @@ def measure_matmul_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 7
         start = time.perf_counter()
         matmul(a).block_until_ready()
         seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(seconds)
+    return 2 * n**3 / statistics.median(seconds)
 
 
 def peak_flops_per_device(configured: float, dtype: str) -> tuple:
@@ -126,8 +144,8 @@ def peak_flops_per_device(configured: float, dtype: str) -> tuple:
       (FLOP/s per device, 'config' | 'data sheet: <kind>' | 'measured matmul').
     """
     if configured > 0:
-        return float(configured), 'config'
+        return float(configured), "config"
     kind = jax.devices()[0].device_kind
-    if dtype == 'bfloat16' and kind in PEAK_BF16:
-        return PEAK_BF16[kind], f'data sheet: {kind}'
-    return measure_matmul_flops(dtype), 'measured matmul'
+    if dtype == "bfloat16" and kind in PEAK_BF16:
+        return PEAK_BF16[kind], f"data sheet: {kind}"
+    return measure_matmul_flops(dtype), "measured matmul"

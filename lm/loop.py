@@ -4,16 +4,18 @@ The host never waits on the device except at log, eval and checkpoint steps: bat
 ahead in a thread, and metrics stay on the device until a log step fetches them. SIGTERM (what
 SLURM and cloud preemption send) ends the run after the current step with a checkpoint there.
 """
+
 import queue
 import signal
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from lm import checkpoint, metrics as metrics_lib
+from lm import checkpoint
+from lm import metrics as metrics_lib
 from lm.errors import Diverged, Preempted
 
 
@@ -78,6 +80,7 @@ class PreemptionFlag:
         if step % self._sync_every:
             return False
         from jax.experimental import multihost_utils
+
         return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
 
@@ -99,10 +102,16 @@ class NonFiniteGuard:
     def check(self, step: int, count) -> None:
         if self.start is None or count is None or count <= self.start or self.policy != "stop":
             return
-        kept = f"the checkpoint of step {self.last_saved} is kept" if self.last_saved else "no checkpoint was written"
-        raise Diverged(f"non-finite loss or gradient norm at or before step {step} ({int(count - self.start)} "
-                       f"step(s); their updates were not applied); {kept}; "
-                       f"config.train.on_nonfinite='skip' drops such steps and goes on")
+        kept = (
+            f"the checkpoint of step {self.last_saved} is kept"
+            if self.last_saved
+            else "no checkpoint was written"
+        )
+        raise Diverged(
+            f"non-finite loss or gradient norm at or before step {step} ({int(count - self.start)} "
+            f"step(s); their updates were not applied); {kept}; "
+            f"config.train.on_nonfinite='skip' drops such steps and goes on"
+        )
 
     def summary(self, count) -> str | None:
         if self.start is None or count is None or count <= self.start:
@@ -110,9 +119,22 @@ class NonFiniteGuard:
         return f"skipped {int(count - self.start)} step(s) with a non-finite loss or gradient norm"
 
 
-def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta: dict,
-               writer: metrics_lib.MetricsWriter, tokens_per_step: int, flops_per_step: float,
-               peak_flops: float, after_eval: Callable | None = None, step_tokens: Callable[[int], int] | None = None):
+def train_loop(
+    state,
+    *,
+    step_fn,
+    batch_fn,
+    eval_fn,
+    train_cfg,
+    ckpt_mngr,
+    meta: dict,
+    writer: metrics_lib.MetricsWriter,
+    tokens_per_step: int,
+    flops_per_step: float,
+    peak_flops: float,
+    after_eval: Callable | None = None,
+    step_tokens: Callable[[int], int] | None = None,
+):
     """Runs steps `state.step .. train_cfg.steps`, returns the final state.
 
     Args:
@@ -151,8 +173,9 @@ def train_loop(state, *, step_fn, batch_fn, eval_fn, train_cfg, ckpt_mngr, meta:
                 record["tokens_seen"] = seen
                 record["tokens_per_sec"] = interval_tokens / seconds
                 record["mfu"] = flops_per_step / tokens_per_step * interval_tokens / seconds / peak_flops
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}",
-                                refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False
+                )
             paused = False
             if eval_fn is not None and ((train_cfg.eval_every and done % train_cfg.eval_every == 0) or last):
                 record.update(eval_fn(state.params))

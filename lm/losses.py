@@ -2,6 +2,7 @@
 
 The caller divides by the summed weight after adding up microbatches or devices.
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -24,7 +25,7 @@ def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
     """
     logits = logits.astype(jnp.float32)
     mask = mask.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)                                        # [batch, seq]
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [batch, seq]
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [batch, seq]
     z_sum = jnp.sum(mask * z_loss * jnp.square(log_z))
     loss_sum = jnp.sum(mask * (log_z - target_logit)) + z_sum
@@ -52,12 +53,12 @@ def ranking_loss(scores, ranks, mask, margin: float = 0.0):
     """
     scores = scores.astype(jnp.float32)
     valid = mask.astype(bool)
-    diff = scores[:, :, None] - scores[:, None, :]                                   # [batch, K, K]
+    diff = scores[:, :, None] - scores[:, None, :]  # [batch, K, K]
     pairs = valid[:, :, None] & valid[:, None, :] & (ranks[:, :, None] < ranks[:, None, :])
     # `where`, not a product: padding scores may be anything, even inf.
     pair_loss = jnp.where(pairs, -jax.nn.log_sigmoid(jnp.where(pairs, diff, 0.0) - margin), 0.0)
     correct = jnp.where(pairs, diff > 0, False)
-    num_pairs = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)                      # [batch]
+    num_pairs = jnp.sum(pairs, axis=(1, 2)).astype(jnp.float32)  # [batch]
     per_pair = 1.0 / jnp.maximum(num_pairs, 1.0)
     loss_sum = jnp.sum(per_pair * jnp.sum(pair_loss, axis=(1, 2)))
     accuracy_sum = jnp.sum(per_pair * jnp.sum(correct, axis=(1, 2)))
@@ -93,7 +94,12 @@ def next_token_loss(logits, batch, z_loss: float = 0.0):
 def lm_loss(params, batch, rng, *, model, z_loss: float = 0.0):
     """`next_token_loss` of a language `model` (lm.model.Transformer) on a packed batch (dict of
     [batch, seq] `inputs`, `positions`, `segment_ids`, `targets`, `loss_mask`); `rng` None: no dropout."""
-    logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                         segment_ids=batch["segment_ids"], deterministic=rng is None,
-                         rngs=None if rng is None else {"dropout": rng})
+    logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
     return next_token_loss(logits, batch, z_loss)

@@ -1,4 +1,5 @@
 """Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, a progress bar."""
+
 import json
 import math
 import os
@@ -59,6 +60,7 @@ class MetricsWriter:
         if self.active:
             truncate_jsonl(self.path, resume_step)
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
             self._file = open(self.path, "a", buffering=1)
 
@@ -81,5 +83,11 @@ class MetricsWriter:
 
 def progress_bar(start_step: int, total_steps: int):
     """A tqdm bar over steps (shows step, rate and ETA; loss and tokens/s go in its postfix)."""
-    return tqdm.tqdm(initial=start_step, total=total_steps, unit="step", dynamic_ncols=True,
-                     mininterval=1.0, disable=jax.process_index() != 0)
+    return tqdm.tqdm(
+        initial=start_step,
+        total=total_steps,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=jax.process_index() != 0,
+    )

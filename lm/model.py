@@ -9,6 +9,7 @@ Speed on XLA:CPU: dense layers run on rank-2 activations `[batch*seq, width]` (r
 about 2x slower forward+backward there); kernels keep their multi-axis logical shapes and are
 reshaped at use. Attention is two einsums with a `where` mask (`lm.attention`).
 """
+
 import dataclasses
 import math
 
@@ -18,68 +19,79 @@ import jax.numpy as jnp
 
 from lm import attention
 from lm.errors import ConfigError
-from lm.sharding import (ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP,
-                         POSITIONS, VOCAB)
+from lm.sharding import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, POSITIONS, VOCAB
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-REMAT_POLICIES = {'full': None, 'dots': jax.checkpoint_policies.checkpoint_dots}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 # Keys that the runner fills from `config.precision`, named as the user wrote them.
-_KEY_NAMES = {'dtype': 'config.precision.compute_dtype',
-              'param_dtype': 'config.precision.param_dtype'}
+_KEY_NAMES = {"dtype": "config.precision.compute_dtype", "param_dtype": "config.precision.param_dtype"}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Model hyperparameters; the field names are the keys of `config.model`."""
+
     vocab_size: int
     num_layers: int
     num_heads: int
     d_model: int
     d_ff: int
     max_seq_len: int
-    num_kv_heads: int = 0       # 0 -> num_heads (multi-head); fewer -> grouped-query attention
-    head_dim: int = 0           # 0 -> d_model // num_heads
-    positions: str = 'learned'  # learned | rotary
-    norm: str = 'layernorm'     # layernorm | rmsnorm
-    mlp: str = 'gelu'           # gelu | swiglu
+    num_kv_heads: int = 0  # 0 -> num_heads (multi-head); fewer -> grouped-query attention
+    head_dim: int = 0  # 0 -> d_model // num_heads
+    positions: str = "learned"  # learned | rotary
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu
     tie_embeddings: bool = True
-    use_bias: bool = True       # dense and LayerNorm biases
+    use_bias: bool = True  # dense and LayerNorm biases
     dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
-    remat: str = 'none'         # none | full | dots: jax.checkpoint policy per block
-    attention: str = 'xla'      # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
-    dtype: str = 'float32'      # compute dtype
-    param_dtype: str = 'float32'
+    remat: str = "none"  # none | full | dots: jax.checkpoint policy per block
+    attention: str = "xla"  # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
 
     def __post_init__(self):
-        for key in ('vocab_size', 'num_layers', 'num_heads', 'd_model', 'd_ff', 'max_seq_len'):
-            self._require(getattr(self, key) > 0, key, 'must be positive')
-        self._require(self.num_kv_heads >= 0, 'num_kv_heads', 'must be >= 0')
-        self._require(self.num_heads % self.kv_heads == 0, 'num_kv_heads',
-                      f'must divide num_heads={self.num_heads}')
-        self._require(self.head_dim >= 0, 'head_dim', 'must be >= 0')
+        for key in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_seq_len"):
+            self._require(getattr(self, key) > 0, key, "must be positive")
+        self._require(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0")
+        self._require(
+            self.num_heads % self.kv_heads == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}"
+        )
+        self._require(self.head_dim >= 0, "head_dim", "must be >= 0")
         if self.head_dim == 0:
-            self._require(self.d_model % self.num_heads == 0, 'num_heads',
-                          f'must divide d_model={self.d_model} (or set head_dim)')
-        for key, allowed in (('positions', ('learned', 'rotary')), ('norm', ('layernorm', 'rmsnorm')),
-                             ('mlp', ('gelu', 'swiglu')), ('remat', ('none', 'full', 'dots')),
-                             ('attention', ('xla', 'cudnn')),
-                             ('dtype', tuple(DTYPES)), ('param_dtype', tuple(DTYPES))):
-            self._require(getattr(self, key) in allowed, key, f'must be one of {", ".join(allowed)}')
-        if self.positions == 'rotary':
-            self._require(self.head_size % 2 == 0, 'head_dim',
-                          f'must be even for rotary positions (is {self.head_size})')
-        self._require(0.0 <= self.dropout < 1.0, 'dropout', 'must be in [0, 1)')
-        self._require(self.rope_theta > 0, 'rope_theta', 'must be positive')
-        self._require(self.norm_eps > 0, 'norm_eps', 'must be positive')
+            self._require(
+                self.d_model % self.num_heads == 0,
+                "num_heads",
+                f"must divide d_model={self.d_model} (or set head_dim)",
+            )
+        for key, allowed in (
+            ("positions", ("learned", "rotary")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "swiglu")),
+            ("remat", ("none", "full", "dots")),
+            ("attention", ("xla", "cudnn")),
+            ("dtype", tuple(DTYPES)),
+            ("param_dtype", tuple(DTYPES)),
+        ):
+            self._require(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
+        if self.positions == "rotary":
+            self._require(
+                self.head_size % 2 == 0,
+                "head_dim",
+                f"must be even for rotary positions (is {self.head_size})",
+            )
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        self._require(self.rope_theta > 0, "rope_theta", "must be positive")
+        self._require(self.norm_eps > 0, "norm_eps", "must be positive")
 
     def _require(self, ok: bool, key: str, why: str):
         if not ok:
-            name = _KEY_NAMES.get(key, f'config.model.{key}')
-            raise ConfigError(f'{name}={getattr(self, key)!r} {why}')
+            name = _KEY_NAMES.get(key, f"config.model.{key}")
+            raise ConfigError(f"{name}={getattr(self, key)!r} {why}")
 
-    def replace(self, **changes) -> 'ModelConfig':
+    def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
     @property
@@ -118,6 +130,7 @@ class Linear(nn.Module):
     The kernel is `in_shape + out_shape` with logical names `axes`; it is reshaped to a matrix at
     use. The bias (if any) has shape `out_shape`.
     """
+
     in_shape: tuple
     out_shape: tuple
     axes: tuple
@@ -128,30 +141,37 @@ class Linear(nn.Module):
     def __call__(self, x):
         """x: [tokens, prod(in_shape)] -> [tokens, prod(out_shape)] in the compute dtype."""
         cfg = self.config
-        kernel = self.param('kernel', _init(self.std, self.axes), self.in_shape + self.out_shape,
-                            cfg.params_dtype)
+        kernel = self.param(
+            "kernel", _init(self.std, self.axes), self.in_shape + self.out_shape, cfg.params_dtype
+        )
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         y = jnp.dot(x.astype(cfg.compute_dtype), kernel.reshape(n_in, n_out).astype(cfg.compute_dtype))
         if cfg.use_bias:
-            bias_axes = self.axes[len(self.in_shape):]
-            bias = self.param('bias', _constant(nn.initializers.zeros, bias_axes), self.out_shape,
-                              cfg.params_dtype)
+            bias_axes = self.axes[len(self.in_shape) :]
+            bias = self.param(
+                "bias", _constant(nn.initializers.zeros, bias_axes), self.out_shape, cfg.params_dtype
+            )
             y = y + bias.reshape(n_out).astype(cfg.compute_dtype)
         return y
 
 
 def norm_layer(cfg: ModelConfig, name: str) -> nn.Module:
     """LayerNorm (bias when use_bias) or RMSNorm over the last axis; statistics in float32."""
-    common = dict(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                  scale_init=_constant(nn.initializers.ones, (EMBED,)), name=name)
-    if cfg.norm == 'rmsnorm':
+    common = dict(
+        epsilon=cfg.norm_eps,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        scale_init=_constant(nn.initializers.ones, (EMBED,)),
+        name=name,
+    )
+    if cfg.norm == "rmsnorm":
         return nn.RMSNorm(**common)
-    return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=_constant(nn.initializers.zeros, (EMBED,)),
-                        **common)
+    return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=_constant(nn.initializers.zeros, (EMBED,)), **common)
 
 
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention with optional rotary positions and KV cache."""
+
     config: ModelConfig
 
     @nn.compact
@@ -168,41 +188,43 @@ class Attention(nn.Module):
           ([batch, seq, d_model], the updated layer cache or None).
         """
         cfg = self.config
-        b, l, d = x.shape
+        b, n, d = x.shape
         h, kvh, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
-        x = x.reshape(b * l, d)                                         # [tokens, d_model]
-        q = Linear((d,), (h, hd), (EMBED, HEADS, HEAD_DIM), cfg, name='query')(x)
-        k = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name='key')(x)
-        v = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name='value')(x)
-        q = q.reshape(b, l, h, hd) * jnp.asarray(hd ** -0.5, cfg.compute_dtype)
-        k, v = k.reshape(b, l, kvh, hd), v.reshape(b, l, kvh, hd)      # [batch, seq, kv_heads, hd]
-        if cfg.positions == 'rotary':
+        x = x.reshape(b * n, d)  # [tokens, d_model]
+        q = Linear((d,), (h, hd), (EMBED, HEADS, HEAD_DIM), cfg, name="query")(x)
+        k = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name="key")(x)
+        v = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name="value")(x)
+        q = q.reshape(b, n, h, hd) * jnp.asarray(hd**-0.5, cfg.compute_dtype)
+        k, v = k.reshape(b, n, kvh, hd), v.reshape(b, n, kvh, hd)  # [batch, seq, kv_heads, hd]
+        if cfg.positions == "rotary":
             q = attention.rotary(q, positions, cfg.rope_theta)
             k = attention.rotary(k, positions, cfg.rope_theta)
-        if layer_cache is None and cfg.attention == 'cudnn':
-            return self._project_out(attention.fused_attention(q, k, v, mask), b, l), None
-        k, v = attention.heads_first(k), attention.heads_first(v)      # [batch, kv_heads, seq, hd]
+        if layer_cache is None and cfg.attention == "cudnn":
+            return self._project_out(attention.fused_attention(q, k, v, mask), b, n), None
+        k, v = attention.heads_first(k), attention.heads_first(v)  # [batch, kv_heads, seq, hd]
         if layer_cache is None:
             new_cache = None
-            out = attention.causal_attention(q, k, v, mask)            # [batch, seq, heads, hd]
+            out = attention.causal_attention(q, k, v, mask)  # [batch, seq, heads, hd]
         else:
-            k = attention.write_cache(layer_cache['key'], k, cache_index, axis=2)   # [b, kvh, cache, hd]
-            v = attention.write_cache(layer_cache['value'], v, cache_index, axis=2)
-            new_cache = {'key': k, 'value': v}
+            k = attention.write_cache(layer_cache["key"], k, cache_index, axis=2)  # [b, kvh, cache, hd]
+            v = attention.write_cache(layer_cache["value"], v, cache_index, axis=2)
+            new_cache = {"key": k, "value": v}
             out = attention.dot_product_attention(q, k, v, mask)
-        return self._project_out(out, b, l), new_cache
+        return self._project_out(out, b, n), new_cache
 
-    def _project_out(self, out, b: int, l: int):
+    def _project_out(self, out, b: int, n: int):
         """[batch, seq, heads, head_dim] -> [batch, seq, d_model] through the 'out' projection."""
         cfg = self.config
         h, hd, d = cfg.num_heads, cfg.head_size, cfg.d_model
-        out = Linear((h, hd), (d,), (HEADS, HEAD_DIM, EMBED), cfg, std=cfg.residual_std,
-                     name='out')(out.reshape(b * l, h * hd))
-        return out.reshape(b, l, d)
+        out = Linear((h, hd), (d,), (HEADS, HEAD_DIM, EMBED), cfg, std=cfg.residual_std, name="out")(
+            out.reshape(b * n, h * hd)
+        )
+        return out.reshape(b, n, d)
 
 
 class Mlp(nn.Module):
     """GELU (tanh, GPT-2) or SwiGLU (Llama) feed-forward on [tokens, d_model]."""
+
     config: ModelConfig
 
     @nn.compact
@@ -210,43 +232,47 @@ class Mlp(nn.Module):
         """x: [tokens, d_model] -> [tokens, d_model]."""
         cfg = self.config
         d, f = cfg.d_model, cfg.d_ff
-        if cfg.mlp == 'swiglu':
-            gate = Linear((d,), (f,), (EMBED, MLP), cfg, name='wi_gate')(x)
-            up = Linear((d,), (f,), (EMBED, MLP), cfg, name='wi_up')(x)
-            hidden = nn.silu(gate) * up                                # [tokens, d_ff]
+        if cfg.mlp == "swiglu":
+            gate = Linear((d,), (f,), (EMBED, MLP), cfg, name="wi_gate")(x)
+            up = Linear((d,), (f,), (EMBED, MLP), cfg, name="wi_up")(x)
+            hidden = nn.silu(gate) * up  # [tokens, d_ff]
         else:
-            hidden = nn.gelu(Linear((d,), (f,), (EMBED, MLP), cfg, name='wi')(x), approximate=True)
-        return Linear((f,), (d,), (MLP, EMBED), cfg, std=cfg.residual_std, name='wo')(hidden)
+            hidden = nn.gelu(Linear((d,), (f,), (EMBED, MLP), cfg, name="wi")(x), approximate=True)
+        return Linear((f,), (d,), (MLP, EMBED), cfg, std=cfg.residual_std, name="wo")(hidden)
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x, mask, positions, layer_cache, cache_index, deterministic):
         """x: [batch, seq, d_model] -> ([batch, seq, d_model], updated layer cache or None)."""
         cfg = self.config
-        b, l, d = x.shape
+        b, n, d = x.shape
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        h, new_cache = Attention(cfg, name='attn')(norm_layer(cfg, 'ln_attn')(x), mask, positions,
-                                                   layer_cache, cache_index)
+        h, new_cache = Attention(cfg, name="attn")(
+            norm_layer(cfg, "ln_attn")(x), mask, positions, layer_cache, cache_index
+        )
         x = x + dropout(h)
-        h = Mlp(cfg, name='mlp')(norm_layer(cfg, 'ln_mlp')(x).reshape(b * l, d))
-        x = x + dropout(h.reshape(b, l, d))
+        h = Mlp(cfg, name="mlp")(norm_layer(cfg, "ln_mlp")(x).reshape(b * n, d))
+        x = x + dropout(h.reshape(b, n, d))
         return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED)), new_cache
 
 
 class LMHead(nn.Module):
     """The untied output projection; holds `kernel` [d_model, vocab]."""
+
     config: ModelConfig
 
     @nn.compact
     def __call__(self):
         cfg = self.config
-        return self.param('kernel', _init(0.02, (EMBED, VOCAB)), (cfg.d_model, cfg.vocab_size),
-                          cfg.params_dtype)
+        return self.param(
+            "kernel", _init(0.02, (EMBED, VOCAB)), (cfg.d_model, cfg.vocab_size), cfg.params_dtype
+        )
 
 
 class Transformer(nn.Module):
@@ -272,11 +298,12 @@ class Transformer(nn.Module):
       cache: a pytree from `init_cache`; this call's tokens fill the slots from its index, and
         attend to every earlier filled slot of their segment.
     """
+
     config: ModelConfig
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
         """Next-token logits: tokens [batch, seq] -> [batch, seq, vocab] float32."""
-        _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, 'all')
+        _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, "all")
         return logits
 
     def last_logits(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
@@ -285,7 +312,7 @@ class Transformer(nn.Module):
         The vocabulary projection of every other position is skipped (a quarter of a tiny
         model's work over a prompt).
         """
-        _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, 'last')
+        _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, "last")
         return logits
 
     def hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
@@ -297,7 +324,7 @@ class Transformer(nn.Module):
     def logits_and_hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
         """tokens [batch, seq] -> (logits [batch, seq, vocab] float32, final-normed hidden states
         [batch, seq, d_model] in the compute dtype), from one forward pass."""
-        hidden, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, 'all')
+        hidden, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, "all")
         return logits, hidden
 
     def extend(self, tokens, cache, *, positions=None, segment_ids=None):
@@ -309,7 +336,7 @@ class Transformer(nn.Module):
         Returns:
           (logits [batch, seq, vocab] float32, the new cache, its index advanced by seq).
         """
-        _, logits, new_cache = self._forward(tokens, positions, segment_ids, True, cache, 'all')
+        _, logits, new_cache = self._forward(tokens, positions, segment_ids, True, cache, "all")
         return logits, new_cache
 
     def prefill(self, tokens, cache, *, positions=None, segment_ids=None):
@@ -318,7 +345,7 @@ class Transformer(nn.Module):
         Returns:
           (logits [batch, vocab] float32, the new cache, its index advanced by seq).
         """
-        _, logits, new_cache = self._forward(tokens, positions, segment_ids, True, cache, 'last')
+        _, logits, new_cache = self._forward(tokens, positions, segment_ids, True, cache, "last")
         return logits, new_cache
 
     @nn.compact
@@ -336,55 +363,71 @@ class Transformer(nn.Module):
           or None without one).
         """
         cfg = self.config
-        b, l = tokens.shape
-        start = jnp.zeros((), jnp.int32) if cache is None else cache['index']
-        slots = start + jnp.arange(l, dtype=jnp.int32)                 # [seq]
+        b, n = tokens.shape
+        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        slots = start + jnp.arange(n, dtype=jnp.int32)  # [seq]
         if positions is None:
-            positions = jnp.broadcast_to(slots, (b, l))
+            positions = jnp.broadcast_to(slots, (b, n))
         if segment_ids is None:
-            segment_ids = jnp.ones((b, l), jnp.int32)
-        embed = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=_init(0.02, (VOCAB, EMBED)),
-                         dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name='token_embed')
-        x = embed(tokens)                                              # [batch, seq, d_model]
-        if cfg.positions == 'learned':
-            x = x + nn.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=_init(0.02, (POSITIONS, EMBED)),
-                             dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                             name='pos_embed')(positions)
+            segment_ids = jnp.ones((b, n), jnp.int32)
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=_init(0.02, (VOCAB, EMBED)),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            name="token_embed",
+        )
+        x = embed(tokens)  # [batch, seq, d_model]
+        if cfg.positions == "learned":
+            x = x + nn.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                embedding_init=_init(0.02, (POSITIONS, EMBED)),
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                name="pos_embed",
+            )(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
 
         if cache is None:
             key_segments, key_slots = segment_ids, slots
         else:
-            key_segments = attention.write_cache(cache['segment_ids'], segment_ids, start)
+            key_segments = attention.write_cache(cache["segment_ids"], segment_ids, start)
             key_slots = jnp.arange(key_segments.shape[1], dtype=jnp.int32)
-        mask = attention.causal_segment_mask(segment_ids, key_segments,
-                                             jnp.broadcast_to(slots, (b, l)), key_slots)
+        mask = attention.causal_segment_mask(
+            segment_ids, key_segments, jnp.broadcast_to(slots, (b, n)), key_slots
+        )
 
         block = Block
-        if cfg.remat != 'none':
+        if cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(6,))
         new_layers = []
         for i in range(cfg.num_layers):
-            layer_cache = None if cache is None else cache['layers'][i]
-            x, new_layer = block(cfg, name=f'layers_{i}')(x, mask, positions, layer_cache, start,
-                                                          deterministic)
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, new_layer = block(cfg, name=f"layers_{i}")(
+                x, mask, positions, layer_cache, start, deterministic
+            )
             new_layers.append(new_layer)
-        hidden = norm_layer(cfg, 'ln_final')(x)                        # [batch, seq, d_model]
-        new_cache = None if cache is None else {'index': start + l, 'segment_ids': key_segments,
-                                                'layers': tuple(new_layers)}
+        hidden = norm_layer(cfg, "ln_final")(x)  # [batch, seq, d_model]
+        new_cache = (
+            None
+            if cache is None
+            else {"index": start + n, "segment_ids": key_segments, "layers": tuple(new_layers)}
+        )
         if head is None:
             return hidden, None, new_cache
-        if head not in ('all', 'last'):
+        if head not in ("all", "last"):
             raise ValueError(f"head={head!r} must be 'all', 'last' or None")
-        x = hidden[:, -1] if head == 'last' else hidden.reshape(b * l, cfg.d_model)   # [tokens, d_model]
+        x = hidden[:, -1] if head == "last" else hidden.reshape(b * n, cfg.d_model)  # [tokens, d_model]
         if cfg.tie_embeddings:
-            w = embed.embedding.T                                      # [d_model, vocab]
+            w = embed.embedding.T  # [d_model, vocab]
         else:
-            w = LMHead(cfg, name='lm_head')()
+            w = LMHead(cfg, name="lm_head")()
         logits = jnp.dot(x, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
-        if head == 'all':
-            logits = logits.reshape(b, l, cfg.vocab_size)              # [batch, seq, vocab]
-        return hidden, logits, new_cache                               # 'last': [batch, vocab]
+        if head == "all":
+            logits = logits.reshape(b, n, cfg.vocab_size)  # [batch, seq, vocab]
+        return hidden, logits, new_cache  # 'last': [batch, vocab]
 
 
 class RewardModel(nn.Module):
@@ -396,15 +439,25 @@ class RewardModel(nn.Module):
 
     With `likelihood_term`, the score adds `likelihood_weight` (a learned scalar, starting at 1)
     times the mean log-probability of the response tokens under the model's own language-model
-    head, and the head starts at zero: the SFT policy's judgement of its samples, which the final-token head alone does not learn
+    head, and the head starts at zero: the SFT policy's judgement of its samples, which the
+    final-token head alone does not learn
     to read (see docs/RLHF.md for the measured difference).
     """
+
     config: ModelConfig
     likelihood_term: bool = False
 
     @nn.compact
-    def __call__(self, tokens, last_index=None, first_index=None, *, positions=None, segment_ids=None,
-                 deterministic=True):
+    def __call__(
+        self,
+        tokens,
+        last_index=None,
+        first_index=None,
+        *,
+        positions=None,
+        segment_ids=None,
+        deterministic=True,
+    ):
         """Scores sequences, or every position of any layout.
 
         Args:
@@ -419,37 +472,39 @@ class RewardModel(nn.Module):
           [batch] float32 scores at last_index; without it, [batch, seq] float32 per position.
         """
         cfg = self.config
-        b, l = tokens.shape
+        b, n = tokens.shape
         if last_index is not None and segment_ids is None:
-            segment_ids = (jnp.arange(l, dtype=jnp.int32)[None, :] <= last_index[:, None]).astype(jnp.int32)
-        lm = Transformer(cfg, name='lm')
+            segment_ids = (jnp.arange(n, dtype=jnp.int32)[None, :] <= last_index[:, None]).astype(jnp.int32)
+        lm = Transformer(cfg, name="lm")
         kw = dict(positions=positions, segment_ids=segment_ids, deterministic=deterministic)
         with_likelihood = self.likelihood_term and last_index is not None
         if with_likelihood:
-            logits, hidden = lm.logits_and_hidden(tokens, **kw)         # [batch, seq, vocab], [batch, seq, d]
+            logits, hidden = lm.logits_and_hidden(tokens, **kw)  # [batch, seq, vocab], [batch, seq, d]
         else:
-            hidden = lm.hidden(tokens, **kw)                            # [batch, seq, d_model]
+            hidden = lm.hidden(tokens, **kw)  # [batch, seq, d_model]
         # N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences: initial scores of about unit scale.
         # With the likelihood term, zero: the model starts as the policy's likelihood (which ranks
         # better than chance) and the head learns what it misses, not first to undo its own noise.
         std = 0.0 if self.likelihood_term else 1 / math.sqrt(cfg.d_model + 1)
-        head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=std, name='head')
+        head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=std, name="head")
         if last_index is None:
-            return head(hidden.reshape(b * l, cfg.d_model)).reshape(b, l).astype(jnp.float32)  # [batch, seq]
+            return head(hidden.reshape(b * n, cfg.d_model)).reshape(b, n).astype(jnp.float32)  # [batch, seq]
         last = jnp.take_along_axis(hidden, last_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        score = head(last)[:, 0].astype(jnp.float32)                   # [batch]
+        score = head(last)[:, 0].astype(jnp.float32)  # [batch]
         if not with_likelihood:
             return score
         if first_index is None:
-            raise ValueError('a reward model with the likelihood term needs first_index')
-        logits = logits[:, :-1].astype(jnp.float32)                      # predicting columns 1..l-1
-        token_logp = (jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-                      - jax.nn.logsumexp(logits, axis=-1))               # [batch, seq - 1]
-        column = jnp.arange(1, l, dtype=jnp.int32)[None, :]
+            raise ValueError("a reward model with the likelihood term needs first_index")
+        logits = logits[:, :-1].astype(jnp.float32)  # predicting columns 1..n-1
+        token_logp = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0] - jax.nn.logsumexp(
+            logits, axis=-1
+        )  # [batch, seq - 1]
+        column = jnp.arange(1, n, dtype=jnp.int32)[None, :]
         in_response = (column >= first_index[:, None]) & (column <= last_index[:, None])
         mean_logp = jnp.sum(jnp.where(in_response, token_logp, 0.0), axis=1) / jnp.maximum(
-            jnp.sum(in_response, axis=1), 1)
-        weight = self.param('likelihood_weight', _constant(nn.initializers.ones, ()), (), cfg.params_dtype)
+            jnp.sum(in_response, axis=1), 1
+        )
+        weight = self.param("likelihood_weight", _constant(nn.initializers.ones, ()), (), cfg.params_dtype)
         return score + weight.astype(jnp.float32) * mean_logp
 
 
@@ -461,8 +516,12 @@ def init_cache(config: ModelConfig, batch: int, max_len: int):
        'layers': tuple of {'key', 'value': [batch, kv_heads, max_len, head_dim] compute dtype}}.
     """
     shape = (batch, config.kv_heads, max_len, config.head_size)
-    layer = lambda: {'key': jnp.zeros(shape, config.compute_dtype),
-                     'value': jnp.zeros(shape, config.compute_dtype)}
-    return {'index': jnp.zeros((), jnp.int32),
-            'segment_ids': jnp.zeros((batch, max_len), jnp.int32),
-            'layers': tuple(layer() for _ in range(config.num_layers))}
+    layer = lambda: {
+        "key": jnp.zeros(shape, config.compute_dtype),
+        "value": jnp.zeros(shape, config.compute_dtype),
+    }
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+        "layers": tuple(layer() for _ in range(config.num_layers)),
+    }

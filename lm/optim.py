@@ -3,6 +3,7 @@
 Gradient accumulation is not here: it is a `lax.scan` over microbatches inside the train step
 (lm/train_state.py), so the optimizer sees one exact mean gradient per step.
 """
+
 import jax
 import optax
 
@@ -32,7 +33,8 @@ def learning_rate_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> op
         decay = max(int(rest * float(schedule_cfg.decay_fraction)), 1)
         tail = optax.join_schedules(
             [optax.constant_schedule(peak_lr), optax.linear_schedule(peak_lr, final_lr, decay)],
-            [rest - decay])
+            [rest - decay],
+        )
     elif kind == "constant":
         tail = optax.constant_schedule(peak_lr)
     else:
@@ -42,19 +44,26 @@ def learning_rate_schedule(schedule_cfg, peak_lr: float, total_steps: int) -> op
 
 def weight_decay_mask(params, decay_embeddings: bool = False):
     """A tree of bools: True for the weights AdamW decays (kernels; embeddings if asked)."""
+
     def decays(path, _):
         name = getattr(path[-1], "key", str(path[-1]))
         if name in _EMBEDDINGS:
             return decay_embeddings
         return name not in _NEVER_DECAYED
+
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
     """AdamW with masked weight decay, after clipping the global gradient norm to `clip_norm`."""
     adamw = optax.adamw(
-        schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, weight_decay=opt_cfg.weight_decay,
-        mask=lambda params: weight_decay_mask(params, opt_cfg.decay_embeddings))
+        schedule,
+        b1=opt_cfg.b1,
+        b2=opt_cfg.b2,
+        eps=opt_cfg.eps,
+        weight_decay=opt_cfg.weight_decay,
+        mask=lambda params: weight_decay_mask(params, opt_cfg.decay_embeddings),
+    )
     if opt_cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), adamw)
     return adamw

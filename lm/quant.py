@@ -13,8 +13,10 @@ for centred scales spread evenly over their range, has the finer step near each 
 
 Everything here is jittable, so dequantisation runs inside the jitted forward pass.
 """
+
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +24,26 @@ from flax import struct, traverse_util
 from flax.core import meta
 
 # The NF4 code values, as in bitsandbytes (csrc/kernels.cu) and the QLoRA paper's appendix.
-NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-            -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-            0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-            0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
-BLOCK = 64          # values per NF4 scale
-SCALE_BLOCK = 256   # scales per second-level float32 scale (double quantisation)
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+BLOCK = 64  # values per NF4 scale
+SCALE_BLOCK = 256  # scales per second-level float32 scale (double quantisation)
 
 
 @struct.dataclass
@@ -36,6 +52,7 @@ class Int8Scales:
 
     codes: [n_super * 256] int8; absmax: [n_super] float32; offset: [] float32 (mean scale).
     """
+
     codes: jax.Array
     absmax: jax.Array
     offset: jax.Array
@@ -49,6 +66,7 @@ class NF4Tensor:
     where n_blocks = ceil(prod(shape) / 64). `dtype` is the original dtype (the default of
     `dequantize`).
     """
+
     packed: jax.Array
     scales: Any
     shape: tuple = struct.field(pytree_node=False)
@@ -79,13 +97,13 @@ def nearest_code(normalised: jax.Array) -> jax.Array:
     """Index (uint8) of the nearest NF4 value for each entry of an array in [-1, 1]."""
     code = _code()
     midpoints = (code[1:] + code[:-1]) / 2
-    return jnp.searchsorted(midpoints, normalised, side='left').astype(jnp.uint8)
+    return jnp.searchsorted(midpoints, normalised, side="left").astype(jnp.uint8)
 
 
 def _quantize_scales(scales: jax.Array) -> Int8Scales:
     """[n_blocks] float32 -> Int8Scales (mean removed, linear int8 per block of 256)."""
     offset = jnp.mean(scales)
-    blocks = _blocks(scales - offset, SCALE_BLOCK)                       # [n_super, 256]
+    blocks = _blocks(scales - offset, SCALE_BLOCK)  # [n_super, 256]
     absmax = jnp.max(jnp.abs(blocks), axis=1)
     safe = jnp.where(absmax > 0, absmax, 1.0)
     codes = jnp.round(blocks / safe[:, None] * 127).astype(jnp.int8)
@@ -103,10 +121,10 @@ def _dequantize_scales(scales, n_blocks: int) -> jax.Array:
 
 def quantize(x: jax.Array, double_quant: bool = False) -> NF4Tensor:
     """Stores `x` (any shape, float) as NF4 in blocks of 64; optionally double-quantises scales."""
-    blocks = _blocks(x, BLOCK)                                           # [n_blocks, 64]
-    scales = jnp.max(jnp.abs(blocks), axis=1)                            # [n_blocks]
+    blocks = _blocks(x, BLOCK)  # [n_blocks, 64]
+    scales = jnp.max(jnp.abs(blocks), axis=1)  # [n_blocks]
     safe = jnp.where(scales > 0, scales, 1.0)
-    idx = nearest_code(blocks / safe[:, None]).reshape(-1, 2)            # [n_blocks * 32, 2]
+    idx = nearest_code(blocks / safe[:, None]).reshape(-1, 2)  # [n_blocks * 32, 2]
     packed = (idx[:, 0] << 4) | idx[:, 1]
     stored = _quantize_scales(scales) if double_quant else scales
     return NF4Tensor(packed=packed, scales=stored, shape=tuple(x.shape), dtype=x.dtype)
@@ -119,14 +137,13 @@ def unpack(t: NF4Tensor) -> jax.Array:
 
 def dequantize(t: NF4Tensor, dtype=None) -> jax.Array:
     """The float array of `t.shape` in `dtype` (default: the original dtype)."""
-    idx = unpack(t)                                                      # [n_blocks, 64]
+    idx = unpack(t)  # [n_blocks, 64]
     scales = _dequantize_scales(t.scales, idx.shape[0])
-    values = _code()[idx] * scales[:, None]                              # float32 [n_blocks, 64]
-    return values.reshape(-1)[:t.size].reshape(t.shape).astype(dtype or t.dtype)
+    values = _code()[idx] * scales[:, None]  # float32 [n_blocks, 64]
+    return values.reshape(-1)[: t.size].reshape(t.shape).astype(dtype or t.dtype)
 
 
-def quantize_params(params, is_target: Callable[[tuple, Any], bool],
-                    double_quant: bool = False):
+def quantize_params(params, is_target: Callable[[tuple, Any], bool], double_quant: bool = False):
     """Replaces the leaves where `is_target(path, leaf)` by `NF4Tensor`s.
 
     Args:
@@ -137,11 +154,14 @@ def quantize_params(params, is_target: Callable[[tuple, Any], bool],
     """
     flat = traverse_util.flatten_dict(meta.unbox(params))
     return traverse_util.unflatten_dict(
-        {path: quantize(leaf, double_quant) if is_target(path, leaf) else leaf
-         for path, leaf in flat.items()})
+        {path: quantize(leaf, double_quant) if is_target(path, leaf) else leaf for path, leaf in flat.items()}
+    )
 
 
 def dequantize_params(params):
     """Every `NF4Tensor` in a nested dict replaced by its float array (original dtype)."""
-    return jax.tree.map(lambda x: dequantize(x) if isinstance(x, NF4Tensor) else x, params,
-                        is_leaf=lambda x: isinstance(x, NF4Tensor))
+    return jax.tree.map(
+        lambda x: dequantize(x) if isinstance(x, NF4Tensor) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, NF4Tensor),
+    )

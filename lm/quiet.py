@@ -12,6 +12,7 @@ TFDS's 'Downloading and preparing dataset ...' banner is a termcolor print, not 
 builders of local files mix in `NoDownloadBanner` instead (a registered `tfds:<name>` dataset that
 really downloads keeps it), and lm/data/pipeline.py prints one line of its own while preparing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,8 @@ def quiet_libraries() -> None:
     """Silences TFDS's progress bars and sub-ERROR absl logs, and TensorFlow's INFO/WARNING logs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # 2: C++ errors only
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
-    from absl import logging as absl_logging  # absl creates its logger; getLogger("absl") first would not
     import tensorflow_datasets as tfds
+    from absl import logging as absl_logging  # absl creates its logger; getLogger("absl") first would not
 
     absl_logger = absl_logging.get_absl_logger()
     if _FILTER not in absl_logger.filters:

@@ -14,6 +14,7 @@ Masks are explicit and every statistic ignores masked positions, whatever they h
 zeroed with `where` first, so even inf or NaN after EOS reaches neither outputs nor gradients).
 Means are over all valid tokens of the batch (token-level, as in lm-human-preferences and TRL).
 """
+
 import jax
 import jax.numpy as jnp
 
@@ -64,8 +65,8 @@ def sequence_logprobs(logits, tokens, mask, *, start: int = 0, temperature: floa
       [batch, seq - 1 - start] float32: entry t is log pi(tokens[:, start + t + 1]) under
       logits / temperature where mask is 1 there, else 0. Sum over axis 1 for a sequence's log-prob.
     """
-    logp = token_logprobs(logits[:, start:-1] / temperature, tokens[:, start + 1:])
-    return jnp.where(mask[:, start + 1:] > 0, logp, 0.0)
+    logp = token_logprobs(logits[:, start:-1] / temperature, tokens[:, start + 1 :])
+    return jnp.where(mask[:, start + 1 :] > 0, logp, 0.0)
 
 
 def entropy_from_logits(logits):
@@ -104,8 +105,8 @@ def kl_penalised_rewards(score, logp, ref_logp, mask, beta):
       (rewards [batch, T] float32, zero where masked; kl [batch] float32 = `sequence_kl`).
     """
     per_token_kl = _zero_masked(logp.astype(jnp.float32) - ref_logp.astype(jnp.float32), mask)
-    last = jnp.sum(_valid(mask), axis=-1) - 1                                       # [batch]; -1 if empty
-    at_last = jax.nn.one_hot(last, mask.shape[-1], dtype=jnp.float32)              # zero row for -1
+    last = jnp.sum(_valid(mask), axis=-1) - 1  # [batch]; -1 if empty
+    at_last = jax.nn.one_hot(last, mask.shape[-1], dtype=jnp.float32)  # zero row for -1
     rewards = -beta * per_token_kl + score.astype(jnp.float32)[:, None] * at_last
     return rewards, jnp.sum(per_token_kl, axis=-1)
 
@@ -134,8 +135,9 @@ def gae(rewards, values, mask, gamma, lam):
         advantage = jnp.where(ok, delta + gamma * lam * next_advantage, 0.0)
         return advantage, advantage
 
-    _, advantages = jax.lax.scan(step, jnp.zeros(rewards.shape[:1], jnp.float32),
-                                 (deltas.T, valid.T), reverse=True)
+    _, advantages = jax.lax.scan(
+        step, jnp.zeros(rewards.shape[:1], jnp.float32), (deltas.T, valid.T), reverse=True
+    )
     advantages = advantages.T
     return advantages, jnp.where(valid, advantages + values, 0.0)
 
@@ -184,9 +186,11 @@ def ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps):
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    stats = {"clip_fraction": _masked_mean(clipped > unclipped, mask),
-             "approx_kl": _masked_mean((ratio - 1.0) - log_ratio, mask),
-             "ratio_mean": _masked_mean(ratio, mask)}
+    stats = {
+        "clip_fraction": _masked_mean(clipped > unclipped, mask),
+        "approx_kl": _masked_mean((ratio - 1.0) - log_ratio, mask),
+        "ratio_mean": _masked_mean(ratio, mask),
+    }
     return _masked_mean(jnp.maximum(unclipped, clipped), mask), stats
 
 

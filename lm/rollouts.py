@@ -7,6 +7,7 @@ and the logits and values predicting response token t sit at column P - 1 + t.
 Prompts (config.data.source): graded tasks (the oracle, their grader, scores every rollout on
 the host) or the HH dialogues (no oracle; evaluation by the reward model's score).
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,8 +17,8 @@ from lm.data import graded_tasks, preferences
 from lm.data import sft as sft_data
 from lm.errors import ConfigError, DataError
 
-REWARDS = ("rm", "oracle")            # what an RL task trains on: the reward model or the grader
-SOURCES = ("graded_tasks", "hh")      # config.data.source: where the prompts come from
+REWARDS = ("rm", "oracle")  # what an RL task trains on: the reward model or the grader
+SOURCES = ("graded_tasks", "hh")  # config.data.source: where the prompts come from
 
 
 def check_source(source: str, reward: str, section: str) -> None:
@@ -27,8 +28,10 @@ def check_source(source: str, reward: str, section: str) -> None:
     if source not in SOURCES:
         raise ConfigError(f"config.data.source={source!r}: {section} takes its prompts from one of {SOURCES}")
     if source == "hh" and reward == "oracle":
-        raise ConfigError(f"config.{section}.reward='oracle' needs a grader: the HH prompts "
-                          "(config.data.source='hh') have none")
+        raise ConfigError(
+            f"config.{section}.reward='oracle' needs a grader: the HH prompts "
+            "(config.data.source='hh') have none"
+        )
 
 
 def sequence_layout(prompts, lengths, responses):
@@ -53,38 +56,44 @@ def response_logprobs(model, params, tokens, positions, segments, prompt_width: 
       (logp, entropy): [batch, T] float32 each (every position; mask them with the response mask).
     """
     logits = model.apply({"params": params}, tokens, positions=positions, segment_ids=segments)
-    logp = rl.sequence_logprobs(logits, tokens, jnp.ones_like(tokens), start=prompt_width - 1,
-                                temperature=temperature)
-    return logp, rl.entropy_from_logits(logits[:, prompt_width - 1:-1] / temperature)
+    logp = rl.sequence_logprobs(
+        logits, tokens, jnp.ones_like(tokens), start=prompt_width - 1, temperature=temperature
+    )
+    return logp, rl.entropy_from_logits(logits[:, prompt_width - 1 : -1] / temperature)
 
 
 def response_values(value_model, params, tokens, positions, segments, prompt_width: int):
     """The value (or reward) head at the positions that predict each response token: [batch, T]."""
     values = value_model.apply({"params": params}, tokens, positions=positions, segment_ids=segments)
-    return values[:, prompt_width - 1:-1]
+    return values[:, prompt_width - 1 : -1]
 
 
 def final_scores(value_model, params, tokens, positions, segments, prompt_width: int, mask):
     """The reward model's score of each sequence, read at its last response token: [batch]."""
     last = prompt_width - 1 + jnp.sum(mask, axis=1).astype(jnp.int32)  # column of the last valid token
-    first = jnp.full_like(last, prompt_width)                            # the first response column
-    return value_model.apply({"params": params}, tokens, last, first, positions=positions, segment_ids=segments)
+    first = jnp.full_like(last, prompt_width)  # the first response column
+    return value_model.apply(
+        {"params": params}, tokens, last, first, positions=positions, segment_ids=segments
+    )
 
 
 def host_oracle(examples: list[dict], tokenizer):
     """`(index [B], responses [B, T]) -> [B] float32` grader scores, run on the host."""
+
     def grade(index, responses):
         scores = []
         for i, row in zip(np.asarray(index).tolist(), np.asarray(responses).tolist()):
-            row = row[:row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
+            row = row[: row.index(tokenizer.eos_id)] if tokenizer.eos_id in row else row
             ex = examples[i]
             scores.append(graded_tasks.grade(ex["task"], ex["meta"], tokenizer.decode(row))["score"])
         return np.asarray(scores, np.float32)
+
     return grade
 
 
-def prompt_examples(config, tokenizer, sft_data_cfg: dict, max_seq_len: int, *, eval_prompts: int,
-                    max_new_tokens: int) -> tuple[list[dict], list[dict], dict]:
+def prompt_examples(
+    config, tokenizer, sft_data_cfg: dict, max_seq_len: int, *, eval_prompts: int, max_new_tokens: int
+) -> tuple[list[dict], list[dict], dict]:
     """(train, eval) prompt examples of config.data.source, and what run_info records about them.
 
     graded_tasks: config.data.num_train examples of config.data.tasks from the 'train' side and
@@ -104,11 +113,14 @@ def prompt_examples(config, tokenizer, sft_data_cfg: dict, max_seq_len: int, *, 
     limit = seq_len - max_new_tokens
     kept, skipped = {}, {}
     for split in ("train", "validation"):
-        kept[split], skipped[split] = sft_data.prompts_that_fit(tokenizer, config.template,
-                                                                preferences.hh_prompts(data, split), limit)
+        kept[split], skipped[split] = sft_data.prompts_that_fit(
+            tokenizer, config.template, preferences.hh_prompts(data, split), limit
+        )
         if not kept[split]:
-            raise DataError(f"config.train.seq_len={seq_len}: no HH {split} prompt has at most seq_len - "
-                            f"max_new_tokens = {limit} tokens ({skipped[split]} longer)")
+            raise DataError(
+                f"config.train.seq_len={seq_len}: no HH {split} prompt has at most seq_len - "
+                f"max_new_tokens = {limit} tokens ({skipped[split]} longer)"
+            )
     info = {"prompt_source": "hh", "num_skipped_too_long": skipped}
     train, held_out = ([{"prompt": p} for p in prompts] for prompts in (kept["train"], kept["validation"]))
     return train, held_out[:eval_prompts], info
@@ -121,11 +133,20 @@ def rm_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new
     prompts = evaluation.encode_prompts(examples, tokenizer, template_cfg)
 
     def evaluate(params):
-        responses = evaluation.sample_responses(params, model_cfg, prompts, max_new_tokens=max_new_tokens,
-                                                rng=jax.random.PRNGKey(0), temperature=0.0, eos_id=tokenizer.eos_id,
-                                                pad_id=tokenizer.pad_id, batch=evaluation.GRADER_BATCH)
+        responses = evaluation.sample_responses(
+            params,
+            model_cfg,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            rng=jax.random.PRNGKey(0),
+            temperature=0.0,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            batch=evaluation.GRADER_BATCH,
+        )
         scores = evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
         return {"eval_rm_score": float(scores.mean())}
+
     return evaluate
 
 
@@ -143,7 +164,7 @@ def prompt_indices(num: int, step: int, batch_size: int, seed: int) -> np.ndarra
     while len(out) < batch_size:
         epoch, offset = divmod(first + len(out), num)
         order = np.random.default_rng([seed, epoch]).permutation(num)
-        out.extend(order[offset:offset + batch_size - len(out)].tolist())
+        out.extend(order[offset : offset + batch_size - len(out)].tolist())
     return np.asarray(out, np.int32)
 
 
@@ -157,4 +178,5 @@ def prompt_batch_fn(prompts: dict, num: int, batch_size: int, seed: int, batch_s
         out = sharding.global_batch({"prompts": prompts["prompts"][index]}, batch_sharding)
         out.update(sharding.global_batch({"lengths": prompts["lengths"][index], "index": index}, vectors))
         return out
+
     return batch_fn

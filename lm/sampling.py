@@ -12,6 +12,7 @@ not static.
 Returned completions contain the new tokens only, cut after the first EOS, which is included
 (so a finished completion can be told from one that ran out of tokens).
 """
+
 import functools
 from typing import NamedTuple
 
@@ -27,15 +28,15 @@ PROMPT_BUCKET = 16
 
 def _filter(scaled, top_k, top_p):
     """Sets logits outside the top-k / top-p (nucleus) set to -inf; [batch, vocab] -> same."""
-    ranked = -jnp.sort(-scaled, axis=-1)                                # [batch, vocab] descending
-    kth = jnp.take(ranked, jnp.maximum(top_k - 1, 0), axis=-1)           # [batch]
+    ranked = -jnp.sort(-scaled, axis=-1)  # [batch, vocab] descending
+    kth = jnp.take(ranked, jnp.maximum(top_k - 1, 0), axis=-1)  # [batch]
     kth = jnp.where(top_k > 0, kth, -jnp.inf)
     ranked = jnp.where(ranked >= kth[:, None], ranked, -jnp.inf)
     probs = jax.nn.softmax(ranked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs                         # mass ranked above each
-    n_keep = jnp.sum(before < top_p, axis=-1)                           # [batch], >= 1
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass ranked above each
+    n_keep = jnp.sum(before < top_p, axis=-1)  # [batch], >= 1
     nucleus = jnp.take_along_axis(ranked, n_keep[:, None] - 1, axis=-1)[:, 0]
-    threshold = jnp.maximum(kth, jnp.where(top_p < 1.0, nucleus, -jnp.inf))   # [batch]
+    threshold = jnp.maximum(kth, jnp.where(top_p < 1.0, nucleus, -jnp.inf))  # [batch]
     return jnp.where(scaled >= threshold[:, None], scaled, -jnp.inf)
 
 
@@ -54,10 +55,10 @@ def sample_tokens(logits, rng, temperature, top_k, top_p):
     Returns:
       [batch] int32 token ids.
     """
+
     def sample():
         scaled = logits / temperature
-        scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), _filter, lambda s, k, p: s,
-                              scaled, top_k, top_p)
+        scaled = jax.lax.cond((top_k > 0) | (top_p < 1.0), _filter, lambda s, k, p: s, scaled, top_k, top_p)
         return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 
     greedy = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -82,9 +83,10 @@ def _decode(first_logits, state, next_logits, rng, settings, max_new_tokens: int
     batch = first_logits.shape[0]
 
     def emit(step, logits, out, logps, done):
-        token = sample_tokens(logits, jax.random.fold_in(rng, step), temperature, settings.top_k,
-                              settings.top_p)
-        token = jnp.where(done, settings.pad_id, token)                 # [batch]
+        token = sample_tokens(
+            logits, jax.random.fold_in(rng, step), temperature, settings.top_k, settings.top_p
+        )
+        token = jnp.where(done, settings.pad_id, token)  # [batch]
         scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
         logp = jnp.take_along_axis(jax.nn.log_softmax(scaled), token[:, None], axis=-1)[:, 0]
         logps = logps.at[:, step].set(jnp.where(done, 0.0, logp))
@@ -115,41 +117,46 @@ def prompt_layout(lengths, width: int, prompt_width: int):
     Returns:
       (positions, segment_ids): [batch, width] int32; padding is segment 0 at position 0.
     """
-    pad = prompt_width - lengths                                        # [batch]
-    column = jnp.arange(width, dtype=jnp.int32)[None, :]                # [1, width]
+    pad = prompt_width - lengths  # [batch]
+    column = jnp.arange(width, dtype=jnp.int32)[None, :]  # [1, width]
     return jnp.maximum(column - pad[:, None], 0), (column >= pad[:, None]).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens'))
-def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelConfig,
-                     max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
     """tokens: [batch, prompt] left-padded, lengths: [batch] -> (new tokens, their log-probs), each
     [batch, max_new_tokens] (see `_decode`)."""
     model = Transformer(config)
     batch, prompt = tokens.shape
     positions, segments = prompt_layout(lengths, prompt, prompt)
     cache = init_cache(config, batch, prompt + max_new_tokens)
-    logits, cache = model.apply(params, tokens, cache, positions=positions, segment_ids=segments,
-                                method=Transformer.prefill)             # [batch, vocab]
+    logits, cache = model.apply(
+        params, tokens, cache, positions=positions, segment_ids=segments, method=Transformer.prefill
+    )  # [batch, vocab]
 
     def next_logits(cache, step, token):
-        position = (lengths + step)[:, None]                            # [batch, 1]
-        logits, cache = model.apply(params, token[:, None], cache, positions=position,
-                                    segment_ids=jnp.ones_like(position), method=Transformer.extend)
+        position = (lengths + step)[:, None]  # [batch, 1]
+        logits, cache = model.apply(
+            params,
+            token[:, None],
+            cache,
+            positions=position,
+            segment_ids=jnp.ones_like(position),
+            method=Transformer.extend,
+        )
         return logits[:, 0], cache
 
     return _decode(logits, cache, next_logits, rng, settings, max_new_tokens)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens'))
-def _generate_recompute(params, tokens, lengths, rng, settings, *, config: ModelConfig,
-                        max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
+def _generate_recompute(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
     """As `_generate_cached`, by a full forward over [batch, prompt + max_new_tokens] per step."""
     model = Transformer(config)
     batch, prompt = tokens.shape
     width = prompt + max_new_tokens
     positions, segments = prompt_layout(lengths, width, prompt)
-    buffer = jnp.pad(tokens, ((0, 0), (0, max_new_tokens)))             # [batch, width]
+    buffer = jnp.pad(tokens, ((0, 0), (0, max_new_tokens)))  # [batch, width]
 
     def logits_at(buffer, column):
         logits = model.apply(params, buffer, positions=positions, segment_ids=segments)
@@ -159,25 +166,26 @@ def _generate_recompute(params, tokens, lengths, rng, settings, *, config: Model
         buffer = jax.lax.dynamic_update_slice(buffer, token[:, None], (0, prompt + step))
         return logits_at(buffer, prompt + step), buffer
 
-    return _decode(logits_at(buffer, prompt - 1), buffer, next_logits, rng, settings,
-                   max_new_tokens)
+    return _decode(logits_at(buffer, prompt - 1), buffer, next_logits, rng, settings, max_new_tokens)
 
 
 def left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
     """Prompts -> (tokens [batch, bucket] int32 left-padded, lengths [batch] int32)."""
     lengths = np.array([len(p) for p in prompts], np.int32)
     if len(prompts) == 0 or lengths.min() == 0:
-        raise ValueError('generate needs at least one prompt, and no empty prompts')
+        raise ValueError("generate needs at least one prompt, and no empty prompts")
     if max_new_tokens < 1:
-        raise ValueError(f'max_new_tokens={max_new_tokens} must be >= 1')
-    if config.positions == 'learned' and lengths.max() + max_new_tokens > config.max_seq_len:
-        raise ConfigError(f'config.model.max_seq_len={config.max_seq_len} is less than the longest '
-                          f'prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) '
-                          'that learned positions must cover')
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if config.positions == "learned" and lengths.max() + max_new_tokens > config.max_seq_len:
+        raise ConfigError(
+            f"config.model.max_seq_len={config.max_seq_len} is less than the longest "
+            f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) "
+            "that learned positions must cover"
+        )
     width = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     for row, prompt in enumerate(prompts):
-        tokens[row, width - len(prompt):] = prompt
+        tokens[row, width - len(prompt) :] = prompt
     return tokens, lengths
 
 
@@ -193,6 +201,7 @@ class SamplingSettings(NamedTuple):
       eos_id: [] int32; a row stops after emitting it.
       pad_id: [] int32; fills each row after its EOS.
     """
+
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
@@ -200,11 +209,17 @@ class SamplingSettings(NamedTuple):
     pad_id: jax.Array
 
     @classmethod
-    def create(cls, temperature: float, top_k: int, top_p: float, eos_id: int,
-               pad_id: int) -> 'SamplingSettings':
+    def create(
+        cls, temperature: float, top_k: int, top_p: float, eos_id: int, pad_id: int
+    ) -> "SamplingSettings":
         """Settings from Python scalars, each cast to its field's dtype."""
-        return cls(temperature=jnp.float32(temperature), top_k=jnp.int32(top_k),
-                   top_p=jnp.float32(top_p), eos_id=jnp.int32(eos_id), pad_id=jnp.int32(pad_id))
+        return cls(
+            temperature=jnp.float32(temperature),
+            top_k=jnp.int32(top_k),
+            top_p=jnp.float32(top_p),
+            eos_id=jnp.int32(eos_id),
+            pad_id=jnp.int32(pad_id),
+        )
 
 
 def sample_arrays(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
@@ -217,26 +232,38 @@ def sample_arrays(params, tokens, lengths, rng, settings, *, config: ModelConfig
       (new tokens [batch, max_new_tokens] int32, pad after EOS; their log-probs [batch,
       max_new_tokens] float32 under the temperature-scaled softmax, 0 after EOS).
     """
-    return _generate_cached(params, tokens, lengths, rng, settings, config=config,
-                            max_new_tokens=max_new_tokens)
+    return _generate_cached(
+        params, tokens, lengths, rng, settings, config=config, max_new_tokens=max_new_tokens
+    )
 
 
-def _run(fn, params, config, prompts, max_new_tokens, rng, temperature, top_k, top_p, eos_id,
-         pad_id):
+def _run(fn, params, config, prompts, max_new_tokens, rng, temperature, top_k, top_p, eos_id, pad_id):
     tokens, lengths = left_pad(prompts, pad_id, config, max_new_tokens)
-    settings = SamplingSettings.create(temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                                       pad_id=pad_id)
-    out = np.asarray(fn(params, tokens, lengths, rng, settings, config=config,
-                        max_new_tokens=max_new_tokens)[0])                 # [batch, max_new_tokens]
+    settings = SamplingSettings.create(
+        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id
+    )
+    out = np.asarray(
+        fn(params, tokens, lengths, rng, settings, config=config, max_new_tokens=max_new_tokens)[0]
+    )  # [batch, max_new_tokens]
     completions = []
     for row in out.tolist():
-        completions.append(row[:row.index(eos_id) + 1] if eos_id in row else row)
+        completions.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
     return completions
 
 
-def generate(params, config: ModelConfig, prompts: list, *, max_new_tokens: int, rng,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
-             pad_id: int = 0) -> list:
+def generate(
+    params,
+    config: ModelConfig,
+    prompts: list,
+    *,
+    max_new_tokens: int,
+    rng,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int,
+    pad_id: int = 0,
+) -> list:
     """Samples completions with a KV cache: one prefill call, then one token per step.
 
     Args:
@@ -249,13 +276,35 @@ def generate(params, config: ModelConfig, prompts: list, *, max_new_tokens: int,
     Returns:
       New tokens per prompt, cut after the first EOS (EOS included).
     """
-    return _run(_generate_cached, params, config, prompts, max_new_tokens, rng, temperature,
-                top_k, top_p, eos_id, pad_id)
+    return _run(
+        _generate_cached,
+        params,
+        config,
+        prompts,
+        max_new_tokens,
+        rng,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        pad_id,
+    )
 
 
-def generate_sorted(params, config: ModelConfig, prompts: list, *, max_batch: int, max_new_tokens: int, rng,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
-                    pad_id: int = 0) -> list:
+def generate_sorted(
+    params,
+    config: ModelConfig,
+    prompts: list,
+    *,
+    max_batch: int,
+    max_new_tokens: int,
+    rng,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int,
+    pad_id: int = 0,
+) -> list:
     """`generate` over any number of prompts, at most `max_batch` rows per call (as many calls as
     that needs, rows shared evenly among them), completions in the prompts' order.
 
@@ -273,19 +322,50 @@ def generate_sorted(params, config: ModelConfig, prompts: list, *, max_batch: in
     batch = -(-len(prompts) // calls)
     completions = [None] * len(prompts)
     for c, start in enumerate(range(0, len(prompts), batch)):
-        rows = order[start:start + batch]
+        rows = order[start : start + batch]
         chunk = [prompts[i] for i in rows]
         chunk += [chunk[0]] * (batch - len(chunk))
-        outs = generate(params, config, chunk, max_new_tokens=max_new_tokens, rng=jax.random.fold_in(rng, c),
-                        temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
+        outs = generate(
+            params,
+            config,
+            chunk,
+            max_new_tokens=max_new_tokens,
+            rng=jax.random.fold_in(rng, c),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            pad_id=pad_id,
+        )
         for i, out in zip(rows, outs):
             completions[i] = out
     return completions
 
 
-def generate_recompute(params, config: ModelConfig, prompts: list, *, max_new_tokens: int, rng,
-                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
-                       pad_id: int = 0) -> list:
+def generate_recompute(
+    params,
+    config: ModelConfig,
+    prompts: list,
+    *,
+    max_new_tokens: int,
+    rng,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int,
+    pad_id: int = 0,
+) -> list:
     """As `generate`, without a cache: a full forward over the fixed padded buffer each step."""
-    return _run(_generate_recompute, params, config, prompts, max_new_tokens, rng, temperature,
-                top_k, top_p, eos_id, pad_id)
+    return _run(
+        _generate_recompute,
+        params,
+        config,
+        prompts,
+        max_new_tokens,
+        rng,
+        temperature,
+        top_k,
+        top_p,
+        eos_id,
+        pad_id,
+    )

@@ -5,6 +5,7 @@ Which parameters: 'best' (workdir/best/, kept by SFT and later stages; already p
 were trained on, re-quantised to NF4 first for QLoRA so the merge is the function that was trained),
 or 'auto' (best when there is one, else latest). Everything lands on one device.
 """
+
 import dataclasses
 import os
 
@@ -21,7 +22,7 @@ from lm.model import ModelConfig, RewardModel, Transformer
 
 CHOICES = ("auto", "best", "latest")
 COMPARISONS_FILE = "comparisons.npz"  # a reward-model workdir's comparisons (DPO trains on them too)
-NORM_FILE = "reward_norm.json"        # its normalisation: mean and std of the best model's scores
+NORM_FILE = "reward_norm.json"  # its normalisation: mean and std of the best model's scores
 
 
 @dataclasses.dataclass
@@ -52,12 +53,14 @@ def _merged_latest(workdir: str, config, run: dict, model: Transformer, mesh):
     """Base (from the run's init_from) + the latest adapters, merged."""
     lora_cfg = lora.from_config(config.lora)
     boxed, abstract = _abstract_params(model, config, mesh)
-    base = lora.stored_base(checkpoint.restore_params(run.get("init_from") or config.init_from, abstract),
-                            config.lora)
+    base = lora.stored_base(
+        checkpoint.restore_params(run.get("init_from") or config.init_from, abstract), config.lora
+    )
     adapters_boxed = jax.eval_shape(lambda: lora.init_adapters(jax.random.PRNGKey(0), boxed, lora_cfg))
     adapter_shardings = sharding.tree_shardings(adapters_boxed, mesh, sharding.axis_rules(config.axis_rules))
     adapters = checkpoint.restore_params(
-        workdir, checkpoint.abstract_like(sharding.unboxed(adapters_boxed), adapter_shardings))
+        workdir, checkpoint.abstract_like(sharding.unboxed(adapters_boxed), adapter_shardings)
+    )
     return lora.merge(base, adapters, lora_cfg)
 
 
@@ -84,8 +87,13 @@ def load(workdir: str, which: str = "auto") -> SavedModel:
             if which == "best" and not os.path.isdir(best):
                 raise CheckpointError(f"{workdir}: no best/ checkpoint (only SFT and later stages keep one)")
             params = checkpoint.restore_params(source, _abstract_params(model, config, mesh)[1])
-    return SavedModel(params=params, model_cfg=model_cfg, tokenizer=tokenizer, config=config,
-                      source=best if which == "best" else os.path.join(workdir, "checkpoints"))
+    return SavedModel(
+        params=params,
+        model_cfg=model_cfg,
+        tokenizer=tokenizer,
+        config=config,
+        source=best if which == "best" else os.path.join(workdir, "checkpoints"),
+    )
 
 
 def restore_reward_model(workdir: str):
@@ -99,14 +107,19 @@ def restore_reward_model(workdir: str):
     if norm is None:
         raise CheckpointError(f"{workdir}: no {NORM_FILE} (not a finished reward-model run?)")
     tok = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    model = RewardModel(trainer.model_config(config, tok.vocab_size), likelihood_term=config.reward.likelihood_term)
+    model = RewardModel(
+        trainer.model_config(config, tok.vocab_size), likelihood_term=config.reward.likelihood_term
+    )
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     rules = sharding.axis_rules(config.axis_rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         zeros = jnp.zeros((1,), jnp.int32)
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32),
-                                                  zeros, zeros)["params"])
-        abstract = checkpoint.abstract_like(sharding.unboxed(boxed), sharding.tree_shardings(boxed, mesh, rules))
+        boxed = jax.eval_shape(
+            lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32), zeros, zeros)["params"]
+        )
+        abstract = checkpoint.abstract_like(
+            sharding.unboxed(boxed), sharding.tree_shardings(boxed, mesh, rules)
+        )
         params = checkpoint.restore_params(os.path.join(workdir, "best"), abstract)
     return model, params, norm, config
 
@@ -130,8 +143,11 @@ def normalised_score_fn(model: RewardModel, params, norm: dict):
     the reward model's (score - norm['mean']) / norm['std'] of right-padded sequences whose
     response spans columns first_index..last_index (as `load_reward_model`'s)."""
     mean, std = norm["mean"], norm["std"]
-    scores = jax.jit(lambda p, tokens, first, last: (model.apply({"params": p}, tokens, last, first) - mean) / std)
+    scores = jax.jit(
+        lambda p, tokens, first, last: (model.apply({"params": p}, tokens, last, first) - mean) / std
+    )
 
     def score_fn(tokens, first_index, last_index):
         return scores(params, *(jnp.asarray(x, jnp.int32) for x in (tokens, first_index, last_index)))
+
     return score_fn

@@ -4,6 +4,7 @@ Parameters carry logical axis names (the constants below) via `nn.with_logical_p
 activations are constrained at block boundaries with `nn.with_logical_constraint`. A rules table
 in the config maps each logical name to mesh axes ('data', 'fsdp', 'tensor').
 """
+
 import math
 
 import flax.linen as nn
@@ -13,19 +14,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm.errors import ConfigError
 
-
 # Logical axis names used by the model. Parameter axes:
-EMBED = "embed"        # model width of weights: sharded over fsdp
-MLP = "mlp"            # MLP hidden: sharded over tensor
-HEADS = "heads"        # attention query heads: sharded over tensor
+EMBED = "embed"  # model width of weights: sharded over fsdp
+MLP = "mlp"  # MLP hidden: sharded over tensor
+HEADS = "heads"  # attention query heads: sharded over tensor
 KV_HEADS = "kv_heads"  # attention key/value heads: sharded over tensor
 HEAD_DIM = "head_dim"  # per-head width: replicated
-VOCAB = "vocab"        # vocabulary: sharded over tensor
+VOCAB = "vocab"  # vocabulary: sharded over tensor
 POSITIONS = "positions"  # learned position table rows: replicated
-LAYERS = "layers"      # stacked layers (scan): replicated
+LAYERS = "layers"  # stacked layers (scan): replicated
 # Activation axes:
-BATCH = "batch"        # batch: sharded over data and fsdp
-LENGTH = "length"      # sequence: replicated
+BATCH = "batch"  # batch: sharded over data and fsdp
+LENGTH = "length"  # sequence: replicated
 ACT_EMBED = "act_embed"  # model width of activations: replicated
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -44,12 +44,15 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
         if num_devices % fixed:
-            raise ConfigError(f"config.mesh={sizes} does not fit {num_devices} devices: "
-                              f"{fixed} does not divide {num_devices}")
+            raise ConfigError(
+                f"config.mesh={sizes} does not fit {num_devices} devices: "
+                f"{fixed} does not divide {num_devices}"
+            )
         sizes[free[0]] = num_devices // fixed
     if math.prod(sizes.values()) != num_devices:
-        raise ConfigError(f"config.mesh={sizes} needs {math.prod(sizes.values())} devices, "
-                          f"this run has {num_devices}")
+        raise ConfigError(
+            f"config.mesh={sizes} needs {math.prod(sizes.values())} devices, this run has {num_devices}"
+        )
     return sizes
 
 
@@ -63,8 +66,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
 
 def axis_rules(rules_cfg) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
     """The config's logical-axis rules as the tuple-of-pairs Flax expects."""
-    return tuple((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes)
-                 for name, axes in rules_cfg)
+    return tuple(
+        (str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules_cfg
+    )
 
 
 def tree_shardings(boxed_tree, mesh: Mesh, rules):
@@ -101,5 +105,8 @@ def vector_sharding(batch_sharding_: NamedSharding) -> NamedSharding:
 def unboxed(tree):
     """The values of a tree of `nn.LogicallyPartitioned` boxes (e.g. an abstract `eval_shape` of
     `init`), without a sharding constraint: usable outside jit on shapes alone."""
-    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
-                        tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.LogicallyPartitioned) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
+    )

@@ -7,8 +7,10 @@ microbatches with a `lax.scan` when `grad_accum > 1`. A step whose loss or gradi
 finite changes nothing but the step counter and `skipped_steps`: no non-finite value ever enters
 the parameters, the optimizer state or a checkpoint, and the host needs no sync to ensure it.
 """
+
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -23,6 +25,7 @@ from lm import sharding
 class TrainState:
     """What a checkpoint holds: step (int32 scalar), params, opt_state, rng (base PRNG key), and
     skipped_steps (int32 scalar: steps whose update was dropped for a non-finite loss or gradient)."""
+
     step: jax.Array
     params: Any
     opt_state: Any
@@ -30,8 +33,15 @@ class TrainState:
     skipped_steps: jax.Array
 
 
-def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: int, mesh, rules,
-               state_cls=TrainState, **extra):
+def init_state(
+    init_params: Callable,
+    tx: optax.GradientTransformation,
+    seed: int,
+    mesh,
+    rules,
+    state_cls=TrainState,
+    **extra,
+):
     """Creates the state already sharded: shapes and logical axes from `jax.eval_shape`, then one
     `jax.jit(..., out_shardings=...)` so no full copy ever lives on one device.
 
@@ -42,11 +52,18 @@ def init_state(init_params: Callable, tx: optax.GradientTransformation, seed: in
     Returns:
       (state, state_shardings): the state and the NamedSharding tree matching it.
     """
+
     def boxed_state(rng):
         init_rng, train_rng = jax.random.split(rng)
         params = init_params(init_rng)
-        return state_cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                         rng=train_rng, skipped_steps=jnp.zeros((), jnp.int32), **extra)
+        return state_cls(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=train_rng,
+            skipped_steps=jnp.zeros((), jnp.int32),
+            **extra,
+        )
 
     rng = jax.random.PRNGKey(seed)
     shardings = sharding.tree_shardings(jax.eval_shape(boxed_state, rng), mesh, rules)
@@ -59,9 +76,11 @@ def _microbatches(batch, grad_accum: int):
 
     Interleaving keeps every microbatch spread over all devices holding the batch.
     """
+
     def split(x):
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
+
     return jax.tree.map(split, batch)
 
 
@@ -105,8 +124,17 @@ def guarded_update(tx, grads, loss, params, opt_state, step, nan_at_step: int = 
     return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), grad_norm, finite
 
 
-def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, grad_accum: int = 1,
-               nan_at_step: int = -1):
+def train_step(
+    state: TrainState,
+    batch,
+    frozen=None,
+    *,
+    loss_fn,
+    tx,
+    schedule,
+    grad_accum: int = 1,
+    nan_at_step: int = -1,
+):
     """One optimizer update on the global batch. Pure: `(state, batch[, frozen]) -> (state, metrics)`.
 
     Args:
@@ -126,13 +154,17 @@ def train_step(state: TrainState, batch, frozen=None, *, loss_fn, tx, schedule, 
     loss_sum, aux, grads = summed_grads(loss_fn, state.params, batch, rng, grad_accum)
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    params, opt_state, grad_norm, finite = guarded_update(tx, grads, loss_sum, state.params, state.opt_state,
-                                                          state.step, nan_at_step)
+    params, opt_state, grad_norm, finite = guarded_update(
+        tx, grads, loss_sum, state.params, state.opt_state, state.step, nan_at_step
+    )
     skipped = state.skipped_steps + (~finite).astype(jnp.int32)
     metrics = {k: v / weight for k, v in aux.items() if k != "weight"}
-    metrics.update(loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   skipped_steps=skipped)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped), metrics
+    metrics.update(
+        loss=loss_sum / weight, grad_norm=grad_norm, learning_rate=schedule(state.step), skipped_steps=skipped
+    )
+    return state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped
+    ), metrics
 
 
 def jit_step(step, state_shardings, batch_shardings, frozen_shardings, mesh):
@@ -141,13 +173,27 @@ def jit_step(step, state_shardings, batch_shardings, frozen_shardings, mesh):
     in_shardings = (state_shardings, batch_shardings)
     if frozen_shardings is not None:
         in_shardings += (frozen_shardings,)
-    return jax.jit(step, in_shardings=in_shardings, out_shardings=(state_shardings, sharding.replicated(mesh)),
-                   donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
 
 
-def jit_train_step(loss_fn, tx, schedule, grad_accum, state_shardings, batch_sharding, mesh,
-                   frozen_shardings=None, nan_at_step: int = -1):
+def jit_train_step(
+    loss_fn,
+    tx,
+    schedule,
+    grad_accum,
+    state_shardings,
+    batch_sharding,
+    mesh,
+    frozen_shardings=None,
+    nan_at_step: int = -1,
+):
     """`train_step` of `loss_fn` through `jit_step`: `(state, batch[, frozen]) -> (state, metrics)`."""
-    step = functools.partial(train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum,
-                             nan_at_step=nan_at_step)
+    step = functools.partial(
+        train_step, loss_fn=loss_fn, tx=tx, schedule=schedule, grad_accum=grad_accum, nan_at_step=nan_at_step
+    )
     return jit_step(step, state_shardings, batch_sharding, frozen_shardings, mesh)

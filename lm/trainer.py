@@ -12,11 +12,13 @@ The user's config is never changed: what a run resolves (steps from a FLOP budge
 and template adopted from `init_from`) is a nested dict applied to a copy (`resolve`) and written
 beside the user's keys in config.json under "resolved"; `checkpoint.read_run_config` merges it back.
 """
+
 import copy
 import dataclasses
 import functools
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -42,9 +44,12 @@ def model_config(config, vocab_size: int) -> ModelConfig:
     fields = config.model.to_dict()
     fields["vocab_size"] = fields["vocab_size"] or vocab_size
     if fields["vocab_size"] < vocab_size:
-        raise ConfigError(f"config.model.vocab_size={fields['vocab_size']} is smaller than the "
-                          f"tokenizer's {vocab_size}")
-    return ModelConfig(**fields, dtype=config.precision.compute_dtype, param_dtype=config.precision.param_dtype)
+        raise ConfigError(
+            f"config.model.vocab_size={fields['vocab_size']} is smaller than the tokenizer's {vocab_size}"
+        )
+    return ModelConfig(
+        **fields, dtype=config.precision.compute_dtype, param_dtype=config.precision.param_dtype
+    )
 
 
 def _positive(config, *keys) -> None:
@@ -56,22 +61,35 @@ def _positive(config, *keys) -> None:
 
 def validate(config) -> None:
     """The checks of the sections every training task reads: one ConfigError naming the first bad key."""
-    _positive(config, "train.steps", "train.global_batch_size", "train.seq_len", "train.grad_accum",
-              "train.log_every", "train.checkpoint_every", "train.keep_checkpoints")
+    _positive(
+        config,
+        "train.steps",
+        "train.global_batch_size",
+        "train.seq_len",
+        "train.grad_accum",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+    )
     t = config.train
     if t.seq_len > config.model.max_seq_len:
-        raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds config.model.max_seq_len="
-                          f"{config.model.max_seq_len}")
+        raise ConfigError(
+            f"config.train.seq_len={t.seq_len} exceeds config.model.max_seq_len={config.model.max_seq_len}"
+        )
     if not 0 <= config.schedule.warmup_fraction < 1:
-        raise ConfigError(f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)")
+        raise ConfigError(
+            f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)"
+        )
     model_config(config, vocab_size=1)  # the model's own checks, before any data is prepared
     if "lora" in config:
         lora.from_config(config.lora)
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
     if t.global_batch_size % t.grad_accum:
-        raise ConfigError(f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
-                          f"config.train.grad_accum={t.grad_accum}")
+        raise ConfigError(
+            f"config.train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"config.train.grad_accum={t.grad_accum}"
+        )
     if "init_from" in config and config.task != "pretrain" and not config.init_from:
         raise ConfigError(f"config.init_from: a {config.task} run starts from an earlier stage's workdir")
 
@@ -81,24 +99,34 @@ def check_batch_layout(train_cfg, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = train_cfg.global_batch_size // train_cfg.grad_accum
     if micro % shards:
-        raise ConfigError(f"config.train.global_batch_size={train_cfg.global_batch_size} (over "
-                          f"grad_accum={train_cfg.grad_accum}) is not divisible by the data axes "
-                          f"data*fsdp={shards}")
+        raise ConfigError(
+            f"config.train.global_batch_size={train_cfg.global_batch_size} (over "
+            f"grad_accum={train_cfg.grad_accum}) is not divisible by the data axes "
+            f"data*fsdp={shards}"
+        )
     if train_cfg.global_batch_size % jax.process_count():
-        raise ConfigError(f"config.train.global_batch_size={train_cfg.global_batch_size} is not "
-                          f"divisible by the {jax.process_count()} processes")
+        raise ConfigError(
+            f"config.train.global_batch_size={train_cfg.global_batch_size} is not "
+            f"divisible by the {jax.process_count()} processes"
+        )
 
 
 def check_model_layout(model_cfg: ModelConfig, mesh) -> None:
     """Every model dimension the default axis rules shard must divide by its mesh axis."""
     tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    dims = [("vocab_size", model_cfg.vocab_size, "tensor", tensor), ("num_heads", model_cfg.num_heads, "tensor", tensor),
-            ("num_kv_heads", model_cfg.kv_heads, "tensor", tensor), ("d_ff", model_cfg.d_ff, "tensor", tensor),
-            ("d_model", model_cfg.d_model, "fsdp", fsdp)]
+    dims = [
+        ("vocab_size", model_cfg.vocab_size, "tensor", tensor),
+        ("num_heads", model_cfg.num_heads, "tensor", tensor),
+        ("num_kv_heads", model_cfg.kv_heads, "tensor", tensor),
+        ("d_ff", model_cfg.d_ff, "tensor", tensor),
+        ("d_model", model_cfg.d_model, "fsdp", fsdp),
+    ]
     for name, size, axis, ways in dims:
         if size % ways:
             hint = " (0 takes the tokenizer's; set a multiple to pad it)" if name == "vocab_size" else ""
-            raise ConfigError(f"config.model.{name}={size} is not divisible by config.mesh.{axis}={ways}{hint}")
+            raise ConfigError(
+                f"config.model.{name}={size} is not divisible by config.mesh.{axis}={ways}{hint}"
+            )
 
 
 def resolve(config, resolved: dict) -> ml_collections.ConfigDict:
@@ -117,7 +145,11 @@ def resolve(config, resolved: dict) -> ml_collections.ConfigDict:
 def adopted(saved: dict, config) -> dict:
     """What a stage adopts from the run it starts from (`saved`: that run's config.json, resolved):
     the architecture (config.model minus RUN_ONLY_MODEL_KEYS) and, where it has one, the template."""
-    out = {"model": {k: v for k, v in saved["model"].items() if k not in RUN_ONLY_MODEL_KEYS and k in config.model}}
+    out = {
+        "model": {
+            k: v for k, v in saved["model"].items() if k not in RUN_ONLY_MODEL_KEYS and k in config.model
+        }
+    }
     if "template" in config and "template" in saved:
         out["template"] = dict(saved["template"])
     return out
@@ -128,10 +160,15 @@ def throughput_info(config, model_cfg: ModelConfig, mesh) -> dict:
     the peak FLOP/s per device with its source; plus the devices and mesh. Call it outside the mesh
     (the peak may be measured)."""
     peak, source = flops.peak_flops_per_device(config.train.peak_flops, model_cfg.dtype)
-    return {"params": flops.param_counts(model_cfg),
-            "flops_per_token": flops.flops_per_token(model_cfg, config.train.seq_len),
-            "peak_flops_per_device": peak, "peak_flops_source": source, "num_devices": jax.device_count(),
-            "num_processes": jax.process_count(), "mesh": dict(mesh.shape)}
+    return {
+        "params": flops.param_counts(model_cfg),
+        "flops_per_token": flops.flops_per_token(model_cfg, config.train.seq_len),
+        "peak_flops_per_device": peak,
+        "peak_flops_source": source,
+        "num_devices": jax.device_count(),
+        "num_processes": jax.process_count(),
+        "mesh": dict(mesh.shape),
+    }
 
 
 def optimizer(config, peak_lr: float | None = None):
@@ -144,6 +181,7 @@ def optimizer(config, peak_lr: float | None = None):
 @dataclasses.dataclass
 class Setup:
     """The mesh a run trains on: create with `setup(config)`, build inside `with s.scope():`."""
+
     mesh: Any
     rules: tuple
     batch_sharding: Any
@@ -185,7 +223,8 @@ class Task:
     grad_accum, nan_at_step) -> (state, metrics)`, which must update through
     `train_state.guarded_update` and count `skipped_steps`) is set.
     """
-    init_params: Callable            # rng -> boxed params (a Flax init: shapes and logical axes)
+
+    init_params: Callable  # rng -> boxed params (a Flax init: shapes and logical axes)
     batch_fn: Callable[[int], dict]  # step -> the global batch (sharded arrays), a pure function of step
     tx: optax.GradientTransformation
     schedule: Callable
@@ -194,10 +233,10 @@ class Task:
     loss_fn: Callable | None = None
     step: Callable | None = None
     start_params: Callable | None = None  # random-init params -> params of a fresh run (None: kept)
-    frozen: Any = None               # arrays the step reads and never updates (LoRA base, PPO's models)
+    frozen: Any = None  # arrays the step reads and never updates (LoRA base, PPO's models)
     eval_fn: Callable | None = None  # params -> {eval_...: float}
-    eval_at_start: bool = False      # evaluate the starting parameters, logged at step 0
-    best: tuple | None = None        # (metric, 'max' | 'min'): keep the best parameters in workdir/best/
+    eval_at_start: bool = False  # evaluate the starting parameters, logged at step 0
+    best: tuple | None = None  # (metric, 'max' | 'min'): keep the best parameters in workdir/best/
     to_plain: Callable = lambda params: params  # the plain model parameters best/ keeps
     step_tokens: Callable | None = None  # step -> tokens, where batches differ in width
     state_cls: type = TrainState
@@ -217,6 +256,7 @@ def best_keeper(workdir: str, key: str, mode: str = "max", to_plain=lambda param
         if key in record and (best["score"] is None or better(record[key], best["score"])):
             best["score"] = record[key]
             checkpoint.save(mngr, step, {"params": to_plain(state.params)}, {key: record[key], "step": step})
+
     return keep
 
 
@@ -226,18 +266,30 @@ def write_run_files(workdir: str, user_config, resolved: dict, run_info: dict, t
         return
     if tokenizer is not None:
         tokenizer.save(os.path.join(workdir, "tokenizer"))
-    metrics_lib.write_json_atomic(os.path.join(workdir, "config.json"),
-                                  {**user_config.to_dict(), "resolved": resolved, "run": run_info})
+    metrics_lib.write_json_atomic(
+        os.path.join(workdir, "config.json"), {**user_config.to_dict(), "resolved": resolved, "run": run_info}
+    )
 
 
 def _jit_step(task: Task, config, state_shardings, batch_shardings, frozen_shardings, mesh):
     t = config.train
     if task.step is not None:
-        step = functools.partial(task.step, tx=task.tx, schedule=task.schedule, grad_accum=t.grad_accum,
-                                 nan_at_step=t.inject_nan_at_step)
+        step = functools.partial(
+            task.step,
+            tx=task.tx,
+            schedule=task.schedule,
+            grad_accum=t.grad_accum,
+            nan_at_step=t.inject_nan_at_step,
+        )
     else:
-        step = functools.partial(train_step, loss_fn=task.loss_fn, tx=task.tx, schedule=task.schedule,
-                                 grad_accum=t.grad_accum, nan_at_step=t.inject_nan_at_step)
+        step = functools.partial(
+            train_step,
+            loss_fn=task.loss_fn,
+            tx=task.tx,
+            schedule=task.schedule,
+            grad_accum=t.grad_accum,
+            nan_at_step=t.inject_nan_at_step,
+        )
     compiled = jit_step(step, state_shardings, batch_shardings, frozen_shardings, mesh)
     if task.frozen is None:
         return compiled
@@ -251,8 +303,9 @@ def fit(s: Setup, task: Task, config, workdir: str, run_info: dict):
     (random init when None) and, with `task.eval_at_start`, evaluates them at step 0; a run with a
     checkpoint in workdir/checkpoints/ resumes from its newest, bit for bit.
     """
-    state, state_shardings = init_state(task.init_params, task.tx, config.seed, s.mesh, s.rules,
-                                        state_cls=task.state_cls, **task.state_extra)
+    state, state_shardings = init_state(
+        task.init_params, task.tx, config.seed, s.mesh, s.rules, state_cls=task.state_cls, **task.state_extra
+    )
     mngr = checkpoint.manager(workdir, keep=config.train.keep_checkpoints)
     step, restored = checkpoint.restore(mngr, checkpoint.abstract_like(state, state_shardings))
     if restored is not None:
@@ -274,11 +327,21 @@ def fit(s: Setup, task: Task, config, workdir: str, run_info: dict):
             writer.write(0, record)
             if keep_best is not None:
                 keep_best(0, state, record)
-        return train_loop(state, step_fn=step_fn, batch_fn=task.batch_fn, eval_fn=task.eval_fn,
-                          train_cfg=config.train, ckpt_mngr=mngr, meta={"config": config.to_dict(), "run": run_info},
-                          writer=writer, tokens_per_step=task.tokens_per_step, flops_per_step=task.flops_per_step,
-                          peak_flops=run_info["peak_flops_per_device"] * jax.device_count(),
-                          after_eval=keep_best, step_tokens=task.step_tokens)
+        return train_loop(
+            state,
+            step_fn=step_fn,
+            batch_fn=task.batch_fn,
+            eval_fn=task.eval_fn,
+            train_cfg=config.train,
+            ckpt_mngr=mngr,
+            meta={"config": config.to_dict(), "run": run_info},
+            writer=writer,
+            tokens_per_step=task.tokens_per_step,
+            flops_per_step=task.flops_per_step,
+            peak_flops=run_info["peak_flops_per_device"] * jax.device_count(),
+            after_eval=keep_best,
+            step_tokens=task.step_tokens,
+        )
     finally:
         writer.close()
 
@@ -289,7 +352,7 @@ def summary(workdir: str, task: str, seconds: float, next_command: str = "") -> 
     the workdir and the next command to try."""
     records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     saved = metrics_lib.read_json(os.path.join(workdir, "config.json")) or {}
-    params = (saved.get("run", {}).get("params") or {})
+    params = saved.get("run", {}).get("params") or {}
     size = params.get("total") if isinstance(params.get("total"), int) else None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
@@ -301,8 +364,17 @@ def summary(workdir: str, task: str, seconds: float, next_command: str = "") -> 
     if evals:
         last = evals[-1]
         shown = {k: v for k, v in last.items() if k.startswith("eval_") and isinstance(v, float)}
-        main = [k for k in ("eval_loss", "eval_bits_per_byte", "eval_accuracy", "eval_grader_score",
-                            "eval_rm_score") if k in shown] or sorted(shown)[:4]
+        main = [
+            k
+            for k in (
+                "eval_loss",
+                "eval_bits_per_byte",
+                "eval_accuracy",
+                "eval_grader_score",
+                "eval_rm_score",
+            )
+            if k in shown
+        ] or sorted(shown)[:4]
         lines.append(f"  eval (step {last['step']}): " + ", ".join(f"{k[5:]} {shown[k]:.4f}" for k in main))
     if timed and "tokens_per_sec" in timed[-1]:
         rate = np.mean([r["tokens_per_sec"] for r in timed])
@@ -323,7 +395,9 @@ def abstract_params(init_params, s: Setup):
 def restore_like(path: str, params):
     """The parameters saved at `path` (a workdir, its checkpoints/ or best/, or one step's
     directory), restored into the shapes and shardings of `params`."""
-    return checkpoint.restore_params(path, checkpoint.abstract_like(params, jax.tree.map(lambda x: x.sharding, params)))
+    return checkpoint.restore_params(
+        path, checkpoint.abstract_like(params, jax.tree.map(lambda x: x.sharding, params))
+    )
 
 
 def zeros_init(model, *shapes):

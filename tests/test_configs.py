@@ -1,4 +1,5 @@
 """Every config loads; the real sizes have the parameter counts they claim; the smoke variants run."""
+
 import glob
 import importlib
 import json
@@ -16,8 +17,11 @@ from lm.flops import param_counts
 from lm.model import Transformer
 from lm.trainer import model_config
 
-CONFIGS = sorted(os.path.relpath(p)[:-3].replace(os.sep, ".") for p in glob.glob("configs/*/*.py")
-                 if not p.endswith("__init__.py"))
+CONFIGS = sorted(
+    os.path.relpath(p)[:-3].replace(os.sep, ".")
+    for p in glob.glob("configs/*/*.py")
+    if not p.endswith("__init__.py")
+)
 
 
 @pytest.mark.parametrize("module", CONFIGS)
@@ -29,7 +33,9 @@ def test_config_loads_with_and_without_smoke(module):
         members = config_module.get_sweep("smoke")
         assert len(members) <= 2 and all(m.get("scaling.budget", 0) <= 1e11 for m in members)
     elif smoke.task == "recipe":  # each stage runs its own config's smoke variant
-        assert all(smoke.recipe[stage].endswith(":smoke") for stage in ("pretrain", "sft", "reward", "ppo", "dpo"))
+        assert all(
+            smoke.recipe[stage].endswith(":smoke") for stage in ("pretrain", "sft", "reward", "ppo", "dpo")
+        )
     elif smoke.task == "pretrain":
         assert smoke.model.num_layers <= 2 and smoke.train.steps <= 10
     else:  # later stages take their model from init_from
@@ -56,14 +62,32 @@ def test_real_sizes_have_exact_parameter_counts():
 def test_smoke_variant_trains_end_to_end(spec, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(open(os.path.join(os.path.dirname(json.__file__), "decoder.py")).read() * 4)
-    result = subprocess.run([sys.executable, "-m", "experiments.run", f"--config={spec}", f"--workdir={tmp_path}/w",
-                             "--config.data.source=text_files", f"--config.data.files={text}"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            f"--config={spec}",
+            f"--workdir={tmp_path}/w",
+            "--config.data.source=text_files",
+            f"--config.data.files={text}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(tmp_path / "w" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [1, 2, 4, 6]
     assert records[-1]["loss"] < records[0]["loss"]
-    assert {"loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu", "eval_loss",
-            "eval_bits_per_byte"} <= set(records[-1])
+    assert {
+        "loss",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_sec",
+        "mfu",
+        "eval_loss",
+        "eval_bits_per_byte",
+    } <= set(records[-1])
     saved = json.load(open(tmp_path / "w" / "config.json"))
     assert saved["run"]["peak_flops_source"] and saved["run"]["flops_per_token"] > 0

@@ -1,4 +1,5 @@
 """Data layer: tokenizers, the TFDS builders, packing and the deterministic batch order."""
+
 import hashlib
 import json
 import math
@@ -20,8 +21,10 @@ from lm.data.builders import BUILDERS
 from lm.data.builders.text_files import split_text
 from lm.errors import DataError
 
-TRICKY = ("def f(x):\n\tif x:\n        return 'héllo wörld ✓ 日本語 🐍'\n\n\n    # two  spaces   here \n"
-          "  leading and trailing  \r\nnumbers 1234567890 3.14159 0x1F\n▁ literal markers ↵ too\x00\n")
+TRICKY = (
+    "def f(x):\n\tif x:\n        return 'héllo wörld ✓ 日本語 🐍'\n\n\n    # two  spaces   here \n"
+    "  leading and trailing  \r\nnumbers 1234567890 3.14159 0x1F\n▁ literal markers ↵ too\x00\n"
+)
 
 
 def _code_corpus() -> list[str]:
@@ -44,6 +47,7 @@ def spm_tokenizer(tmp_path_factory):
 
 
 # --- tokenizers -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["byte", "sentencepiece"])
 def test_round_trip_is_exact_and_token_bytes_add_up(kind, spm_tokenizer, tmp_path):
@@ -94,6 +98,7 @@ def test_training_is_deterministic_and_too_large_vocab_is_a_data_error(spm_token
 
 # --- packing and batches ----------------------------------------------------------------------
 
+
 def test_rows_of_a_hand_made_stream():
     #                  doc 1 -------  doc 2 ---  doc 3 -------
     stream = np.array([1, 5, 6, 2, 1, 7, 2, 1, 8, 9, 2], np.uint16)
@@ -106,8 +111,12 @@ def test_rows_of_a_hand_made_stream():
     assert b["positions"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 0]]
     assert b["loss_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 0, 0]]
     assert {k: v.dtype for k, v in b.items()} == {
-        "inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-        "loss_mask": np.float32}
+        "inputs": np.int32,
+        "targets": np.int32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+        "loss_mask": np.float32,
+    }
     # Every non-BOS token is a counted target exactly once.
     assert b["loss_mask"].sum() == (stream != 1).sum()
     with pytest.raises(IndexError):
@@ -142,8 +151,8 @@ def test_each_epoch_visits_every_row_once():
     steps = math.ceil(2 * n / batch)
     ids = np.concatenate([pipeline.global_row_ids(n, t, batch, seed=1) for t in range(steps)])
     assert sorted(ids[:n]) == list(range(n))
-    assert sorted(ids[n:2 * n]) == list(range(n))
-    assert not np.array_equal(ids[:n], ids[n:2 * n])  # a new order each epoch
+    assert sorted(ids[n : 2 * n]) == list(range(n))
+    assert not np.array_equal(ids[:n], ids[n : 2 * n])  # a new order each epoch
     assert not np.array_equal(ids[:n], np.arange(n))
 
 
@@ -160,7 +169,9 @@ def test_eval_batches_cover_every_row_once_in_order():
     split = [list(pipeline.eval_batches(rows, 8, 3, process_index=p, process_count=2)) for p in range(2)]
     whole = list(pipeline.eval_batches(rows, 8, 3))
     for k in range(3):
-        assert np.array_equal(np.concatenate([split[0][k]["targets"], split[1][k]["targets"]]), whole[k]["targets"])
+        assert np.array_equal(
+            np.concatenate([split[0][k]["targets"], split[1][k]["targets"]]), whole[k]["targets"]
+        )
 
 
 def test_unigram_entropy():
@@ -172,8 +183,10 @@ def test_unigram_entropy():
 
 # --- the stdlib builder on a fake tree ---------------------------------------------------------
 
+
 def _fake_stdlib(root, extra_files=()):
     """30 packages and 10 modules of different sizes, a `test` package of ~40%, site-packages."""
+
     def write(rel, data):
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -209,8 +222,10 @@ def test_stdlib_builder_holds_out_whole_packages(tmp_path):
     top = lambda paths: {p.split("/")[0].removesuffix(".py") for p in paths}  # noqa: E731
     assert held and not top(train) & top(held)
     assert "test" in top(train)
-    assert not any("site-packages" in p or "__pycache__" in p or "latin1" in p or p.endswith("__init__.py")
-                   for p in {*train, *held})  # third-party, cache, non-UTF-8 and empty files are skipped
+    assert not any(
+        "site-packages" in p or "__pycache__" in p or "latin1" in p or p.endswith("__init__.py")
+        for p in {*train, *held}
+    )  # third-party, cache, non-UTF-8 and empty files are skipped
     assert len(train) + len(held) == 30 + sum(1 + i % 3 for i in range(30)) - 30 + 10 + 8
     held_bytes = sum(len(t) for t in held.values())
     assert 0.05 <= held_bytes / (held_bytes + sum(len(t) for t in train.values())) < 0.09
@@ -218,54 +233,79 @@ def test_stdlib_builder_holds_out_whole_packages(tmp_path):
     meta = builder.info.metadata
     assert meta["python_version"] == platform.python_version()
     assert re.fullmatch(r"[0-9a-f]{64}", meta["file_list_sha256"])
-    assert builder.builder_config.name.startswith(f"py{platform.python_version()}-{meta['file_list_sha256'][:12]}")
+    assert builder.builder_config.name.startswith(
+        f"py{platform.python_version()}-{meta['file_list_sha256'][:12]}"
+    )
     # Same tree -> same config; one more file -> a different one (no collision in the data dir).
     same = BUILDERS["stdlib"](root=str(root), data_dir=str(tmp_path / "data"))
     assert same.builder_config.name == builder.builder_config.name and same.is_prepared()
     _fake_stdlib(root, extra_files=[("pkg00/new.py", "new = 1\n")])
-    assert BUILDERS["stdlib"](root=str(root), data_dir=str(tmp_path / "data")).builder_config.name != same.builder_config.name
+    assert (
+        BUILDERS["stdlib"](root=str(root), data_dir=str(tmp_path / "data")).builder_config.name
+        != same.builder_config.name
+    )
 
 
 # --- text_files, prepare_data and DataErrors ----------------------------------------------------
 
-BOOK = "".join(f"Chapter {c}.\n\n" + "".join(
-    f"Paragraph {c}.{p}: the quick brown fox\njumps over the lazy dog.\n\n" for p in range(12)) for c in range(10))
+BOOK = "".join(
+    f"Chapter {c}.\n\n"
+    + "".join(f"Paragraph {c}.{p}: the quick brown fox\njumps over the lazy dog.\n\n" for p in range(12))
+    for c in range(10)
+)
 
 
 def _text_files(tmp_path):
     (tmp_path / "book.txt").write_text(BOOK)
     lines = [json.dumps({"text": f"record {i}\n  indented ✓", "id": i}) for i in range(20)]
     (tmp_path / "recs.jsonl").write_text("\n".join(lines) + "\n\n")
-    return {"source": "text_files", "files": f"{tmp_path}/*.txt, {tmp_path}/recs.jsonl",
-            "data_dir": str(tmp_path / "data")}
+    return {
+        "source": "text_files",
+        "files": f"{tmp_path}/*.txt, {tmp_path}/recs.jsonl",
+        "data_dir": str(tmp_path / "data"),
+    }
 
 
 def test_split_text_cuts_at_blank_lines_and_keeps_every_line():
     chunks = split_text(BOOK, 256)
     assert len(chunks) > 10 and all(c.strip() and not c.startswith("\n") for c in chunks)
     assert all(len(c) < 2 * 256 + 80 for c in chunks)
-    assert [l for c in chunks for l in c.split("\n") if l] == [l for l in BOOK.split("\n") if l]
+    lines = [line for line in BOOK.split("\n") if line]
+    assert [line for c in chunks for line in c.split("\n") if line] == lines
     # Without blank lines a chunk ends at the first line end past 2 * chunk_chars.
     assert split_text("one\ntwo\nthree\nfour\nfive\n", 8) == ["one\ntwo\nthree\nfour", "five"]
 
 
 def test_text_files_with_byte_tokenizer(tmp_path):
     cfg = _text_files(tmp_path)
-    data = pipeline.prepare_data(ml_collections.ConfigDict(cfg), ml_collections.ConfigDict({"kind": "byte"}), seq_len=32)
+    data = pipeline.prepare_data(
+        ml_collections.ConfigDict(cfg), ml_collections.ConfigDict({"kind": "byte"}), seq_len=32
+    )
     splits = data.info["splits"]
     assert splits["eval"]["split"] == "validation"
     assert splits["train"]["num_docs"] + splits["eval"]["num_docs"] >= 20 + 10
     assert splits["train"]["num_bytes"] + splits["eval"]["num_bytes"] == (
         sum(len(f"record {i}\n  indented ✓".encode()) for i in range(20))
-        + sum(len(c.encode()) for c in split_text(BOOK, len(BOOK) // 20)))
-    assert 0.02 < splits["eval"]["num_bytes"] / (splits["train"]["num_bytes"] + splits["eval"]["num_bytes"]) < 0.15
+        + sum(len(c.encode()) for c in split_text(BOOK, len(BOOK) // 20))
+    )
+    assert (
+        0.02
+        < splits["eval"]["num_bytes"] / (splits["train"]["num_bytes"] + splits["eval"]["num_bytes"])
+        < 0.15
+    )
     assert splits["train"]["bytes_per_token"] == 1.0 and data.info["tokenizer"]["path"] is None
-    assert data.train.num_tokens == splits["train"]["num_tokens"] == splits["train"]["num_bytes"] + 2 * splits["train"]["num_docs"]
+    assert (
+        data.train.num_tokens
+        == splits["train"]["num_tokens"]
+        == splits["train"]["num_bytes"] + 2 * splits["train"]["num_docs"]
+    )
     assert data.train.num_rows == math.ceil((data.train.num_tokens - 1) / 32)
     json.dumps(data.info)
     corpus = pipeline.open_corpus(cfg, cfg["data_dir"])
     docs = [*corpus.texts("train"), *corpus.texts("validation")]
-    assert sorted(d for d in docs if d.startswith("record")) == sorted(f"record {i}\n  indented ✓" for i in range(20))
+    assert sorted(d for d in docs if d.startswith("record")) == sorted(
+        f"record {i}\n  indented ✓" for i in range(20)
+    )
     stream = np.concatenate([data.train.tokens, data.eval.tokens])
     assert data.tokenizer.decode(stream).count("record") == 20
     # Cached: a second call reuses the streams; editing a file gives a new dataset config.
@@ -278,7 +318,13 @@ def test_text_files_with_byte_tokenizer(tmp_path):
 
 def test_prepare_data_trains_caches_and_loads_a_sentencepiece_model(tmp_path):
     cfg = _text_files(tmp_path)
-    tok_cfg = {"kind": "sentencepiece", "vocab_size": 400, "model_type": "bpe", "split_digits": True, "path": ""}
+    tok_cfg = {
+        "kind": "sentencepiece",
+        "vocab_size": 400,
+        "model_type": "bpe",
+        "split_digits": True,
+        "path": "",
+    }
     data = pipeline.prepare_data(cfg, tok_cfg, seq_len=64)
     path = data.info["tokenizer"]["path"]
     assert path.startswith(cfg["data_dir"]) and os.path.exists(path)
@@ -292,22 +338,38 @@ def test_prepare_data_trains_caches_and_loads_a_sentencepiece_model(tmp_path):
 
 
 # A process preparing text_files with the byte tokenizer, printing its train split's token count.
-_PREPARE = ("import json, sys; from lm.data import pipeline; "
-            "d = pipeline.prepare_data(json.loads(sys.argv[1]), {'kind': 'byte'}, 16); print(d.train.num_tokens)")
+_PREPARE = (
+    "import json, sys; from lm.data import pipeline; "
+    "d = pipeline.prepare_data(json.loads(sys.argv[1]), {'kind': 'byte'}, 16); print(d.train.num_tokens)"
+)
 
 
 def test_parallel_prepare_data_processes_agree(tmp_path):
     cfg = _text_files(tmp_path)
-    procs = [subprocess.Popen([sys.executable, "-c", _PREPARE, json.dumps(cfg)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PREPARE, json.dumps(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [p.communicate()[0].strip().splitlines()[-1] for p in procs]  # after 'preparing data ...'
     assert all(p.returncode == 0 for p in procs) and len(set(outputs)) == 1 and outputs[0].isdigit()
 
 
 def test_first_run_prints_one_line_of_ours_and_no_library_noise(tmp_path):
     cfg = _text_files(tmp_path)
-    runs = [subprocess.run([sys.executable, "-c", _PREPARE, json.dumps(cfg)], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONWARNINGS": ""}) for _ in range(2)]
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _PREPARE, json.dumps(cfg)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": ""},
+        )
+        for _ in range(2)
+    ]
     assert all(r.returncode == 0 and r.stderr == "" for r in runs), [r.stderr for r in runs]
     first, again = (r.stdout.splitlines() for r in runs)
     note = rf"preparing data text_files \(first run only; cached in {re.escape(cfg['data_dir'])}\) \.\.\. "
@@ -348,38 +410,66 @@ def test_data_errors_are_one_line_and_name_the_key_or_file(tmp_path):
     assert _error(files("/nonexistent/*.txt")) == "config.data.files: no file matches '/nonexistent/*.txt'"
     assert _error(files("")).startswith("config.data.files is empty")
     (tmp_path / "empty.txt").write_text("\n \n")
-    assert _error(files(str(tmp_path / "empty.txt"))) == f"config.data.files: {tmp_path}/empty.txt is empty (no documents)"
+    assert (
+        _error(files(str(tmp_path / "empty.txt")))
+        == f"config.data.files: {tmp_path}/empty.txt is empty (no documents)"
+    )
     (tmp_path / "bad.txt").write_bytes(b"fine\nalso fine\ncaf\xe9\n")
-    assert _error(files(str(tmp_path / "bad.txt"))) == f"config.data.files: {tmp_path}/bad.txt line 3 is not valid UTF-8"
+    assert (
+        _error(files(str(tmp_path / "bad.txt")))
+        == f"config.data.files: {tmp_path}/bad.txt line 3 is not valid UTF-8"
+    )
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
-    assert _error(files(str(tmp_path / "bad.jsonl"))) == f"config.data.files: {tmp_path}/bad.jsonl:2 is not valid JSON"
+    assert (
+        _error(files(str(tmp_path / "bad.jsonl")))
+        == f"config.data.files: {tmp_path}/bad.jsonl:2 is not valid JSON"
+    )
     (tmp_path / "nofield.jsonl").write_text('{"text": "ok"}\n\n{"body": "no text"}\n')
     assert _error(files(str(tmp_path / "nofield.jsonl"))) == (
-        f"config.data.files: {tmp_path}/nofield.jsonl:3 has no string field 'text' (config.data.text_field)")
+        f"config.data.files: {tmp_path}/nofield.jsonl:3 has no string field 'text' (config.data.text_field)"
+    )
     (tmp_path / "data.csv").write_text("a,b\n")
-    assert _error(files(str(tmp_path / "data.csv"))) == f"config.data.files: {tmp_path}/data.csv is not a .txt or .jsonl file"
+    assert (
+        _error(files(str(tmp_path / "data.csv")))
+        == f"config.data.files: {tmp_path}/data.csv is not a .txt or .jsonl file"
+    )
     (tmp_path / "one.txt").write_text("just one line")
     assert "need 2 or more" in _error(files(str(tmp_path / "one.txt")))
     message = _error({"source": "wikipedia", "data_dir": d})
     assert message.startswith("config.data.source: unknown source 'wikipedia'") and "'stdlib'" in message
     assert _error({"source": "tfds:no_such_dataset_xyz", "data_dir": d}).startswith(
-        "config.data.source: no TFDS dataset named 'no_such_dataset_xyz'")
+        "config.data.source: no TFDS dataset named 'no_such_dataset_xyz'"
+    )
     (tmp_path / "ok.txt").write_text(BOOK)
-    assert _error(files(str(tmp_path / "ok.txt")), {"kind": "words"}).startswith("config.tokenizer.kind: unknown kind 'words'")
-    assert _error(files(str(tmp_path / "ok.txt")), {"kind": "sentencepiece", "path": str(tmp_path / "none.model")}) == (
-        f"config.tokenizer.path: no such file '{tmp_path}/none.model'")
+    assert _error(files(str(tmp_path / "ok.txt")), {"kind": "words"}).startswith(
+        "config.tokenizer.kind: unknown kind 'words'"
+    )
+    assert _error(
+        files(str(tmp_path / "ok.txt")), {"kind": "sentencepiece", "path": str(tmp_path / "none.model")}
+    ) == (f"config.tokenizer.path: no such file '{tmp_path}/none.model'")
 
 
 # --- the real stdlib corpus (slow: about 30 s of preparation on 2 cores) -----------------------
 
+
 @pytest.mark.slow
 def test_stdlib_corpus_end_to_end(tmp_path):
-    data = pipeline.prepare_data({"source": "stdlib", "data_dir": str(tmp_path)}, {"vocab_size": 4096}, seq_len=256)
+    data = pipeline.prepare_data(
+        {"source": "stdlib", "data_dir": str(tmp_path)}, {"vocab_size": 4096}, seq_len=256
+    )
     info = data.info
     assert info["python_version"] == platform.python_version() and "test" not in info["heldout_packages"]
-    assert 0.05 <= info["splits"]["eval"]["num_bytes"] / (info["splits"]["train"]["num_bytes"] + info["splits"]["eval"]["num_bytes"]) < 0.15
+    assert (
+        0.05
+        <= info["splits"]["eval"]["num_bytes"]
+        / (info["splits"]["train"]["num_bytes"] + info["splits"]["eval"]["num_bytes"])
+        < 0.15
+    )
     assert info["bytes_per_token"] > 3.5
     corpus = pipeline.open_corpus({"source": "stdlib"}, str(tmp_path))
     texts = list(corpus.texts("validation"))
     assert all(data.tokenizer.decode(ids) == t for ids, t in zip(data.tokenizer.encode_batch(texts), texts))
-    assert hashlib.sha256(open(info["tokenizer"]["path"], "rb").read()).hexdigest()[:16] == data.tokenizer.identity
+    assert (
+        hashlib.sha256(open(info["tokenizer"]["path"], "rb").read()).hexdigest()[:16]
+        == data.tokenizer.identity
+    )

@@ -1,5 +1,6 @@
 """Several real processes (`tools.launch_local`, gloo collectives) train like one process with the
 same devices: equal losses step by step, and checkpoints one process restores."""
+
 import json
 import os
 import signal
@@ -19,10 +20,21 @@ MESHES = {"data": ["--config.mesh.data=-1"], "fsdp": ["--config.mesh.data=1", "-
 
 
 def run_command(workdir, mesh: str) -> list:
-    return [sys.executable, "-m", "experiments.run", "--config", "configs/pretrain/tiny.py:smoke",
-            "--workdir", str(workdir), "--config.train.steps=10", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=10", "--config.train.num_samples=0",
-            "--config.model.vocab_size=264", *MESHES[mesh]]  # 264: divisible by tensor=2 (bytes: 259)
+    return [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config",
+        "configs/pretrain/tiny.py:smoke",
+        "--workdir",
+        str(workdir),
+        "--config.train.steps=10",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=10",
+        "--config.train.num_samples=0",
+        "--config.model.vocab_size=264",
+        *MESHES[mesh],
+    ]  # 264: divisible by tensor=2 (bytes: 259)
 
 
 def losses(workdir) -> list:
@@ -43,8 +55,16 @@ def run(cmd, env_devices: int | None) -> subprocess.CompletedProcess:
 def test_two_processes_equal_one(tmp_path, mesh):
     one = run(run_command(tmp_path / "one", mesh), env_devices=8)
     assert one.returncode == 0, one.stderr[-2000:]
-    launcher = [sys.executable, "-m", "tools.launch_local", "--num_processes", "2", "--devices_per_process", "4",
-                "--"]
+    launcher = [
+        sys.executable,
+        "-m",
+        "tools.launch_local",
+        "--num_processes",
+        "2",
+        "--devices_per_process",
+        "4",
+        "--",
+    ]
     two = run(launcher + run_command(tmp_path / "two", mesh), env_devices=None)
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
     config = json.load(open(tmp_path / "two" / "config.json"))
@@ -59,8 +79,11 @@ def test_two_processes_equal_one(tmp_path, mesh):
     for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     if mesh == "fsdp":  # the whole train state resumes on another topology: 1 process, data=2 x tensor=2
-        resumed = run(run_command(tmp_path / "two", mesh)[:-len(MESHES[mesh])] +
-                      ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.train.steps=12"], env_devices=4)
+        resumed = run(
+            run_command(tmp_path / "two", mesh)[: -len(MESHES[mesh])]
+            + ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.train.steps=12"],
+            env_devices=4,
+        )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert "resumed from step 10" in resumed.stdout
         after = losses(tmp_path / "two")
@@ -89,12 +112,23 @@ def test_sigterm_to_two_processes_saves_one_checkpoint_at_an_agreed_step(tmp_pat
     """SIGTERM to the launcher reaches both processes; they agree on the step (at a log step), both
     write their shards of one checkpoint, exit 75, and a relaunch finishes the run."""
     workdir = tmp_path / "two"
-    cmd = [sys.executable, "-m", "tools.launch_local", "--num_processes", "2", "--devices_per_process", "4", "--",
-           *run_command(workdir, "data")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.launch_local",
+        "--num_processes",
+        "2",
+        "--devices_per_process",
+        "4",
+        "--",
+        *run_command(workdir, "data"),
+    ]
     cmd = [a for a in cmd if not a.startswith(("--config.train.steps=", "--config.train.checkpoint_every="))]
     cmd += ["--config.train.steps=400", "--config.train.checkpoint_every=1000", "--config.train.log_every=5"]
     env = dict(os.environ, XLA_FLAGS="")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
         time.sleep(1)

@@ -2,6 +2,7 @@
 point `experiments.run.main(argv)`. Each must end with exit code 2, one `error:` line and no
 traceback, and leave the workdir as it was. A bug in the code is the opposite: exit code 1 and
 its traceback. (tests/test_cli.py runs a fixed set of the same kinds as real subprocesses.)"""
+
 import contextlib
 import hashlib
 import io
@@ -13,16 +14,35 @@ import sys
 import tempfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from experiments import run
 
 TINY = "configs/pretrain/tiny.py:smoke"  # seconds to train, should a bad value ever get through
-POSITIVE_KEYS = ["train.steps", "train.global_batch_size", "train.seq_len", "train.grad_accum", "train.log_every",
-                 "train.checkpoint_every", "train.keep_checkpoints"]
+POSITIVE_KEYS = [
+    "train.steps",
+    "train.global_batch_size",
+    "train.seq_len",
+    "train.grad_accum",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+]
 INT_KEYS = POSITIVE_KEYS + ["model.num_layers", "model.d_model", "seed"]
-ENUM_KEYS = ["task", "model.positions", "model.norm", "model.mlp", "model.remat", "model.attention",
-             "train.on_nonfinite", "precision.compute_dtype", "scaling.flops", "data.source", "lora.quantize"]
+ENUM_KEYS = [
+    "task",
+    "model.positions",
+    "model.norm",
+    "model.mlp",
+    "model.remat",
+    "model.attention",
+    "train.on_nonfinite",
+    "precision.compute_dtype",
+    "scaling.flops",
+    "data.source",
+    "lora.quantize",
+]
 SECTIONS = ["", "train.", "model.", "data.", "optimizer.", "nosuchsection."]
 identifier = st.text(string.ascii_lowercase + "_", min_size=3, max_size=12)
 
@@ -34,17 +54,34 @@ def case(kind, args, names):
 @st.composite
 def bad_configs(draw):
     """(failure kind, --config.* overrides, a string the error line must contain)."""
-    kind = draw(st.sampled_from(["not positive", "not an int", "bad enum", "unknown key", "seq > max_seq_len",
-                                 "warmup outside [0, 1)", "batch % grad_accum", "negative budget",
-                                 "heads do not divide width", "missing config file", "init_from missing",
-                                 "vocab smaller than the tokenizer's"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "not positive",
+                "not an int",
+                "bad enum",
+                "unknown key",
+                "seq > max_seq_len",
+                "warmup outside [0, 1)",
+                "batch % grad_accum",
+                "negative budget",
+                "heads do not divide width",
+                "missing config file",
+                "init_from missing",
+                "vocab smaller than the tokenizer's",
+            ]
+        )
+    )
     if kind == "not positive":
         key = draw(st.sampled_from(POSITIVE_KEYS))
-        return case(kind, [f"--config.{key}={draw(st.integers(-10**6, 0))}"], key)
+        return case(kind, [f"--config.{key}={draw(st.integers(-(10**6), 0))}"], key)
     if kind == "not an int":
         key = draw(st.sampled_from(INT_KEYS))
-        junk = draw(st.text(string.ascii_letters + ".-+", min_size=1, max_size=8).filter(
-            lambda s: not s.lstrip("+-").isdigit()))
+        junk = draw(
+            st.text(string.ascii_letters + ".-+", min_size=1, max_size=8).filter(
+                lambda s: not s.lstrip("+-").isdigit()
+            )
+        )
         return case(kind, [f"--config.{key}={junk}"], key)
     if kind == "bad enum":
         key = draw(st.sampled_from(ENUM_KEYS))
@@ -69,8 +106,11 @@ def bad_configs(draw):
         return case(kind, [f"--config.model.vocab_size={draw(st.integers(1, 258))}"], "vocab_size")
     if kind == "missing config file":
         return case(kind, [f"--config=configs/{draw(identifier)}.py"], ".py")
-    return case(kind, ["--config=configs/sft/tasks_tiny.py", f"--config.init_from=/nonexistent/{draw(identifier)}"],
-                "init_from")
+    return case(
+        kind,
+        ["--config=configs/sft/tasks_tiny.py", f"--config.init_from=/nonexistent/{draw(identifier)}"],
+        "init_from",
+    )
 
 
 @st.composite
@@ -149,8 +189,14 @@ def test_malformed_data_files_exit_2_with_one_line(tmp_path, bad):
     corpus.write_bytes(content)
     workdir = prepared_workdir(tmp_path)
     before = tree_hash(workdir)
-    code, stderr = run_in_process([f"--config={TINY}", f"--workdir={workdir}", "--config.data.source=text_files",
-                                   f"--config.data.files={corpus}"])
+    code, stderr = run_in_process(
+        [
+            f"--config={TINY}",
+            f"--workdir={workdir}",
+            "--config.data.source=text_files",
+            f"--config.data.files={corpus}",
+        ]
+    )
     assert_one_clean_error(code, stderr, must_name, kind)
     assert "corpus.txt" in stderr
     assert tree_hash(workdir) == before, kind
@@ -167,12 +213,18 @@ def test_fuzzing_covered_every_failure_kind():
 def test_a_bug_in_the_code_exits_1_with_its_traceback(tmp_path):
     """No blanket catch: an internal error (here a ZeroDivisionError planted in the task) is not
     turned into a one-line user error."""
-    planted = ("import sys; from experiments import run\n"
-               "def broken(config, workdir):\n    return 1 / 0\n"
-               "run.TASKS['pretrain'] = broken\n"
-               "sys.exit(run.main(sys.argv))\n")
-    done = subprocess.run([sys.executable, "-c", planted, f"--config={TINY}", f"--workdir={tmp_path / 'w'}"],
-                          capture_output=True, text=True, timeout=300)
+    planted = (
+        "import sys; from experiments import run\n"
+        "def broken(config, workdir):\n    return 1 / 0\n"
+        "run.TASKS['pretrain'] = broken\n"
+        "sys.exit(run.main(sys.argv))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", planted, f"--config={TINY}", f"--workdir={tmp_path / 'w'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "ZeroDivisionError" in done.stderr
     assert not any(line.startswith("error:") for line in done.stderr.splitlines())

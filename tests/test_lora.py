@@ -1,4 +1,5 @@
 """LoRA and QLoRA: NF4 storage, the adapted forward, merging, gradients, dropout and sharding."""
+
 import functools
 import math
 
@@ -18,15 +19,37 @@ from lm.optim import learning_rate_schedule, make_optimizer
 from lm.train_state import init_state, train_step
 
 # The NF4 values as listed in the QLoRA paper's appendix (arXiv:2305.14314) and in bitsandbytes.
-PAPER_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-             -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-             0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-             0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0]
+PAPER_NF4 = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+]
 SMALL = dict(vocab_size=64, num_layers=2, num_heads=4, d_model=64, d_ff=128, max_seq_len=32)
 STYLES = {
-    'gpt2': ModelConfig(**SMALL),
-    'llama': ModelConfig(**SMALL, num_kv_heads=2, positions='rotary', norm='rmsnorm', mlp='swiglu',
-                         tie_embeddings=False, use_bias=False, remat='full'),  # adapters inside nn.remat
+    "gpt2": ModelConfig(**SMALL),
+    "llama": ModelConfig(
+        **SMALL,
+        num_kv_heads=2,
+        positions="rotary",
+        norm="rmsnorm",
+        mlp="swiglu",
+        tie_embeddings=False,
+        use_bias=False,
+        remat="full",
+    ),  # adapters inside nn.remat
 }
 ALL_LINEAR = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=tuple(lora.INPUT_AXES))
 
@@ -45,7 +68,7 @@ def tree_rel(a, b) -> float:
 
 
 def tokens_for(seed=0, batch=2, seq=16):
-    return np.random.default_rng(seed).integers(0, SMALL['vocab_size'], (batch, seq)).astype(np.int32)
+    return np.random.default_rng(seed).integers(0, SMALL["vocab_size"], (batch, seq)).astype(np.int32)
 
 
 # Tests share host-side parameters and jitted functions: on a shared 2-core CPU the XLA compiles,
@@ -54,12 +77,15 @@ def tokens_for(seed=0, batch=2, seq=16):
 def setup(style):
     """(model, boxed abstract params, host params): Gaussian std 0.02 and norm scales 1."""
     model = Transformer(STYLES[style])
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     rng = np.random.default_rng(0)
-    draw = lambda p, x: (np.ones(x.shape) if p[-1] == 'scale' else 0.02 * rng.standard_normal(x.shape))
+    draw = lambda p, x: np.ones(x.shape) if p[-1] == "scale" else 0.02 * rng.standard_normal(x.shape)
     flat = traverse_util.flatten_dict(nn.unbox(abstract))
-    return model, abstract, traverse_util.unflatten_dict(
-        {p: draw(p, x).astype(np.float32) for p, x in flat.items()})
+    return (
+        model,
+        abstract,
+        traverse_util.unflatten_dict({p: draw(p, x).astype(np.float32) for p, x in flat.items()}),
+    )
 
 
 @functools.lru_cache
@@ -70,8 +96,9 @@ def adapters_for(style, cfg=ALL_LINEAR, b_std=0.05):
     zero_b = jax.device_get(init(jax.random.key(1)))
     rng = np.random.default_rng(1)
     random_b = jax.tree_util.tree_map_with_path(
-        lambda p, x: (b_std * rng.standard_normal(x.shape)).astype(np.float32)
-        if p[-1].key == 'b' else x, zero_b)
+        lambda p, x: (b_std * rng.standard_normal(x.shape)).astype(np.float32) if p[-1].key == "b" else x,
+        zero_b,
+    )
     return zero_b, random_b
 
 
@@ -79,12 +106,16 @@ def adapters_for(style, cfg=ALL_LINEAR, b_std=0.05):
 def jitted(style, cfg=ALL_LINEAR):
     """Jitted forward passes and a gradient of the adapted model of `style`."""
     model = setup(style)[0]
-    lora_forward = lambda p, a, t, rng=None: lora.apply(model, p, a, cfg, t, rng=rng,
-                                                        deterministic=rng is None)
+    lora_forward = lambda p, a, t, rng=None: lora.apply(
+        model, p, a, cfg, t, rng=rng, deterministic=rng is None
+    )
     loss = lambda a, p, t: jnp.mean(jax.nn.log_softmax(lora_forward(p, a, t))[..., 3])
-    return {'lora': jax.jit(lora_forward), 'grad': jax.jit(jax.grad(loss)),
-            'base': jax.jit(lambda p, t: model.apply({'params': p}, t)),
-            'merge': jax.jit(lambda p, a: lora.merge(p, a, cfg))}
+    return {
+        "lora": jax.jit(lora_forward),
+        "grad": jax.jit(jax.grad(loss)),
+        "base": jax.jit(lambda p, t: model.apply({"params": p}, t)),
+        "merge": jax.jit(lambda p, a: lora.merge(p, a, cfg)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ NF4
@@ -140,125 +171,128 @@ def test_double_quant_close_to_single():
 
 
 def test_quantize_params_replaces_only_chosen_kernels():
-    _, _, params = setup('llama')
+    _, _, params = setup("llama")
     q = quant.quantize_params(params, lora.is_linear_kernel)
-    attn = q['layers_0']['attn']
-    assert isinstance(attn['query']['kernel'], quant.NF4Tensor)
-    assert attn['query']['kernel'].shape == params['layers_0']['attn']['query']['kernel'].shape
-    assert not isinstance(q['lm_head']['kernel'], quant.NF4Tensor)
-    assert not isinstance(q['token_embed']['embedding'], quant.NF4Tensor)
+    attn = q["layers_0"]["attn"]
+    assert isinstance(attn["query"]["kernel"], quant.NF4Tensor)
+    assert attn["query"]["kernel"].shape == params["layers_0"]["attn"]["query"]["kernel"].shape
+    assert not isinstance(q["lm_head"]["kernel"], quant.NF4Tensor)
+    assert not isinstance(q["token_embed"]["embedding"], quant.NF4Tensor)
     back = quant.dequantize_params(q)
     assert jax.tree.structure(back) == jax.tree.structure(params)
 
 
 # ----------------------------------------------------------------------------------------- LoRA
 def test_config_checks():
-    with pytest.raises(ConfigError, match='targets'):
-        lora.LoraConfig(rank=4, targets=('qkv',))
-    with pytest.raises(ConfigError, match='rank'):
+    with pytest.raises(ConfigError, match="targets"):
+        lora.LoraConfig(rank=4, targets=("qkv",))
+    with pytest.raises(ConfigError, match="rank"):
         lora.LoraConfig(rank=-1)
     assert lora.LoraConfig(rank=8, alpha=16.0).scale == 2.0
 
 
 def test_adapters_mirror_targets_with_axis_names():
-    _, abstract, _ = setup('gpt2')
-    cfg = lora.LoraConfig(rank=4, targets=('query', 'out', 'wo'))
+    _, abstract, _ = setup("gpt2")
+    cfg = lora.LoraConfig(rank=4, targets=("query", "out", "wo"))
     adapters = jax.eval_shape(lambda r: lora.init_adapters(r, abstract, cfg), jax.random.key(0))
-    assert set(adapters) == {'layers_0', 'layers_1'}
-    layer = adapters['layers_0']
-    assert set(layer['attn']) == {'query', 'out'} and set(layer['mlp']) == {'wo'}
-    q, o = layer['attn']['query'], layer['attn']['out']
-    assert q['a'].value.shape == (64, 4) and q['a'].names == ('embed', None)
-    assert q['b'].value.shape == (4, 4, 16) and q['b'].names == (None, 'heads', 'head_dim')
-    assert o['a'].value.shape == (4, 16, 4) and o['a'].names == ('heads', 'head_dim', None)
-    assert o['b'].names == (None, 'embed')
+    assert set(adapters) == {"layers_0", "layers_1"}
+    layer = adapters["layers_0"]
+    assert set(layer["attn"]) == {"query", "out"} and set(layer["mlp"]) == {"wo"}
+    q, o = layer["attn"]["query"], layer["attn"]["out"]
+    assert q["a"].value.shape == (64, 4) and q["a"].names == ("embed", None)
+    assert q["b"].value.shape == (4, 4, 16) and q["b"].names == (None, "heads", "head_dim")
+    assert o["a"].value.shape == (4, 16, 4) and o["a"].names == ("heads", "head_dim", None)
+    assert o["b"].names == (None, "embed")
     # Per layer: query 64*4 + 4*64, out 64*4 + 4*64, wo 128*4 + 4*64.
     assert lora.trainable_count(adapters) == 2 * (512 + 512 + 768)
     assert lora.init_adapters(jax.random.key(0), abstract, lora.LoraConfig(rank=0)) == {}
-    zero_b, _ = adapters_for('gpt2')
-    query = zero_b['layers_0']['attn']['query']
-    np.testing.assert_array_equal(query['b'], 0.0)
-    assert abs(np.std(query['a']) * math.sqrt(64) - 1) < 0.2  # std 1 / sqrt(fan_in)
+    zero_b, _ = adapters_for("gpt2")
+    query = zero_b["layers_0"]["attn"]["query"]
+    np.testing.assert_array_equal(query["b"], 0.0)
+    assert abs(np.std(query["a"]) * math.sqrt(64) - 1) < 0.2  # std 1 / sqrt(fan_in)
 
 
-@pytest.mark.parametrize('style', list(STYLES))
+@pytest.mark.parametrize("style", list(STYLES))
 def test_adapted_forward_equals_base_then_merged(style):
     _, _, params = setup(style)
     zero_b, adapters = adapters_for(style)
     fn, tokens = jitted(style), tokens_for()
-    base = fn['base'](params, tokens)
-    np.testing.assert_array_equal(fn['lora'](params, zero_b, tokens), base)  # B = 0: exactly
-    adapted = fn['lora'](params, adapters, tokens)
+    base = fn["base"](params, tokens)
+    np.testing.assert_array_equal(fn["lora"](params, zero_b, tokens), base)  # B = 0: exactly
+    adapted = fn["lora"](params, adapters, tokens)
     assert rel(adapted, base) > 0.1  # the adapters really change the logits
-    assert rel(adapted, fn['base'](fn['merge'](params, adapters), tokens)) < 1e-5  # measured ~1e-6
-    if style == 'gpt2':  # rank 0: no adapters, the base model
-        np.testing.assert_array_equal(fn['lora'](params, {}, tokens), base)
+    assert rel(adapted, fn["base"](fn["merge"](params, adapters), tokens)) < 1e-5  # measured ~1e-6
+    if style == "gpt2":  # rank 0: no adapters, the base model
+        np.testing.assert_array_equal(fn["lora"](params, {}, tokens), base)
 
 
 def test_modules_to_save_replace_the_base_and_merge():
     """A saved module is a trained copy of the base's: it starts equal, its change shows in the
     adapted forward and in the merged params, and the frozen base keeps the old values."""
-    model, abstract, params = setup('gpt2')
-    cfg = lora.LoraConfig(rank=4, targets=('query',), modules_to_save=('token_embed', 'ln_final'))
+    model, abstract, params = setup("gpt2")
+    cfg = lora.LoraConfig(rank=4, targets=("query",), modules_to_save=("token_embed", "ln_final"))
     shapes = jax.eval_shape(lambda r: lora.init_adapters(r, abstract, cfg), jax.random.key(0))
-    assert set(shapes) == {'layers_0', 'layers_1', 'token_embed', 'ln_final'}
-    assert shapes['token_embed']['embedding'].names == abstract['token_embed']['embedding'].names
-    trainable = lora.copy_saved_modules(nn.unbox(lora.init_adapters(jax.random.key(0), abstract, cfg)),
-                                        params, cfg)
+    assert set(shapes) == {"layers_0", "layers_1", "token_embed", "ln_final"}
+    assert shapes["token_embed"]["embedding"].names == abstract["token_embed"]["embedding"].names
+    trainable = lora.copy_saved_modules(
+        nn.unbox(lora.init_adapters(jax.random.key(0), abstract, cfg)), params, cfg
+    )
     tokens = tokens_for()
     forward = jax.jit(lambda p, a: lora.apply(model, p, a, cfg, tokens))
-    plain = jax.jit(lambda p: model.apply({'params': p}, tokens))
+    plain = jax.jit(lambda p: model.apply({"params": p}, tokens))
     base = plain(params)
     np.testing.assert_array_equal(forward(params, trainable), base)
-    trainable['token_embed'] = {'embedding': trainable['token_embed']['embedding'] * 1.5}
+    trainable["token_embed"] = {"embedding": trainable["token_embed"]["embedding"] * 1.5}
     changed = forward(params, trainable)
     assert rel(changed, base) > 0.1
     merged = lora.merge(params, trainable, cfg)
     assert rel(plain(merged), changed) < 1e-5
-    np.testing.assert_array_equal(merged['token_embed']['embedding'], params['token_embed']['embedding'] * 1.5)
-    with pytest.raises(ConfigError, match='modules_to_save'):
-        lora.LoraConfig(rank=4, modules_to_save=('layers_0',))
-    with pytest.raises(ConfigError, match='no such module'):
-        lora.init_adapters(jax.random.key(0), abstract, lora.LoraConfig(rank=4, modules_to_save=('lm_head',)))
+    np.testing.assert_array_equal(
+        merged["token_embed"]["embedding"], params["token_embed"]["embedding"] * 1.5
+    )
+    with pytest.raises(ConfigError, match="modules_to_save"):
+        lora.LoraConfig(rank=4, modules_to_save=("layers_0",))
+    with pytest.raises(ConfigError, match="no such module"):
+        lora.init_adapters(jax.random.key(0), abstract, lora.LoraConfig(rank=4, modules_to_save=("lm_head",)))
 
 
 def test_single_linear_gradients_match_manual():
-    layer = Linear((2, 3), (4,), ('heads', 'head_dim', 'embed'), ModelConfig(**SMALL))
+    layer = Linear((2, 3), (4,), ("heads", "head_dim", "embed"), ModelConfig(**SMALL))
     rng = np.random.default_rng(0)
     x, g = rng.standard_normal((5, 6), np.float32), rng.standard_normal((5, 4), np.float32)  # g = dL/dy
-    params = {'kernel': rng.standard_normal((2, 3, 4), np.float32), 'bias': np.arange(4.0, dtype=np.float32)}
-    adapters = {'a': rng.standard_normal((2, 3, 2), np.float32), 'b': rng.standard_normal((2, 4), np.float32)}
-    cfg = lora.LoraConfig(rank=2, alpha=3.0, targets=('out',))
+    params = {"kernel": rng.standard_normal((2, 3, 4), np.float32), "bias": np.arange(4.0, dtype=np.float32)}
+    adapters = {"a": rng.standard_normal((2, 3, 2), np.float32), "b": rng.standard_normal((2, 4), np.float32)}
+    cfg = lora.LoraConfig(rank=2, alpha=3.0, targets=("out",))
 
     def loss(adapters, params):
         with lora.adapted(cfg):
-            y = layer.apply({'params': params, lora.COLLECTION: adapters}, x)
+            y = layer.apply({"params": params, lora.COLLECTION: adapters}, x)
         return jnp.sum(y * g), y
 
     grad = jax.jit(jax.grad(loss, has_aux=True))
     grads, y = grad(adapters, params)
-    w, a, b, s = params['kernel'].reshape(6, 4), adapters['a'].reshape(6, 2), adapters['b'], 1.5
-    np.testing.assert_allclose(y, x @ w + params['bias'] + s * x @ a @ b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads['a'].reshape(6, 2), s * x.T @ g @ b.T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grads['b'], s * (x @ a).T @ g, rtol=1e-5, atol=1e-5)
+    w, a, b, s = params["kernel"].reshape(6, 4), adapters["a"].reshape(6, 2), adapters["b"], 1.5
+    np.testing.assert_allclose(y, x @ w + params["bias"] + s * x @ a @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["a"].reshape(6, 2), s * x.T @ g @ b.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads["b"], s * (x @ a).T @ g, rtol=1e-5, atol=1e-5)
     # At LoRA's init (B = 0) only B gets a gradient.
     grads0, _ = grad(dict(adapters, b=np.zeros((2, 4), np.float32)), params)
-    np.testing.assert_array_equal(grads0['a'], 0.0)
-    assert float(jnp.abs(grads0['b']).max()) > 0.1
+    np.testing.assert_array_equal(grads0["a"], 0.0)
+    assert float(jnp.abs(grads0["b"]).max()) > 0.1
 
 
 def test_dropout_only_when_not_deterministic():
-    _, _, params = setup('gpt2')
-    zero_b, adapters = adapters_for('gpt2')
-    fn, tokens = jitted('gpt2'), tokens_for()
+    _, _, params = setup("gpt2")
+    zero_b, adapters = adapters_for("gpt2")
+    fn, tokens = jitted("gpt2"), tokens_for()
     r1, r2 = jax.random.key(5), jax.random.key(6)
-    eval_out = fn['lora'](params, adapters, tokens)
-    train1, train2 = fn['lora'](params, adapters, tokens, r1), fn['lora'](params, adapters, tokens, r2)
-    np.testing.assert_array_equal(train1, fn['lora'](params, adapters, tokens, r1))
+    eval_out = fn["lora"](params, adapters, tokens)
+    train1, train2 = fn["lora"](params, adapters, tokens, r1), fn["lora"](params, adapters, tokens, r2)
+    np.testing.assert_array_equal(train1, fn["lora"](params, adapters, tokens, r1))
     assert rel(train1, eval_out) > 1e-3 and rel(train1, train2) > 1e-3
     # Dropout acts on the LoRA input only (the model's own dropout is 0): with B = 0 the output
     # is the base model's.
-    np.testing.assert_array_equal(fn['lora'](params, zero_b, tokens, r1), fn['base'](params, tokens))
+    np.testing.assert_array_equal(fn["lora"](params, zero_b, tokens, r1), fn["base"](params, tokens))
 
 
 # ---------------------------------------------------------------------------------------- QLoRA
@@ -271,64 +305,79 @@ def test_qlora_forward_and_gradients_close_to_float_lora():
     within 2x of same-size noise (the error is unbiased noise, not a systematic scale or packing
     fault, which would move them like fresh kernels), < 0.2x the fresh-kernel change; gradients
     < 25%."""
-    _, _, params = setup('llama')
-    _, adapters = adapters_for('llama')
-    fn, tokens = jitted('llama'), tokens_for(batch=4, seq=32)
+    _, _, params = setup("llama")
+    _, adapters = adapters_for("llama")
+    fn, tokens = jitted("llama"), tokens_for(batch=4, seq=32)
     q_params = quant.quantize_params(params, lora.is_linear_kernel, double_quant=True)
     shapes = lambda p: jax.eval_shape(lambda r: lora.init_adapters(r, p, ALL_LINEAR), jax.random.key(0))
     assert shapes(q_params) == shapes(params)  # adapters can be made from the NF4 base too
-    exact, nf4 = fn['lora'](params, adapters, tokens), fn['lora'](q_params, adapters, tokens)
+    exact, nf4 = fn["lora"](params, adapters, tokens), fn["lora"](q_params, adapters, tokens)
     # The NF4 path itself is exact: it equals the float model on the dequantised weights.
-    assert rel(nf4, fn['base'](fn['merge'](q_params, adapters), tokens)) < 1e-5
+    assert rel(nf4, fn["base"](fn["merge"](q_params, adapters), tokens)) < 1e-5
 
     flat, q_flat = traverse_util.flatten_dict(params), traverse_util.flatten_dict(q_params)
     rng = np.random.default_rng(7)
 
     def replace_kernels(fn):
         return traverse_util.unflatten_dict(
-            {p: fn(p, x).astype(np.float32) if lora.is_linear_kernel(p) else x for p, x in flat.items()})
+            {p: fn(p, x).astype(np.float32) if lora.is_linear_kernel(p) else x for p, x in flat.items()}
+        )
 
     rms = lambda x: np.sqrt(np.mean(np.square(x)))
-    noisy = replace_kernels(lambda p, x: x + rms(quant.dequantize(q_flat[p]) - x)
-                            * rng.standard_normal(x.shape))
+    noisy = replace_kernels(
+        lambda p, x: x + rms(quant.dequantize(q_flat[p]) - x) * rng.standard_normal(x.shape)
+    )
     fresh = replace_kernels(lambda p, x: rms(x) * rng.standard_normal(x.shape))
-    nf4_error, noise_error = rel(nf4, exact), rel(fn['lora'](noisy, adapters, tokens), exact)
-    fresh_error = rel(fn['lora'](fresh, adapters, tokens), exact)
-    print(f'logits relative error: nf4 {nf4_error:.4f}, same-size noise {noise_error:.4f}, '
-          f'fresh kernels {fresh_error:.4f}')
+    nf4_error, noise_error = rel(nf4, exact), rel(fn["lora"](noisy, adapters, tokens), exact)
+    fresh_error = rel(fn["lora"](fresh, adapters, tokens), exact)
+    print(
+        f"logits relative error: nf4 {nf4_error:.4f}, same-size noise {noise_error:.4f}, "
+        f"fresh kernels {fresh_error:.4f}"
+    )
     assert nf4_error < 0.12
     assert 0.5 < nf4_error / noise_error < 2
     assert nf4_error < 0.2 * fresh_error
 
-    grads, q_grads = fn['grad'](adapters, params, tokens), fn['grad'](adapters, q_params, tokens)
+    grads, q_grads = fn["grad"](adapters, params, tokens), fn["grad"](adapters, q_params, tokens)
     assert jax.tree.structure(grads) == jax.tree.structure(adapters)  # only adapters
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))  # every adapter
-    print(f'adapter gradient relative error: {tree_rel(q_grads, grads):.4f}')
+    print(f"adapter gradient relative error: {tree_rel(q_grads, grads):.4f}")
     assert tree_rel(q_grads, grads) < 0.25
 
 
 # ------------------------------------------------------------------------------------- sharding
 def make_batch(seed=0, batch=8, seq=32):
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, SMALL['vocab_size'], size=(batch, seq + 1)).astype(np.int32)
-    return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
-            'positions': np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
-            'segment_ids': np.ones((batch, seq), np.int32),
-            'loss_mask': np.ones((batch, seq), np.float32)}
+    tokens = rng.integers(0, SMALL["vocab_size"], size=(batch, seq + 1)).astype(np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)),
+        "segment_ids": np.ones((batch, seq), np.int32),
+        "loss_mask": np.ones((batch, seq), np.float32),
+    }
 
 
 def lora_loss(adapters, batch, rng, *, base_params, model, lora_cfg):
     """A LoRA task's loss_fn: the base params arrive as an argument of the jitted step."""
-    logits = lora.apply(model, base_params, adapters, lora_cfg, batch['inputs'], rng=rng,
-                        deterministic=rng is None, positions=batch['positions'],
-                        segment_ids=batch['segment_ids'])
-    loss_sum, _, weight = losses.cross_entropy(logits, batch['targets'], batch['loss_mask'])
-    return loss_sum, {'weight': weight}
+    logits = lora.apply(
+        model,
+        base_params,
+        adapters,
+        lora_cfg,
+        batch["inputs"],
+        rng=rng,
+        deterministic=rng is None,
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )
+    loss_sum, _, weight = losses.cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return loss_sum, {"weight": weight}
 
 
 def on_mesh(mesh_shape):
     """(mesh, rules) from the default config on the first prod(mesh_shape) devices."""
-    devices = jax.devices()[:math.prod(mesh_shape)]
+    devices = jax.devices()[: math.prod(mesh_shape)]
     mesh = sharding.make_mesh(dict(zip(sharding.MESH_AXES, mesh_shape)), devices)
     return mesh, sharding.axis_rules(get_base_config().axis_rules)
 
@@ -341,8 +390,9 @@ def sharded_loss_and_grads(style, mesh_shape):
     loss_fn = functools.partial(lora_loss, model=model, lora_cfg=ALL_LINEAR)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         base = jax.device_put(params, sharding.tree_shardings(abstract, mesh, rules))
-        adapter_shapes = jax.eval_shape(lambda r: lora.init_adapters(r, abstract, ALL_LINEAR),
-                                        jax.random.key(0))
+        adapter_shapes = jax.eval_shape(
+            lambda r: lora.init_adapters(r, abstract, ALL_LINEAR), jax.random.key(0)
+        )
         adapters = jax.device_put(adapters, sharding.tree_shardings(adapter_shapes, mesh, rules))
         batch = sharding.global_batch(make_batch(), sharding.batch_sharding(mesh, rules))
         value_and_grad = jax.jit(jax.value_and_grad(lambda a, b, p: loss_fn(a, b, None, base_params=p)[0]))
@@ -350,7 +400,7 @@ def sharded_loss_and_grads(style, mesh_shape):
     return float(loss), jax.device_get(grads), jax.tree.map(lambda x: x.sharding.spec, adapters)
 
 
-@pytest.mark.parametrize('style', list(STYLES))
+@pytest.mark.parametrize("style", list(STYLES))
 def test_sharded_lora_matches_one_device(style):
     loss1, grads1, _ = sharded_loss_and_grads(style, (1, 1, 1))
     loss8, grads8, specs = sharded_loss_and_grads(style, (2, 2, 2))
@@ -358,18 +408,18 @@ def test_sharded_lora_matches_one_device(style):
     assert tree_rel(grads8, grads1) < 1e-5
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads8), jax.tree.leaves(grads1)):
         assert rel(g, r) < 1e-5, jax.tree_util.keystr(path)
-    query = specs['layers_0']['attn']['query']
-    assert query['a'] == P('fsdp', None) and query['b'] == P(None, 'tensor', None)
-    assert specs['layers_1']['mlp']['wo']['a'] == P('tensor', None)
+    query = specs["layers_0"]["attn"]["query"]
+    assert query["a"] == P("fsdp", None) and query["b"] == P(None, "tensor", None)
+    assert specs["layers_1"]["mlp"]["wo"]["a"] == P("tensor", None)
 
 
 def test_lora_train_step_with_base_as_argument():
     """The trainer's recipe: adapters as the TrainState params (created sharded by `init_state`),
     the frozen base an argument of the jitted step, and LoRA dropout on."""
-    model, abstract, params = setup('llama')
+    model, abstract, params = setup("llama")
     mesh, rules = on_mesh((2, 2, 2))
     config = sft_config()
-    config.schedule.update(kind='constant', warmup_steps=0)
+    config.schedule.update(kind="constant", warmup_steps=0)
     schedule = learning_rate_schedule(config.schedule, 1e-2, 10)
     tx = make_optimizer(config.optimizer, schedule)
     loss_fn = functools.partial(lora_loss, model=model, lora_cfg=ALL_LINEAR)
@@ -377,19 +427,26 @@ def test_lora_train_step_with_base_as_argument():
         base_shardings = sharding.tree_shardings(abstract, mesh, rules)
         base = jax.device_put(params, base_shardings)
         state, state_shardings = init_state(
-            lambda rng: lora.init_adapters(rng, abstract, ALL_LINEAR), tx, 0, mesh, rules)
+            lambda rng: lora.init_adapters(rng, abstract, ALL_LINEAR), tx, 0, mesh, rules
+        )
         batch_sharding = sharding.batch_sharding(mesh, rules)
 
         def step(state, batch, base):
-            return train_step(state, batch, loss_fn=functools.partial(loss_fn, base_params=base),
-                              tx=tx, schedule=schedule)
-        step = jax.jit(step, in_shardings=(state_shardings, batch_sharding, base_shardings),
-                       out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+            return train_step(
+                state, batch, loss_fn=functools.partial(loss_fn, base_params=base), tx=tx, schedule=schedule
+            )
+
+        step = jax.jit(
+            step,
+            in_shardings=(state_shardings, batch_sharding, base_shardings),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
         batch = sharding.global_batch(make_batch(), batch_sharding)
         losses = []
         for _ in range(4):
             state, metrics = step(state, batch, base)
-            losses.append(float(metrics['loss']))
-    assert state.params['layers_0']['attn']['query']['a'].sharding.spec == P('fsdp', None)
-    assert losses[0] == pytest.approx(np.log(SMALL['vocab_size']), rel=0.05)  # near-uniform start
+            losses.append(float(metrics["loss"]))
+    assert state.params["layers_0"]["attn"]["query"]["a"].sharding.spec == P("fsdp", None)
+    assert losses[0] == pytest.approx(np.log(SMALL["vocab_size"]), rel=0.05)  # near-uniform start
     assert losses[-1] < losses[0] - 0.05, losses  # only adapters train, and they do

@@ -1,4 +1,5 @@
 """Schedules and the weight-decay mask."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -31,9 +32,13 @@ def test_wsd_is_flat_then_decays_linearly_over_the_last_fraction():
 
 
 def test_decay_mask_skips_norms_biases_and_embeddings():
-    params = {"token_embed": {"embedding": jnp.zeros((4, 2))},
-              "layers_0": {"attn": {"query": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}},
-                           "ln_attn": {"scale": jnp.zeros(2), "bias": jnp.zeros(2)}}}
+    params = {
+        "token_embed": {"embedding": jnp.zeros((4, 2))},
+        "layers_0": {
+            "attn": {"query": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}},
+            "ln_attn": {"scale": jnp.zeros(2), "bias": jnp.zeros(2)},
+        },
+    }
     mask = weight_decay_mask(params)
     assert mask["layers_0"]["attn"]["query"] == {"kernel": True, "bias": False}
     assert mask["layers_0"]["ln_attn"] == {"scale": False, "bias": False}

@@ -1,5 +1,6 @@
 """Preemption and damaged checkpoints: SIGTERM saves and exits 75, an unreadable newest checkpoint
 falls back to the one before; either way the run ends bit-identical to one that never stopped."""
+
 import os
 import shutil
 import signal
@@ -18,8 +19,12 @@ from lm.loop import PreemptionFlag
 from lm.metrics import read_jsonl
 
 STEPS = 30
-ARGS = ["--config=configs/pretrain/tiny.py:smoke", f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.num_samples=0"]
+ARGS = [
+    "--config=configs/pretrain/tiny.py:smoke",
+    f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.num_samples=0",
+]
 
 
 def command(workdir, *overrides) -> list[str]:
@@ -116,8 +121,11 @@ def test_no_readable_checkpoint_is_one_checkpoint_error(tmp_path):
     for step in (1, 2):
         checkpoint.save(mngr, step, state, {})
         truncate_largest_file(os.path.join(str(tmp_path), "checkpoints", str(step), "state"))
-    abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=jax.sharding.SingleDeviceSharding(
-        jax.devices()[0]))}
+    abstract = {
+        "w": jax.ShapeDtypeStruct(
+            (4,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+    }
     with pytest.raises(CheckpointError, match="no readable checkpoint") as e:
         checkpoint.restore(mngr, abstract)
     assert "\n" not in str(e.value)
@@ -136,8 +144,15 @@ def test_preemption_flag_catches_sigterm_and_restores_the_handler():
 
 def test_nonfinite_step_skipped_under_skip_policy(tmp_path):
     workdir = str(tmp_path / "skip")
-    done = run_to_end(command(workdir, "--config.train.steps=8", "--config.train.inject_nan_at_step=4",
-                              "--config.train.on_nonfinite=skip", "--config.train.checkpoint_every=4"))
+    done = run_to_end(
+        command(
+            workdir,
+            "--config.train.steps=8",
+            "--config.train.inject_nan_at_step=4",
+            "--config.train.on_nonfinite=skip",
+            "--config.train.checkpoint_every=4",
+        )
+    )
     records = logged(workdir)
     assert [r["skipped_steps"] for r in records if r["step"] in (4, 5, 8)] == [0, 1, 1]
     assert [r["grad_norm"] for r in records if r["step"] == 5] == ["nan"]  # step index 4 is the 5th
@@ -148,9 +163,18 @@ def test_nonfinite_step_skipped_under_skip_policy(tmp_path):
 
 def test_nonfinite_step_stops_under_stop_policy_keeping_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path / "stop")
-    done = subprocess.run(command(workdir, "--config.train.steps=12", "--config.train.inject_nan_at_step=4",
-                                  "--config.train.checkpoint_every=3", "--config.train.log_every=4"),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        command(
+            workdir,
+            "--config.train.steps=12",
+            "--config.train.inject_nan_at_step=4",
+            "--config.train.checkpoint_every=3",
+            "--config.train.log_every=4",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -164,8 +188,9 @@ def test_checkpoint_of_another_model_size_is_one_line_naming_the_parameter(strai
     workdir = str(tmp_path / "resized")
     shutil.copytree(straight, workdir)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    done = subprocess.run(command(workdir, "--config.model.d_ff=128"), capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        command(workdir, "--config.model.d_ff=128"), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1, done.stderr[-1000:]

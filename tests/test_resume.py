@@ -1,4 +1,5 @@
 """A run killed with SIGKILL and started again ends bit-identical to one that never stopped."""
+
 import json
 import os
 import signal
@@ -12,23 +13,40 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 STEPS = 160
-ARGS = ["--config=configs/pretrain/gpt2.py:smoke", f"--config.train.steps={STEPS}",
-        "--config.train.log_every=1", "--config.train.checkpoint_every=20",
-        "--config.train.eval_every=50", "--config.model.d_model=128", "--config.model.dropout=0.1",
-        "--config.train.seq_len=64", "--config.train.global_batch_size=16", "--config.data.source=text_files"]
+ARGS = [
+    "--config=configs/pretrain/gpt2.py:smoke",
+    f"--config.train.steps={STEPS}",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=20",
+    "--config.train.eval_every=50",
+    "--config.model.d_model=128",
+    "--config.model.dropout=0.1",
+    "--config.train.seq_len=64",
+    "--config.train.global_batch_size=16",
+    "--config.data.source=text_files",
+]
 
 
 def corpus(tmp_path) -> str:
     """A few hundred KB of real text: some standard-library modules."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    text = "".join(open(os.path.join(stdlib, name)).read() for name in ("argparse.py", "typing.py", "inspect.py"))
+    text = "".join(
+        open(os.path.join(stdlib, name)).read() for name in ("argparse.py", "typing.py", "inspect.py")
+    )
     path = tmp_path / "corpus.txt"
     path.write_text(text)
     return str(path)
 
 
 def command(workdir, data) -> list[str]:
-    return [sys.executable, "-m", "experiments.run", *ARGS, f"--config.data.files={data}", f"--workdir={workdir}"]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        *ARGS,
+        f"--config.data.files={data}",
+        f"--workdir={workdir}",
+    ]
 
 
 def logged_steps(workdir):

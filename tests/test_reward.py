@@ -1,4 +1,5 @@
 """Reward model: the last-token head, comparison arrays, HH triples, the run end to end, bad input."""
+
 import json
 import os
 import pathlib
@@ -12,8 +13,7 @@ import numpy as np
 import pytest
 
 from lm import losses, saved_model, sharding
-from lm.data import comparison_batches
-from lm.data import graded_tasks, pipeline, preferences
+from lm.data import comparison_batches, graded_tasks, pipeline, preferences
 from lm.data.tokenizer import ByteTokenizer
 from lm.errors import DataError
 from lm.model import ModelConfig, RewardModel, Transformer
@@ -62,11 +62,14 @@ def test_likelihood_term_adds_the_weighted_mean_response_logprob():
     logits = Transformer(CFG).apply({"params": params["lm"]}, tokens)
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     for row in range(2):
-        mean = np.mean([logp[row, t - 1, int(tokens[row, t])] for t in range(int(first[row]), int(last[row]) + 1)])
+        mean = np.mean(
+            [logp[row, t - 1, int(tokens[row, t])] for t in range(int(first[row]), int(last[row]) + 1)]
+        )
         assert score[row] == pytest.approx(head_only[row] + 0.7 * mean, abs=1e-4)
     # read at every position (PPO's value model) it is the head alone
-    np.testing.assert_allclose(model.apply({"params": params}, tokens), plain.apply({"params": plain_params}, tokens),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        model.apply({"params": params}, tokens), plain.apply({"params": plain_params}, tokens), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="first_index"):
         model.apply({"params": params}, tokens, last)
     initial = sharding.unboxed(model.init(jax.random.PRNGKey(0), tokens, last, first)["params"])
@@ -100,16 +103,25 @@ def test_length_grouped_batches_cover_their_megabatch_and_trimming_changes_no_sc
     assert sorted(np.concatenate(batches).tolist()) == sorted(megabatch.tolist())  # each row once
     spans = sorted((lengths[b].min(), lengths[b].max()) for b in batches)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # cut from one sorted order
-    np.testing.assert_array_equal(np.sort(preferences.grouped_batch_ids(lengths, 5, 8, 3, group=1)),
-                                  np.sort(pipeline.global_row_ids(100, 5, 8, 3)))  # group 1: the plain shuffle
-    assert preferences.batch_width(np.array([17, 3]), 96) == 32 and preferences.batch_width(np.array([95]), 90) == 90
+    np.testing.assert_array_equal(
+        np.sort(preferences.grouped_batch_ids(lengths, 5, 8, 3, group=1)),
+        np.sort(pipeline.global_row_ids(100, 5, 8, 3)),
+    )  # group 1: the plain shuffle
+    assert (
+        preferences.batch_width(np.array([17, 3]), 96) == 32
+        and preferences.batch_width(np.array([95]), 90) == 90
+    )
 
     rng = np.random.default_rng(1)
-    groups = [[[1] + rng.integers(3, 200, size=n).tolist() + [2] for n in rng.integers(4, 60, size=3)]
-              for _ in range(10)]
+    groups = [
+        [[1] + rng.integers(3, 200, size=n).tolist() + [2] for n in rng.integers(4, 60, size=3)]
+        for _ in range(10)
+    ]
     c = preferences.build_comparisons(groups, [[0, 1, 2]] * 10, [3] * 10, seq_len=64, pad_id=0)
     model = RewardModel(CFG, likelihood_term=True)
-    params = random_params(model, jnp.zeros((1, 64), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+    params = random_params(
+        model, jnp.zeros((1, 64), jnp.int32), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)
+    )
     loss_fn = jax.jit(lambda batch: reward.reward_loss(params, batch, None, model=model, margin=0.0)[0])
     loss = lambda batch: np.asarray(loss_fn(batch))  # noqa: E731
     trimmed = comparison_batches.eval_batches(c, batch_size=4, num_batches=0)
@@ -127,17 +139,26 @@ def test_rl_eval_prompts_avoid_the_sft_runs_own_eval_prompts():
 
 
 def _hh_data(tmp_path, files, seq_len, skip=False):
-    data_cfg = {"source": "hh", "files": files, "eval_fraction": 0.3, "data_dir": str(tmp_path / "data"),
-                "skip_bad_records": skip}
+    data_cfg = {
+        "source": "hh",
+        "files": files,
+        "eval_fraction": 0.3,
+        "data_dir": str(tmp_path / "data"),
+        "skip_bad_records": skip,
+    }
     return preferences.hh_comparisons(data_cfg, {}, ByteTokenizer(), seq_len, (0, 0))
 
 
 def test_hh_triples_become_two_response_comparisons(tmp_path):
     turn = "\n\nHuman: Hi {0}\n\nAssistant: Hello.\n\nHuman: And?\n\nAssistant:"
-    rows = [{"chosen": turn.format(i) + f" Good {i}.", "rejected": turn.format(i) + " Bad."} for i in range(12)]
-    rows += [{"chosen": turn.format(20) + " Fine.", "rejected": turn.format(21) + " Other dialogue."},  # mismatch
-             {"chosen": turn.format(22) + " Fine.", "rejected": turn.format(22)},                     # empty rejected
-             {"chosen": turn.format(23), "rejected": turn.format(23) + " Bad."}]                      # empty chosen
+    rows = [
+        {"chosen": turn.format(i) + f" Good {i}.", "rejected": turn.format(i) + " Bad."} for i in range(12)
+    ]
+    rows += [
+        {"chosen": turn.format(20) + " Fine.", "rejected": turn.format(21) + " Other dialogue."},  # mismatch
+        {"chosen": turn.format(22) + " Fine.", "rejected": turn.format(22)},  # empty rejected
+        {"chosen": turn.format(23), "rejected": turn.format(23) + " Bad."},
+    ]  # empty chosen
     (tmp_path / "hh.jsonl").write_text("\n".join(map(json.dumps, rows)))
     data = _hh_data(tmp_path, str(tmp_path / "hh.jsonl"), seq_len=96)
     assert data.train.num_prompts + data.eval.num_prompts == 12 and data.eval.num_prompts > 0
@@ -146,7 +167,7 @@ def test_hh_triples_become_two_response_comparisons(tmp_path):
         assert split.ranks.tolist() == [[0, 1]] * split.num_prompts and split.mask.all()
         ends = np.take_along_axis(split.tokens, split.last_index[..., None], axis=2)[..., 0]
         assert (ends == ByteTokenizer.eos_id).all()
-    text = [ByteTokenizer().decode(data.train.tokens[0, j, 1:data.train.last_index[0, j]]) for j in (0, 1)]
+    text = [ByteTokenizer().decode(data.train.tokens[0, j, 1 : data.train.last_index[0, j]]) for j in (0, 1)]
     dialogue = r"User: \n\nHuman: Hi (\d+)\n\nAssistant: Hello\.\n\nHuman: And\?\n\nAssistant:\nAssistant: "
     assert re.fullmatch(dialogue + r"Good \1\.", text[0]) and re.fullmatch(dialogue + r"Bad\.", text[1]), text
     assert len(data.norm_tokens) == 12  # the chosen responses
@@ -164,7 +185,9 @@ def test_hh_real_file_counts(tmp_path):
 
 
 def run(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def test_reward_run_evaluates_keeps_best_and_normalises(smoke_chain):
@@ -188,8 +211,14 @@ def test_reward_run_evaluates_keeps_best_and_normalises(smoke_chain):
 
 
 def test_bad_reward_config_is_one_line(tmp_path):
-    result = run("-m", "experiments.run", "--config=configs/reward/tasks_tiny.py:smoke", f"--workdir={tmp_path}",
-                 "--config.init_from=/nonexistent", "--config.reward.samples_per_prompt=1")
+    result = run(
+        "-m",
+        "experiments.run",
+        "--config=configs/reward/tasks_tiny.py:smoke",
+        f"--workdir={tmp_path}",
+        "--config.init_from=/nonexistent",
+        "--config.reward.samples_per_prompt=1",
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(errors) == 1 and "config.reward.samples_per_prompt=1" in errors[0], result.stderr

@@ -1,4 +1,5 @@
 """RLHF math: the ranking and DPO losses, and PPO's pieces (GAE, whitening, clipped losses, KL)."""
+
 import itertools
 import math
 
@@ -30,8 +31,11 @@ def test_ranking_loss_two_responses():
 
 def test_ranking_loss_four_responses_mean_of_six_pairs():
     scores, ranks = [0.5, -1.0, 2.0, 0.1], [1, 3, 0, 2]
-    pair_losses = [-log_sigmoid(scores[w] - scores[l])
-                   for w, l in itertools.permutations(range(4), 2) if ranks[w] < ranks[l]]
+    pair_losses = [
+        -log_sigmoid(scores[w] - scores[loser])
+        for w, loser in itertools.permutations(range(4), 2)
+        if ranks[w] < ranks[loser]
+    ]
     assert len(pair_losses) == 6
     loss, accuracy, weight = ranking([scores], [ranks])
     assert loss == pytest.approx(np.mean(pair_losses), rel=1e-6)
@@ -67,8 +71,9 @@ def test_ranking_loss_ties_dropped_and_margin():
 
 
 def test_ranking_loss_gradient_separates_the_pair():
-    grad = jax.jit(jax.grad(lambda s: losses.ranking_loss(s, jnp.array([[0, 1]]), jnp.ones((1, 2), bool))[0]))(
-        jnp.zeros((1, 2)))
+    grad = jax.jit(
+        jax.grad(lambda s: losses.ranking_loss(s, jnp.array([[0, 1]]), jnp.ones((1, 2), bool))[0])
+    )(jnp.zeros((1, 2)))
     np.testing.assert_allclose(grad, [[-0.5, 0.5]], rtol=1e-6)
 
 
@@ -82,8 +87,9 @@ def test_dpo_loss_at_init_and_gradient_sign():
     loss, chosen_reward, _ = dpo(chosen + 1.0, rejected, chosen, rejected, 0.1)
     np.testing.assert_allclose(loss, -log_sigmoid(0.1), rtol=1e-6)
     np.testing.assert_allclose(chosen_reward, 0.1, rtol=1e-6)
-    grad_c, grad_r = jax.jit(jax.grad(lambda c, r: jnp.sum(dpo(c, r, chosen, rejected, 0.1)[0]),
-                                      argnums=(0, 1)))(chosen, rejected)
+    grad_c, grad_r = jax.jit(
+        jax.grad(lambda c, r: jnp.sum(dpo(c, r, chosen, rejected, 0.1)[0]), argnums=(0, 1))
+    )(chosen, rejected)
     assert np.all(grad_c < 0) and np.all(grad_r > 0)  # descent raises chosen, lowers rejected
 
 
@@ -95,13 +101,16 @@ def test_token_logprobs_entropy_and_response_mask():
     wide = np.asarray(logits, np.float64)
     log_softmax = wide - np.log(np.sum(np.exp(wide), -1, keepdims=True))
     assert logp.dtype == jnp.float32
-    np.testing.assert_allclose(logp, np.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0], rtol=1e-6)
+    np.testing.assert_allclose(
+        logp, np.take_along_axis(log_softmax, tokens[..., None], -1)[..., 0], rtol=1e-6
+    )
     entropy = jax.jit(rl.entropy_from_logits)
     np.testing.assert_allclose(entropy(logits), -np.sum(np.exp(log_softmax) * log_softmax, -1), rtol=1e-5)
     np.testing.assert_allclose(entropy(jnp.zeros((1, 1, 7))), [[math.log(7)]], rtol=1e-6)
     tokens = jnp.array([[5, EOS, 6, EOS], [EOS, 3, 3, 3], [4, 4, 4, 4]])
-    np.testing.assert_array_equal(jax.jit(rl.response_mask, static_argnums=1)(tokens, EOS),
-                                  [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    np.testing.assert_array_equal(
+        jax.jit(rl.response_mask, static_argnums=1)(tokens, EOS), [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    )
 
 
 def gae_loop(rewards, values, mask, gamma, lam):
@@ -146,8 +155,9 @@ def test_kl_penalised_rewards():
     ref_logp = jnp.array([[-1.5, -1.0, -0.5, -9.0], [-2.0, -2.0, -2.0, -2.0], [-1.0, -1.0, -1.0, -1.0]])
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0]], jnp.float32)
     rewards, kl = jax.jit(rl.kl_penalised_rewards)(jnp.array([10.0, 20.0, 30.0]), logp, ref_logp, mask, 0.1)
-    np.testing.assert_allclose(rewards, [[-0.05, 0.1, 10.0, 0.0], [-0.1, -0.1, -0.1, 19.9], [0, 0, 0, 0]],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        rewards, [[-0.05, 0.1, 10.0, 0.0], [-0.1, -0.1, -0.1, 19.9], [0, 0, 0, 0]], rtol=1e-6
+    )
     np.testing.assert_allclose(kl, [-0.5, 4.0, 0.0], rtol=1e-6)
     np.testing.assert_allclose(jax.jit(rl.sequence_kl)(logp, ref_logp, mask), kl)
 
@@ -157,12 +167,16 @@ def test_tokens_after_eos_change_nothing():
     tokens = np.array([[5, 6, EOS, 7, 7, 7], [5, EOS, 3, 3, 3, 3], [4, 4, 4, 4, 4, 4]])
     mask = (np.cumsum(tokens == EOS, axis=1) - (tokens == EOS) == 0).astype(np.float32)
     after = np.asarray(mask) == 0
-    arrays = {k: rng.normal(size=tokens.shape).astype(np.float32)
-              for k in ("logp", "old_logp", "ref_logp", "values", "old_values", "rewards", "advantages")}
+    arrays = {
+        k: rng.normal(size=tokens.shape).astype(np.float32)
+        for k in ("logp", "old_logp", "ref_logp", "values", "old_values", "rewards", "advantages")
+    }
 
     @jax.jit
     def outputs(a):
-        rewards, kl = rl.kl_penalised_rewards(jnp.array([1.0, -1.0, 0.5]), a["logp"], a["ref_logp"], mask, 0.05)
+        rewards, kl = rl.kl_penalised_rewards(
+            jnp.array([1.0, -1.0, 0.5]), a["logp"], a["ref_logp"], mask, 0.05
+        )
         advantages, returns = rl.gae(a["rewards"], a["values"], mask, 0.9, 0.8)
         white = rl.whiten(a["rewards"], mask, shift_mean=False)
         policy = rl.ppo_policy_loss(a["logp"], a["old_logp"], a["advantages"], mask, 0.2)
@@ -176,8 +190,9 @@ def test_tokens_after_eos_change_nothing():
     perturbed["values"] = np.where(after, np.nan, arrays["values"])
     for got, want in zip(outputs(perturbed), base):
         np.testing.assert_allclose(got, want, rtol=1e-6)
-    grad = jax.jit(jax.grad(lambda lp: rl.ppo_policy_loss(lp, arrays["old_logp"], arrays["advantages"], mask,
-                                                          0.2)[0]))(perturbed["logp"])
+    grad = jax.jit(
+        jax.grad(lambda lp: rl.ppo_policy_loss(lp, arrays["old_logp"], arrays["advantages"], mask, 0.2)[0])
+    )(perturbed["logp"])
     assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[after] == 0)
 
 
@@ -201,7 +216,11 @@ def test_ppo_on_policy_and_clipping():
     ppo = jax.jit(rl.ppo_policy_loss)
     loss, stats = ppo(logp, logp, advantages, mask, 0.2)
     assert float(loss) == pytest.approx(-advantages[mask > 0].mean(), rel=1e-6)
-    assert (float(stats["clip_fraction"]), float(stats["approx_kl"]), float(stats["ratio_mean"])) == (0.0, 0.0, 1.0)
+    assert (float(stats["clip_fraction"]), float(stats["approx_kl"]), float(stats["ratio_mean"])) == (
+        0.0,
+        0.0,
+        1.0,
+    )
     # Ratios e^0.5 with A = +1 (clipped to 1.2) and e^-0.5 with A = -1 (clipped to 0.8); e^0.1 unclipped.
     log_ratio, adv = jnp.array([[0.5, -0.5, 0.1, 0.1]]), jnp.array([[1.0, -1.0, 1.0, 1.0]])
     one = jnp.array([[1.0, 1.0, 1.0, 0.0]])
@@ -217,7 +236,7 @@ def test_value_loss_clipping_and_explained_variance():
     returns, mask = jnp.array([[2.0, 1.0, 0.0]]), jnp.ones((1, 3))
     loss, stats = jax.jit(rl.value_loss)(values, old, returns, mask, 0.2)
     # Token 0: clipped to 0.2, error 1.8^2 > 1^2; token 1: 1; token 2: 0.5^2 > clipped 0.5^2 (equal).
-    assert float(loss) == pytest.approx(0.5 * (1.8 ** 2 + 1.0 + 0.25) / 3, rel=1e-6)
+    assert float(loss) == pytest.approx(0.5 * (1.8**2 + 1.0 + 0.25) / 3, rel=1e-6)
     assert float(stats["clip_fraction"]) == pytest.approx(1 / 3)
     returns = jnp.array([[1.0, 2.0, 3.0, 4.0]])
     explained_variance = jax.jit(rl.explained_variance)
@@ -226,15 +245,22 @@ def test_value_loss_clipping_and_explained_variance():
 
 
 def test_adaptive_kl_controller():
-    assert float(rl.adaptive_kl_update(0.1, 6.6, 6.0, 10000, 512)) == pytest.approx(0.1 * (1 + 0.1 * 512 / 10000))
-    assert float(rl.adaptive_kl_update(0.1, 60.0, 6.0, 10000, 512)) == pytest.approx(0.1 * (1 + 0.2 * 512 / 10000))
-    assert float(rl.adaptive_kl_update(0.1, 0.0, 6.0, 10000, 512)) == pytest.approx(0.1 * (1 - 0.2 * 512 / 10000))
+    assert float(rl.adaptive_kl_update(0.1, 6.6, 6.0, 10000, 512)) == pytest.approx(
+        0.1 * (1 + 0.1 * 512 / 10000)
+    )
+    assert float(rl.adaptive_kl_update(0.1, 60.0, 6.0, 10000, 512)) == pytest.approx(
+        0.1 * (1 + 0.2 * 512 / 10000)
+    )
+    assert float(rl.adaptive_kl_update(0.1, 0.0, 6.0, 10000, 512)) == pytest.approx(
+        0.1 * (1 - 0.2 * 512 / 10000)
+    )
     assert float(rl.adaptive_kl_update(0.1, 6.0, 6.0, 100, 64)) == pytest.approx(0.1)
     assert float(rl.fixed_kl_update(0.1, 60.0, 6.0, 100, 64)) == pytest.approx(0.1)
 
 
 def test_gao_fit_recovers_known_parameters_and_peak():
     from tools import plot_rlhf
+
     d = np.linspace(0.05, 6.0, 40)
     gain = d * (0.3 - 0.12 * np.log(d)) + np.random.default_rng(0).normal(0, 1e-3, d.shape)
     fit = plot_rlhf.fit_gao_rl(np.concatenate([[0.0], d]), np.concatenate([[0.0], gain]))
@@ -244,8 +270,19 @@ def test_gao_fit_recovers_known_parameters_and_peak():
 
 def test_mean_sd_table_over_seeds():
     from tools import plot_rlhf
-    reports = [{"ppo": {"oracle_score": x, "kl_to_sft": kl, "win_rate_ci": [0, 1], "oracle_score_by_task": {"add": x}},
-                "reward": {"rm_accuracy": 0.7}} for x, kl in ((0.5, None), (0.7, 2.0))]
+
+    reports = [
+        {
+            "ppo": {
+                "oracle_score": x,
+                "kl_to_sft": kl,
+                "win_rate_ci": [0, 1],
+                "oracle_score_by_task": {"add": x},
+            },
+            "reward": {"rm_accuracy": 0.7},
+        }
+        for x, kl in ((0.5, None), (0.7, 2.0))
+    ]
     table = plot_rlhf.mean_sd_table(reports).splitlines()
-    assert table[0] == "| stage (n = 2) | oracle_score | rm_accuracy | kl_to_sft |"   # numbers only
+    assert table[0] == "| stage (n = 2) | oracle_score | rm_accuracy | kl_to_sft |"  # numbers only
     assert table[2] == f"| ppo | 0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} | – | 2.000 ± 0.000 |"

@@ -1,5 +1,6 @@
 """RLHF stages: PPO's on-policy consistency, DPO at initialisation, the report's statistics, and
 the whole recipe end to end on smoke configs."""
+
 import json
 import math
 import os
@@ -31,6 +32,7 @@ def _params(module, *args, seed=0):
 
 class _PPOSettings:
     """The config.ppo fields the PPO functions read."""
+
     max_new_tokens, temperature, reward, missing_eos_penalty = 12, 0.8, "rm", 1.0
     whiten_rewards, gamma, lam, clip, value_clip, vf_coef, entropy_coef = False, 1.0, 0.95, 0.2, 0.2, 0.1, 0.0
 
@@ -40,28 +42,48 @@ def test_ppo_first_minibatch_is_on_policy_and_kl_to_reference_is_zero():
     tokens = jnp.zeros((1, 8), jnp.int32)
     policy = _params(model, tokens)
     rm = _params(value_model, tokens, jnp.zeros((1,), jnp.int32), seed=1)
-    prompts, lengths = sampling.left_pad([[1, 5, 9], [1, 7, 7, 3, 11, 4], [1, 30]], PAD, CFG, cfg.max_new_tokens)
+    prompts, lengths = sampling.left_pad(
+        [[1, 5, 9], [1, 7, 7, 3, 11, 4], [1, 30]], PAD, CFG, cfg.max_new_tokens
+    )
     batch = {"prompts": jnp.asarray(prompts), "lengths": jnp.asarray(lengths), "index": jnp.arange(3)}
     params = {"policy": policy, "value": rm}
     frozen = {"reference": policy, "reward": rm, "norm": jnp.array([0.0, 1.0])}
     settings = sampling.SamplingSettings.create(cfg.temperature, 0, 1.0, EOS, PAD)
-    data, stats = ppo.rollout(params, frozen, batch, jax.random.PRNGKey(2), jnp.float32(0.05), model=model,
-                              value_model=value_model, cfg=cfg, settings=settings, oracle=None)
-    assert float(stats["kl"]) == 0.0                       # policy = reference
-    _, on_policy = ppo.ppo_loss(params, data, model=model, value_model=value_model, cfg=cfg,
-                                prompt_width=prompts.shape[1])
+    data, stats = ppo.rollout(
+        params,
+        frozen,
+        batch,
+        jax.random.PRNGKey(2),
+        jnp.float32(0.05),
+        model=model,
+        value_model=value_model,
+        cfg=cfg,
+        settings=settings,
+        oracle=None,
+    )
+    assert float(stats["kl"]) == 0.0  # policy = reference
+    _, on_policy = ppo.ppo_loss(
+        params, data, model=model, value_model=value_model, cfg=cfg, prompt_width=prompts.shape[1]
+    )
     assert abs(float(on_policy["ratio"]) - 1.0) < 1e-5
     assert abs(float(on_policy["approx_kl"])) < 1e-6 and float(on_policy["clip_fraction"]) == 0.0
     # The rollout's own log-probs are those the sampler drew from (within 1e-4, float32).
-    _, sampled = sampling.sample_arrays({"params": policy}, batch["prompts"], batch["lengths"],
-                                        jax.random.PRNGKey(2), settings, config=CFG,
-                                        max_new_tokens=cfg.max_new_tokens)
+    _, sampled = sampling.sample_arrays(
+        {"params": policy},
+        batch["prompts"],
+        batch["lengths"],
+        jax.random.PRNGKey(2),
+        settings,
+        config=CFG,
+        max_new_tokens=cfg.max_new_tokens,
+    )
     np.testing.assert_allclose(np.asarray(data["logp"]) * np.asarray(data["mask"]), sampled, atol=1e-4)
 
 
 def test_ppo_optimizer_steps_the_value_model_at_its_own_learning_rate():
-    opt = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False,
-                                         clip_norm=1.0))
+    opt = ml_collections.ConfigDict(
+        dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False, clip_norm=1.0)
+    )
     tx = ppo.ppo_optimizer(opt, optax.constant_schedule(1e-4), optax.constant_schedule(1e-2))
     params = {"policy": {"w": jnp.ones((3,))}, "value": {"w": jnp.ones((3,))}}
     grads = {"policy": {"w": jnp.array([5.0, -1.0, 0.5])}, "value": {"w": jnp.array([0.01, -3.0, 2.0])}}
@@ -88,7 +110,7 @@ def test_dpo_loss_at_initialisation_is_log_two():
     batch = {**c.take(np.arange(2)), "ref_logp": ref.astype(np.float32)}
     loss_sum, aux = dpo.dpo_loss(params, batch, None, model=model, beta=0.1)
     assert abs(float(loss_sum / aux["weight"]) - math.log(2)) < 1e-6
-    assert float(aux["accuracy"]) == 0.0                   # all implicit rewards equal: no pair is right yet
+    assert float(aux["accuracy"]) == 0.0  # all implicit rewards equal: no pair is right yet
 
 
 def test_win_rate_counts_ties_as_half_and_brackets_its_interval():
@@ -99,15 +121,22 @@ def test_win_rate_counts_ties_as_half_and_brackets_its_interval():
     assert 0 <= lo <= result["win_rate"] <= hi <= 1
     same = evaluation.win_rate(sft, sft)
     assert same["win_rate"] == 0.5 and same["win_rate_ci"] == [0.5, 0.5] and same["tie_rate"] == 1.0
-    assert evaluation.best_of_n_kl(1) == 0.0 and evaluation.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    assert evaluation.best_of_n_kl(1) == 0.0 and evaluation.best_of_n_kl(16) == pytest.approx(
+        math.log(16) - 15 / 16
+    )
 
 
 @pytest.mark.slow
 def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
     """pretrain -> SFT -> reward -> PPO, DPO, best-of-n on smoke configs, then the report; a second
     run skips every stage and writes the same report."""
-    command = [sys.executable, "-m", "experiments.run", "--config=configs/recipe/instructgpt_tiny.py:smoke",
-               f"--workdir={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=configs/recipe/instructgpt_tiny.py:smoke",
+        f"--workdir={tmp_path}",
+    ]
     env = {**os.environ, "LM_DATA_DIR": str(tmp_path / "data")}
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
@@ -118,16 +147,28 @@ def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
     assert 0.0 <= report["stages"]["reward"]["rm_accuracy"] <= 1.0
     for stage in ("ppo", "dpo", "best_of_n"):
         row = report["stages"][stage]
-        assert 0.0 <= row["oracle_score"] <= 1.0 and row["win_rate_ci"][0] <= row["win_rate_vs_sft"] <= row["win_rate_ci"][1]
-        assert row["kl_to_sft"] >= -0.05, (stage, row)       # a Monte-Carlo KL estimate: non-negative up to noise
-        assert set(row["oracle_score_by_task"]) == {"add", "reverse"}   # the recipe's smoke tasks
+        assert (
+            0.0 <= row["oracle_score"] <= 1.0
+            and row["win_rate_ci"][0] <= row["win_rate_vs_sft"] <= row["win_rate_ci"][1]
+        )
+        assert row["kl_to_sft"] >= -0.05, (stage, row)  # a Monte-Carlo KL estimate: non-negative up to noise
+        assert set(row["oracle_score_by_task"]) == {"add", "reverse"}  # the recipe's smoke tasks
     assert report["stages"]["best_of_n"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
     ppo_metrics = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     first_step = next(r for r in ppo_metrics if r["step"] == 1)
-    assert first_step["kl"] == 0.0 and {"rm_score", "oracle_score", "clip_fraction", "explained_variance",
-                                       "value_loss", "entropy", "response_length"} <= set(first_step)
+    assert first_step["kl"] == 0.0 and {
+        "rm_score",
+        "oracle_score",
+        "clip_fraction",
+        "explained_variance",
+        "value_loss",
+        "entropy",
+        "response_length",
+    } <= set(first_step)
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("completed earlier, skipped") == 5, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("completed earlier, skipped") == 5, again.stdout[
+        -2000:
+    ]
     assert json.loads((tmp_path / "report.json").read_text()) == report
 
 
@@ -136,25 +177,33 @@ def test_best_of_n_picks_the_top_scored_candidate_in_any_batching():
     candidates = [[[9], [9, 9, 9], [9, 9]], [[4, 4], [4], [4, 4, 4]], [[3], [3, 3, 3, 3], [3, 3]]]
     calls = []
 
-    def longest_response(tokens, first_index, last_index):   # the score: response length
+    def longest_response(tokens, first_index, last_index):  # the score: response length
         calls.append(len(tokens))
         return np.asarray(last_index - first_index, np.float32)
+
     for batch in (2, 4, 256):
         assert evaluation.best_of_n(longest_response, prompts, candidates, pad_id=0, batch=batch) == [1, 2, 1]
-    assert set(calls[:5]) == {2}                                # 9 sequences in 5 calls of 2 rows
+    assert set(calls[:5]) == {2}  # 9 sequences in 5 calls of 2 rows
 
 
 def test_recipe_passes_tasks_and_data_files_to_the_stages_that_take_them():
     from configs.recipe import instructgpt_hh, instructgpt_tiny
     from experiments import recipe
+
     graded = instructgpt_tiny.get_config("smoke")
     assert [recipe.stage_overrides(graded, s) for s in ("sft", "ppo")] == [
-        ["--config.seed=0"], ["--config.seed=0", "--config.data.tasks=add,reverse"]]
+        ["--config.seed=0"],
+        ["--config.seed=0", "--config.data.tasks=add,reverse"],
+    ]
     hh = instructgpt_hh.get_config("smoke")
     hh.recipe.data_files, hh.seed = "a.jsonl,b.jsonl", 3
     overrides = {s: recipe.stage_overrides(hh, s) for s in recipe.STAGES}
-    assert overrides["sft"] == overrides["reward"] == overrides["ppo"] == ["--config.seed=3",
-                                                                           "--config.data.files=a.jsonl,b.jsonl"]
+    assert (
+        overrides["sft"]
+        == overrides["reward"]
+        == overrides["ppo"]
+        == ["--config.seed=3", "--config.data.files=a.jsonl,b.jsonl"]
+    )
     assert overrides["pretrain"] == overrides["dpo"] == ["--config.seed=3"]
 
 
@@ -176,8 +225,14 @@ def test_hh_recipe_runs_every_stage_and_reports_rm_scores(tmp_path):
     """pretrain -> SFT -> reward -> PPO, DPO, best-of-n on HH smoke configs and a made-up HH file,
     then the report: no oracle fields, reward-model scores and KL instead."""
     files = _hh_file(tmp_path / "hh.jsonl")
-    command = [sys.executable, "-m", "experiments.run", "--config=configs/recipe/instructgpt_hh.py:smoke",
-               f"--workdir={tmp_path / 'recipe'}", f"--config.recipe.data_files={files}"]
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.run",
+        "--config=configs/recipe/instructgpt_hh.py:smoke",
+        f"--workdir={tmp_path / 'recipe'}",
+        f"--config.recipe.data_files={files}",
+    ]
     env = {**os.environ, "LM_DATA_DIR": str(tmp_path / "data")}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -185,30 +240,53 @@ def test_hh_recipe_runs_every_stage_and_reports_rm_scores(tmp_path):
     assert set(report["stages"]) == {"sft", "reward", "best_of_n", "ppo", "dpo"} and report["num_prompts"] > 0
     assert 0.0 <= report["stages"]["reward"]["rm_accuracy"] <= 1.0
     sft = report["stages"]["sft"]
-    assert math.isfinite(sft["rm_score"]) and math.isfinite(sft["rm_score_sampled"]) and abs(sft["kl_to_sft"]) < 1e-6
+    assert (
+        math.isfinite(sft["rm_score"])
+        and math.isfinite(sft["rm_score_sampled"])
+        and abs(sft["kl_to_sft"]) < 1e-6
+    )
     for stage in ("sft", "ppo", "dpo", "best_of_n"):
         row = report["stages"][stage]
-        assert all(row[f] is None for f in ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win_rate_ci",
-                                            "tie_rate")), (stage, row)
+        assert all(
+            row[f] is None
+            for f in ("oracle_score", "oracle_score_sampled", "win_rate_vs_sft", "win_rate_ci", "tie_rate")
+        ), (stage, row)
         assert math.isfinite(row["rm_score"]) and row["kl_to_sft"] >= -0.05, (stage, row)
     assert report["stages"]["best_of_n"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
     assert "oracle" not in (tmp_path / "recipe" / "report.md").read_text()
-    ppo_records = [json.loads(line) for line in (tmp_path / "recipe" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    ppo_records = [
+        json.loads(line) for line in (tmp_path / "recipe" / "ppo" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert not any("oracle_score" in r for r in ppo_records)
     assert [r["step"] for r in ppo_records if "eval_rm_score" in r] == [0, 2, 4]
     ppo_run = json.loads((tmp_path / "recipe" / "ppo" / "config.json").read_text())["run"]
-    assert ppo_run["num_skipped_too_long"]["train"] > 0          # the dialogues with an earlier turn
-    dpo_records = [json.loads(line) for line in (tmp_path / "recipe" / "dpo" / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_accuracy" in r for r in dpo_records) and not any("eval_grader_score" in r for r in dpo_records)
+    assert ppo_run["num_skipped_too_long"]["train"] > 0  # the dialogues with an earlier turn
+    dpo_records = [
+        json.loads(line) for line in (tmp_path / "recipe" / "dpo" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert any("eval_accuracy" in r for r in dpo_records) and not any(
+        "eval_grader_score" in r for r in dpo_records
+    )
 
 
 def test_hh_recipe_without_data_files_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "experiments.run", "--config=configs/recipe/instructgpt_hh.py:smoke",
-                             f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=configs/recipe/instructgpt_hh.py:smoke",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(errors) == 1 and "config.recipe.data_files" in errors[0], result.stderr
-    assert not (tmp_path / "pretrain").exists()                  # nothing ran
+    assert not (tmp_path / "pretrain").exists()  # nothing ran
 
 
 HH_FILE = os.path.join(ROOT, "..", "shared", "data", "hh_rlhf_harmless_base_test.jsonl")
@@ -221,12 +299,18 @@ def test_ppo_hh_prompts_of_the_real_file(tmp_path):
     from configs.ppo import hh as ppo_hh
     from lm.data import sft as sft_data
     from lm.data.tokenizer import ByteTokenizer
+
     config = ppo_hh.get_config()
     config.data.files, config.data.data_dir = HH_FILE, str(tmp_path / "data")
     config.template.user, config.template.assistant = "", " "
-    train, held_out, info = rollouts.prompt_examples(config, ByteTokenizer(), {}, max_seq_len=256,
-                                                     eval_prompts=config.ppo.eval_prompts,
-                                                     max_new_tokens=config.ppo.max_new_tokens)
+    train, held_out, info = rollouts.prompt_examples(
+        config,
+        ByteTokenizer(),
+        {},
+        max_seq_len=256,
+        eval_prompts=config.ppo.eval_prompts,
+        max_new_tokens=config.ppo.max_new_tokens,
+    )
     every = {split: preferences.hh_prompts(config.data, split) for split in ("train", "validation")}
     assert len(train) + info["num_skipped_too_long"]["train"] == len(every["train"]) > 1500
     fitting = len(every["validation"]) - info["num_skipped_too_long"]["validation"]

@@ -1,5 +1,6 @@
 """Scaling-law fits: each approach recovers a known law; Approach 3 matches scipy and reproduces
 Epoch AI's refit of Chinchilla; bootstrap intervals cover the truth; the CLI fails cleanly."""
+
 import json
 import os
 import subprocess
@@ -13,12 +14,13 @@ from lm.scaling import bootstrap, chinchilla, kaplan, results, tables
 from tools import fit_scaling
 
 TRUTH = {"E": 1.9, "A": 500.0, "B": 1500.0, "alpha": 0.35, "beta": 0.32}
-EPOCH_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                         "chinchilla_epoch_svg_extracted_data.csv")
+EPOCH_CSV = os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "chinchilla_epoch_svg_extracted_data.csv"
+)
 
 
 def law(N, D, E=1.9, A=500.0, B=1500.0, alpha=0.35, beta=0.32):
-    return E + A / N ** alpha + B / D ** beta
+    return E + A / N**alpha + B / D**beta
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +39,24 @@ def grid_fit(grid_data):
 def test_approach3_recovers_the_law(grid_fit):
     assert abs(grid_fit.E - 1.9) < 0.03
     assert abs(grid_fit.alpha - 0.35) < 0.02 and abs(grid_fit.beta - 0.32) < 0.02
-    assert grid_fit.objective < 64 * 0.5 * 0.004 ** 2 * 4  # about the noise, not a local misfit
+    assert grid_fit.objective < 64 * 0.5 * 0.004**2 * 4  # about the noise, not a local misfit
 
 
 def test_hand_gradient_matches_autodiff_of_the_logsumexp_objective(grid_data):
     import jax
+
     N, D, loss = grid_data
     theta = chinchilla.grid_starts()[::450] + 0.1
     weights = np.random.default_rng(1).integers(0, 3, (len(theta), len(loss))).astype(np.float64)
     with jax.enable_x64(True):
         args = (weights, np.log(N), np.log(D), np.log(loss))
         value, grad = jax.jit(chinchilla.huber_value_and_grad)(theta, *args)
-        ref, ref_grad = jax.jit(lambda t: (chinchilla.huber_objective(t, *args),
-                                           jax.grad(lambda u: chinchilla.huber_objective(u, *args).sum())(t)))(theta)
+        ref, ref_grad = jax.jit(
+            lambda t: (
+                chinchilla.huber_objective(t, *args),
+                jax.grad(lambda u: chinchilla.huber_objective(u, *args).sum())(t),
+            )
+        )(theta)
     np.testing.assert_allclose(value, ref, rtol=1e-12)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
@@ -95,7 +102,10 @@ def test_approach2_recovers_the_allocation_exponents():
     assert fit.a + fit.b == pytest.approx(1.0)
 
 
-def synthetic_curves(sizes=np.logspace(7, 9.5, 14)):
+SIZES = np.logspace(7, 9.5, 14)
+
+
+def synthetic_curves(sizes=SIZES):
     """Every logged point of one run per size, each logged at 80 points from 1e7 to 1e12 tokens."""
     run, D = (v.ravel() for v in np.meshgrid(np.arange(len(sizes)), np.logspace(7, 12, 80), indexing="ij"))
     N = sizes[run]
@@ -127,16 +137,32 @@ def test_json_has_the_keys_other_tools_read():
     assert out["allocation"] == {"a": 0.5, "b": 0.5, "G": None}
     row = out["budgets"][0]
     assert set(row) == {"C", "N_opt", "D_opt", "tokens_per_param", "loss"} and row["loss"] is None
-    assert row["N_opt"] == pytest.approx(0.1 * 1e21 ** 0.5) and row["tokens_per_param"] == pytest.approx(16)
+    assert row["N_opt"] == pytest.approx(0.1 * 1e21**0.5) and row["tokens_per_param"] == pytest.approx(16)
     json.dumps(out, allow_nan=False)
 
 
 def test_reproduces_epoch_ai_chinchilla_refit(capsys):
     if not os.path.exists(EPOCH_CSV):
         pytest.skip("shared/data/chinchilla_epoch_svg_extracted_data.csv is not present")
-    rc = fit_scaling.main([EPOCH_CSV, "--approach", "3", "--n_col", "Model Size", "--c_col", "Training FLOP",
-                           "--loss_col", "loss", "--drop_highest", "5", "--budgets", "5.76e23",
-                           "--format", "json"])
+    rc = fit_scaling.main(
+        [
+            EPOCH_CSV,
+            "--approach",
+            "3",
+            "--n_col",
+            "Model Size",
+            "--c_col",
+            "Training FLOP",
+            "--loss_col",
+            "loss",
+            "--drop_highest",
+            "5",
+            "--budgets",
+            "5.76e23",
+            "--format",
+            "json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     p = out["params"]
@@ -149,7 +175,9 @@ def test_reproduces_epoch_ai_chinchilla_refit(capsys):
 
 def test_loader_keeps_completed_rows_and_derives_tokens(tmp_path):
     csv = tmp_path / "results.csv"
-    csv.write_text("name,status,N,C,eval_loss\na,completed,1e6,6e12,3.5\nb,failed,2e6,,\nc,completed,4e6,4.8e13,3.0\n")
+    csv.write_text(
+        "name,status,N,C,eval_loss\na,completed,1e6,6e12,3.5\nb,failed,2e6,,\nc,completed,4e6,4.8e13,3.0\n"
+    )
     table = results.read_table(str(csv))
     N, D, C, loss = results.fit_inputs(table, "N", "eval_loss", None, None)
     np.testing.assert_allclose(D, [1e6, 2e6])  # D = C / (6 N)
@@ -162,8 +190,12 @@ def test_loader_keeps_completed_rows_and_derives_tokens(tmp_path):
 def test_cli_names_a_missing_column_in_one_line(tmp_path):
     csv = tmp_path / "runs.csv"
     csv.write_text("N,D,loss\n1e7,1e9,3.0\n")
-    result = subprocess.run([sys.executable, "-m", "tools.fit_scaling", str(csv), "--loss_col", "eval_loss"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.fit_scaling", str(csv), "--loss_col", "eval_loss"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -1,4 +1,5 @@
 """SFT: response-only loss, frozen LoRA bases, the run end to end, export, sampling, bad data."""
+
 import json
 import os
 import subprocess
@@ -19,10 +20,19 @@ from lm.tasks import sft
 from lm.train_state import init_state, jit_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CFG = ModelConfig(vocab_size=264,  # divisible by the tensor axis
-                  num_layers=2, num_heads=4, d_model=32, d_ff=64, max_seq_len=64)
-EXAMPLES = [{"prompt": "Add: 12 + 30", "response": "42"}, {"prompt": "Reverse: word", "response": "drow"},
-            {"prompt": "Sort: 3 1 2", "response": "1 2 3"}]
+CFG = ModelConfig(
+    vocab_size=264,  # divisible by the tensor axis
+    num_layers=2,
+    num_heads=4,
+    d_model=32,
+    d_ff=64,
+    max_seq_len=64,
+)
+EXAMPLES = [
+    {"prompt": "Add: 12 + 30", "response": "42"},
+    {"prompt": "Reverse: word", "response": "drow"},
+    {"prompt": "Sort: 3 1 2", "response": "1 2 3"},
+]
 
 
 def packed_batch():
@@ -53,8 +63,16 @@ def test_lora_steps_leave_the_base_alone():
     model, lcfg = Transformer(CFG), lora.LoraConfig(rank=4, alpha=8.0, targets=("query", "value", "wi"))
     batch = packed_batch()
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    rules = sharding.axis_rules([("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"),
-                                 ("heads", "tensor"), ("kv_heads", "tensor"), ("vocab", "tensor")])
+    rules = sharding.axis_rules(
+        [
+            ("batch", ("data", "fsdp")),
+            ("embed", "fsdp"),
+            ("mlp", "tensor"),
+            ("heads", "tensor"),
+            ("kv_heads", "tensor"),
+            ("vocab", "tensor"),
+        ]
+    )
     tx = optax.adam(1e-2)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         init = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"]
@@ -64,23 +82,31 @@ def test_lora_steps_leave_the_base_alone():
         before = jax.tree.map(np.asarray, base)
         state, shardings = init_state(lambda r: lora.init_adapters(r, abstract, lcfg), tx, 0, mesh, rules)
         adapters0 = jax.tree.map(np.asarray, state.params)
-        loss_fn = lambda p, b, r, frozen: sft.sft_loss(p, b, r, frozen, model=model, lora_cfg=lcfg, z_loss=0.0)
+        loss_fn = lambda p, b, r, frozen: sft.sft_loss(
+            p, b, r, frozen, model=model, lora_cfg=lcfg, z_loss=0.0
+        )
         batch_sharding = sharding.batch_sharding(mesh, rules)
-        step = jit_train_step(loss_fn, tx, optax.constant_schedule(1e-2), 1, shardings, batch_sharding, mesh,
-                              base_shardings)
-        batch = sharding.global_batch({k: np.resize(np.asarray(v), (8, v.shape[1])) for k, v in batch.items()},
-                                      batch_sharding)
+        step = jit_train_step(
+            loss_fn, tx, optax.constant_schedule(1e-2), 1, shardings, batch_sharding, mesh, base_shardings
+        )
+        batch = sharding.global_batch(
+            {k: np.resize(np.asarray(v), (8, v.shape[1])) for k, v in batch.items()}, batch_sharding
+        )
         losses = []
         for _ in range(4):
             state, metrics = step(state, batch, base)
             losses.append(float(metrics["loss"]))
     assert losses[-1] < losses[0]
-    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(base)))
+    assert all(
+        np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(base))
+    )
     adapter_size = sum(x.size for x in jax.tree.leaves(adapters0))
     assert adapter_size == lora.trainable_count(state.params)
     assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * adapter_size  # Adam: mu, nu
-    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters0),
-                                                                      jax.tree.leaves(state.params)))
+    assert any(
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree.leaves(adapters0), jax.tree.leaves(state.params))
+    )
 
 
 def run(*args, timeout=600):
@@ -100,10 +126,25 @@ def test_sft_run_evaluates_trains_keeps_best_and_exports(pretrained, tmp_path, v
     workdir = tmp_path / "sft"
     # Adapters train at a larger learning rate than full fine-tuning (config.lora.lr).
     # Adapters alone here (the config also trains the embeddings in LoRA runs): a frozen NF4 base.
-    extra = (["--config.lora.rank=4", "--config.lora.quantize=nf4", "--config.lora.lr=1e-2",
-              "--config.lora.modules_to_save=()"] if variant == "qlora" else [])
-    result = run("-m", "experiments.run", "--config=configs/sft/tasks_tiny.py:smoke", f"--workdir={workdir}",
-                 f"--config.init_from={pretrained}", "--config.optimizer.lr=3e-3", *extra)
+    extra = (
+        [
+            "--config.lora.rank=4",
+            "--config.lora.quantize=nf4",
+            "--config.lora.lr=1e-2",
+            "--config.lora.modules_to_save=()",
+        ]
+        if variant == "qlora"
+        else []
+    )
+    result = run(
+        "-m",
+        "experiments.run",
+        "--config=configs/sft/tasks_tiny.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.init_from={pretrained}",
+        "--config.optimizer.lr=3e-3",
+        *extra,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     evals = [r for r in records if "eval_grader_score" in r]
@@ -113,23 +154,48 @@ def test_sft_run_evaluates_trains_keeps_best_and_exports(pretrained, tmp_path, v
     config = json.loads((workdir / "config.json").read_text())
     total, trained = config["run"]["params"]["total"], config["run"]["trainable_params"]
     assert (trained == total) if variant == "full" else (0 < trained < total / 5)
-    best = json.loads(open(workdir / "best" / str(checkpoint.latest_step_in(str(workdir / "best")))
-                           / "meta" / "metadata").read())
+    best = json.loads(
+        open(
+            workdir / "best" / str(checkpoint.latest_step_in(str(workdir / "best"))) / "meta" / "metadata"
+        ).read()
+    )
     assert best["eval_grader_score"] == max(r["eval_grader_score"] for r in evals)
 
     out = tmp_path / "exported"
-    assert run("-m", "tools.export", f"--workdir={workdir}", f"--out={out}", "--checkpoint=latest").returncode == 0
-    sample = run("-m", "tools.sample", f"--workdir={out}", "--chat", "--prompt=Add: 1 + 2",
-                 "--prompt=Reverse: longer word", "--temperature=0", "--max_new_tokens=4")
-    assert sample.returncode == 0 and "User: Reverse: longer word\nAssistant: " in sample.stdout, sample.stderr
+    assert (
+        run("-m", "tools.export", f"--workdir={workdir}", f"--out={out}", "--checkpoint=latest").returncode
+        == 0
+    )
+    sample = run(
+        "-m",
+        "tools.sample",
+        f"--workdir={out}",
+        "--chat",
+        "--prompt=Add: 1 + 2",
+        "--prompt=Reverse: longer word",
+        "--temperature=0",
+        "--max_new_tokens=4",
+    )
+    assert sample.returncode == 0 and "User: Reverse: longer word\nAssistant: " in sample.stdout, (
+        sample.stderr
+    )
 
 
 def test_malformed_alpaca_file_stops_before_training(pretrained, tmp_path):
     bad = tmp_path / "bad_alpaca.json"
-    bad.write_text('[{"instruction": "Say hi", "input": "", "output": "hi"},\n'
-                   ' {"instruction": "Add 2 and 3", "input": ""}]\n')
-    result = run("-m", "experiments.run", "--config=configs/sft/alpaca.py:smoke", f"--workdir={tmp_path / 'w'}",
-                 f"--config.init_from={pretrained}", f"--config.data.files={bad}", "--config.train.seq_len=64")
+    bad.write_text(
+        '[{"instruction": "Say hi", "input": "", "output": "hi"},\n'
+        ' {"instruction": "Add 2 and 3", "input": ""}]\n'
+    )
+    result = run(
+        "-m",
+        "experiments.run",
+        "--config=configs/sft/alpaca.py:smoke",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.init_from={pretrained}",
+        f"--config.data.files={bad}",
+        "--config.train.seq_len=64",
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad_alpaca.json[1]" in errors[0] and "output" in errors[0], result.stderr

@@ -1,4 +1,5 @@
 """Sharded equals unsharded: data, FSDP and tensor parallel meshes on 8 simulated CPU devices."""
+
 import functools
 
 import flax.linen as nn
@@ -10,11 +11,11 @@ from jax.sharding import PartitionSpec as P
 
 from configs.common import pretrain_config
 from lm import sharding
+from lm.losses import lm_loss
 from lm.model import Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
-from lm.losses import lm_loss
-from lm.trainer import model_config
 from lm.train_state import init_state, jit_train_step
+from lm.trainer import model_config
 
 MESHES = {  # (data, fsdp, tensor) -> expected specs of the embedding, a query and an MLP kernel
     (8, 1, 1): (P(None, None), P(None, None, None), P(None, None)),
@@ -27,8 +28,14 @@ def small_config(style):
     c = pretrain_config()
     c.model.update(num_layers=2, d_model=64, num_heads=4, d_ff=128, max_seq_len=32)
     if style == "llama":
-        c.model.update(positions="rotary", norm="rmsnorm", mlp="swiglu", tie_embeddings=False,
-                       use_bias=False, num_kv_heads=2)
+        c.model.update(
+            positions="rotary",
+            norm="rmsnorm",
+            mlp="swiglu",
+            tie_embeddings=False,
+            use_bias=False,
+            num_kv_heads=2,
+        )
     c.optimizer.lr = 3e-3
     c.schedule.warmup_steps = 1
     c.train.steps = 5
@@ -41,15 +48,22 @@ def make_batch(seed=0, batch=16, seq=32, vocab=64):
     segments = np.where(np.arange(seq)[None] < seq // 2 + rng.integers(-4, 4, size=(batch, 1)), 1, 2)
     starts = np.argmax(segments == 2, axis=1)[:, None]
     positions = np.where(segments == 1, np.arange(seq)[None], np.arange(seq)[None] - starts)
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segments.astype(np.int32),
-            "positions": positions.astype(np.int32), "loss_mask": np.ones((batch, seq), np.float32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segments.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": np.ones((batch, seq), np.float32),
+    }
 
 
 def effective_spec(spec, sizes) -> P:
     """The spec with mesh axes of size 1 dropped: how an array is really split."""
+
     def keep(entry):
         axes = [a for a in (entry if isinstance(entry, tuple) else (entry,)) if a and sizes[a] > 1]
         return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
     return P(*map(keep, spec))
 
 

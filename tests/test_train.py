@@ -1,4 +1,5 @@
 """End-to-end training: the tiny config learns the embedded corpus; a user's book trains too."""
+
 import json
 import os
 import subprocess
@@ -13,8 +14,19 @@ BOOK = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ti
 
 
 def train(workdir, *overrides):
-    result = subprocess.run([sys.executable, "-m", "experiments.run", "--config=configs/pretrain/tiny.py",
-                             f"--workdir={workdir}", *overrides], capture_output=True, text=True, timeout=1200)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=configs/pretrain/tiny.py",
+            f"--workdir={workdir}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
 
@@ -24,19 +36,26 @@ def book(tmp_path) -> str:
     if os.path.exists(BOOK):
         return BOOK
     import pydoc_data.topics as topics
+
     path = tmp_path / "book.txt"
     path.write_text("\n\n".join(topics.topics.values()))
     return str(path)
 
 
-@pytest.mark.slow  # about 3 minutes: a whole book through text_files (../shared/checks/foundation runs it too)
+# About 3 minutes: a whole book through text_files (../shared/checks/foundation runs it too).
+@pytest.mark.slow
 def test_text_files_book_trains(tmp_path):
     """Tiny Shakespeare through text_files with the tiny config, 80 steps.
 
     Measured: 8.36 -> 7.50 nats/token held out (150 steps, the foundation check: 8.36 -> 7.36).
     """
-    records = train(tmp_path / "w", "--config.data.source=text_files", f"--config.data.files={book(tmp_path)}",
-                    "--config.train.steps=80", "--config.train.eval_every=0")
+    records = train(
+        tmp_path / "w",
+        "--config.data.source=text_files",
+        f"--config.data.files={book(tmp_path)}",
+        "--config.train.steps=80",
+        "--config.train.eval_every=0",
+    )
     assert records[0]["step"] == 1
     assert records[-1]["eval_loss"] < records[0]["loss"] - 0.75
     with open(tmp_path / "w" / "samples.txt") as f:

@@ -9,6 +9,7 @@ eval_bits_per_byte). SFT on graded tasks: the grader scores of trivial policies 
 a copy of the prompt) and of the ideal answers on the held-out prompts the run evaluates on
 (compare with eval_grader_score and eval_exact_match).
 """
+
 import argparse
 import gzip
 import json
@@ -25,7 +26,9 @@ def heldout_bytes(data: pipeline.LMData) -> bytes:
     """The held-out documents' text, concatenated, as UTF-8 bytes (tokenization round-trips exactly)."""
     tokens = np.asarray(data.eval.tokens)
     tok = data.tokenizer
-    return tok.decode([int(t) for t in tokens if t not in (tok.bos_id, tok.eos_id, tok.pad_id)]).encode("utf-8")
+    return tok.decode([int(t) for t in tokens if t not in (tok.bos_id, tok.eos_id, tok.pad_id)]).encode(
+        "utf-8"
+    )
 
 
 def baselines(config) -> dict:
@@ -45,9 +48,14 @@ def baselines(config) -> dict:
 
 def graded_baselines(config) -> dict:
     """Mean grader score and exact match of trivial answers on the run's held-out graded prompts."""
-    examples = graded_tasks.make_examples(config.data.tasks, config.data.num_eval, config.data.task_seed,
-                                          "validation")[:config.sft.eval_prompts]
-    policies = {"empty": lambda ex: "", "copy_prompt": lambda ex: ex["prompt"], "ideal": lambda ex: ex["response"]}
+    examples = graded_tasks.make_examples(
+        config.data.tasks, config.data.num_eval, config.data.task_seed, "validation"
+    )[: config.sft.eval_prompts]
+    policies = {
+        "empty": lambda ex: "",
+        "copy_prompt": lambda ex: ex["prompt"],
+        "ideal": lambda ex: ex["response"],
+    }
     out = {}
     for name, answer in policies.items():
         grades = graded_tasks.grade_batch(examples, [answer(ex) for ex in examples])

@@ -1,7 +1,8 @@
 """Benchmarks measured in one process, after warm-up, as the median of several repeats.
 
 python -m tools.bench matmul [--dtype bfloat16] [--matmul_n 2048] [--json OUT]
-python -m tools.bench train [--config FILE[:arg]] [--config.KEY=VALUE ...] [--torch eager,compile|none] [--json OUT]
+python -m tools.bench train [--config FILE[:arg]] [--config.KEY=VALUE ...] [--torch eager,compile|none]
+    [--json OUT]
 python -m tools.bench train --sweep_memory [--config FILE[:arg]] [--config.KEY=VALUE ...] [--json OUT]
 python -m tools.bench decode [--config FILE[:arg]] [--new_tokens 256] [--json OUT]
 python -m tools.bench fit [--csv ../shared/data/chinchilla_epoch_svg_extracted_data.csv] [--json OUT]
@@ -17,7 +18,8 @@ same process, the step's temporary buffers (XLA's buffer assignment) and peak me
 counter, else the process's peak RSS, taken before the baseline runs; each figure's note says
 which). In the same process it times the same model, batch and optimizer in plain PyTorch
 (tools/torch_baseline.py), eager and torch.compile, in rounds interleaved with ours, and reports
-our tokens/s over theirs; a baseline that cannot run is reported with its reason. `--sweep_memory` runs the train bench for remat none/dots/full (grad_accum 1) and
+our tokens/s over theirs; a baseline that cannot run is reported with its reason. `--sweep_memory`
+runs the train bench for remat none/dots/full (grad_accum 1) and
 grad_accum 2 and 4 (remat none), each in a fresh subprocess since a process's peak RSS only grows.
 
 `decode` generates `--new_tokens` greedy tokens for a batch of prompts (the config's batch size,
@@ -31,6 +33,7 @@ stored in NF4 (single and double-quantised scales) against float32, by `nbytes` 
 `fit` times the Chinchilla Approach 3 fit (Epoch AI's procedure, 4,500 L-BFGS starts) vectorised in
 JAX against the plain loop of scipy L-BFGS-B over the same starts and data, in the same process.
 """
+
 import argparse
 import contextlib
 import csv
@@ -55,16 +58,17 @@ from configs import common
 from experiments import overrides
 from lm import flops, lora, quant, sampling, sharding
 from lm.errors import UserError
+from lm.losses import lm_loss
 from lm.model import ModelConfig, Transformer
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.scaling import chinchilla
-from lm.losses import lm_loss
-from lm.trainer import model_config
 from lm.train_state import init_state, jit_train_step
+from lm.trainer import model_config
 
 
 class Figure(NamedTuple):
     """A measured value with a note on how it was measured, or None and the reason it is missing."""
+
     value: float | None
     note: str = ""
 
@@ -108,10 +112,13 @@ def random_tokens(vocab: int, batch: int, seq_len: int, seed: int = 0) -> np.nda
 def lm_batch(tokens: np.ndarray) -> dict:
     """[batch, seq + 1] tokens -> the train step's dict of [batch, seq] arrays, one document a row."""
     batch, seq_len = tokens.shape[0], tokens.shape[1] - 1
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-            "segment_ids": np.ones((batch, seq_len), np.int32),
-            "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
-            "loss_mask": np.ones((batch, seq_len), np.float32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((batch, seq_len), np.int32),
+        "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
+        "loss_mask": np.ones((batch, seq_len), np.float32),
+    }
 
 
 def compile_train_step(config, model_cfg: ModelConfig, tokens: np.ndarray, steps: int) -> tuple:
@@ -138,8 +145,11 @@ def compile_train_step(config, model_cfg: ModelConfig, tokens: np.ndarray, steps
         step = step.lower(state, batch).compile()
         compile_seconds = time.perf_counter() - t
     memory = step.memory_analysis()
-    temp = (Figure(memory.temp_size_in_bytes, "XLA buffer assignment of the compiled step") if memory
-            else Figure(None, "the backend gives no memory analysis"))
+    temp = (
+        Figure(memory.temp_size_in_bytes, "XLA buffer assignment of the compiled step")
+        if memory
+        else Figure(None, "the backend gives no memory analysis")
+    )
     holder = [state]
 
     def run_steps():
@@ -160,6 +170,7 @@ def torch_runners(model_cfg: ModelConfig, opt_cfg, tokens: np.ndarray, modes: tu
     if importlib.util.find_spec("torch") is None:
         return {}, {mode: "torch is not installed: pip install -e '.[bench]'" for mode in modes}
     from tools import torch_baseline
+
     runners, failures = {}, {}
     for mode in modes:
         try:
@@ -167,7 +178,9 @@ def torch_runners(model_cfg: ModelConfig, opt_cfg, tokens: np.ndarray, modes: tu
             run()
             runners[mode] = run
         except Exception as e:  # reported as the figure's reason instead of crashing the bench
-            failures[mode] = f"torch {mode} failed: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            failures[mode] = (
+                f"torch {mode} failed: " + (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            )
     return runners, failures
 
 
@@ -181,8 +194,14 @@ def interleaved_seconds(runners: dict, repeats: int) -> dict:
     return {name: statistics.median(s) for name, s in seconds.items()}
 
 
-def bench_train(config, steps_per_repeat: int = 5, repeats: int = 5, torch_modes: tuple = ("eager", "compile"),
-                matmul_n: int = 2048, nominal_peak: float = 0.0) -> dict:
+def bench_train(
+    config,
+    steps_per_repeat: int = 5,
+    repeats: int = 5,
+    torch_modes: tuple = ("eager", "compile"),
+    matmul_n: int = 2048,
+    nominal_peak: float = 0.0,
+) -> dict:
     """Train-step tokens/s, model FLOP/s, MFU and memory for `config`'s model, batch and mesh, and
     the PyTorch baseline in `torch_modes` on the same tokens, timed in interleaved rounds.
 
@@ -205,9 +224,16 @@ def bench_train(config, steps_per_repeat: int = 5, repeats: int = 5, torch_modes
     tokens_per_sec = {name: batch_size * seq_len * steps_per_repeat / s for name, s in seconds.items()}
     per_token = flops.flops_per_token(model_cfg, seq_len)
     ours = tokens_per_sec.pop("ours")
-    out = {"tokens_per_sec": ours, "model_flops_per_sec": per_token * ours, "peak_flops": peak,
-           "mfu": per_token * ours / peak, "step_seconds": seconds["ours"] / steps_per_repeat, **info,
-           "params": flops.param_counts(model_cfg)["total"], **memory}
+    out = {
+        "tokens_per_sec": ours,
+        "model_flops_per_sec": per_token * ours,
+        "peak_flops": peak,
+        "mfu": per_token * ours / peak,
+        "step_seconds": seconds["ours"] / steps_per_repeat,
+        **info,
+        "params": flops.param_counts(model_cfg)["total"],
+        **memory,
+    }
     kind = jax.devices()[0].device_kind
     nominal = nominal_peak or (flops.PEAK_BF16.get(kind, 0.0) if model_cfg.dtype == "bfloat16" else 0.0)
     if nominal:
@@ -216,15 +242,27 @@ def bench_train(config, steps_per_repeat: int = 5, repeats: int = 5, torch_modes
     note = ""
     if runners:
         from tools import torch_baseline
+
         note = torch_baseline.describe()
-        out["torch_peak_flops"] = Figure(torch_baseline.matmul_flops(matmul_n), f"float32 {matmul_n}^3 matmul, {note}")
+        out["torch_peak_flops"] = Figure(
+            torch_baseline.matmul_flops(matmul_n), f"float32 {matmul_n}^3 matmul, {note}"
+        )
     for mode in torch_modes:
-        out.update(torch_figures(mode, tokens_per_sec.get(mode), failures.get(mode), note, ours, per_token, peak))
+        out.update(
+            torch_figures(mode, tokens_per_sec.get(mode), failures.get(mode), note, ours, per_token, peak)
+        )
     return out
 
 
-def torch_figures(mode: str, theirs: float | None, why: str | None, note: str, ours: float,
-                  flops_per_token: float, peak: float) -> dict:
+def torch_figures(
+    mode: str,
+    theirs: float | None,
+    why: str | None,
+    note: str,
+    ours: float,
+    flops_per_token: float,
+    peak: float,
+) -> dict:
     """One baseline mode's tokens/s and MFU (our FLOPs/token and roof) and our tokens/s over theirs
     (`vs_torch_<mode>`); Figures holding `why` when the mode could not run."""
     names = (f"torch_{mode}_tokens_per_sec", f"torch_{mode}_mfu", f"vs_torch_{mode}")
@@ -261,17 +299,36 @@ def sweep_memory(config_args: list, steps_per_repeat: int, repeats: int, matmul_
     for remat, accum in SWEEP:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "figures.jsonl")
-            cmd = [sys.executable, "-m", "tools.bench", "train", *config_args, f"--config.model.remat={remat}",
-                   f"--config.train.grad_accum={accum}", "--torch", "none", "--steps", str(steps_per_repeat),
-                   "--repeats", str(repeats), "--matmul_n", str(matmul_n), "--json", path]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tools.bench",
+                "train",
+                *config_args,
+                f"--config.model.remat={remat}",
+                f"--config.train.grad_accum={accum}",
+                "--torch",
+                "none",
+                "--steps",
+                str(steps_per_repeat),
+                "--repeats",
+                str(repeats),
+                "--matmul_n",
+                str(matmul_n),
+                "--json",
+                path,
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode:
                 why = (result.stderr.strip().splitlines() or ["failed"])[-1][:300]
                 got = {name: Figure(None, why) for name in SWEEP_FIGURES}
             else:
                 records = [json.loads(line) for line in open(path)]
-                got = {r["name"]: Figure(r["value"], r.get("note", "")) for r in records
-                       if r["name"] in SWEEP_FIGURES}
+                got = {
+                    r["name"]: Figure(r["value"], r.get("note", ""))
+                    for r in records
+                    if r["name"] in SWEEP_FIGURES
+                }
         rows.append((f"remat={remat} grad_accum={accum}", got))
     return rows
 
@@ -310,13 +367,22 @@ def bench_decode(config, new_tokens: int = 256, repeats: int = 3) -> dict:
     bucket = sampling.PROMPT_BUCKET
     if model_cfg.positions == "learned":
         model_cfg = model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, bucket + new_tokens))
-    params = nn.unbox(Transformer(model_cfg).init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32)))
+    params = nn.unbox(
+        Transformer(model_cfg).init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32))
+    )
     prompts = decode_prompts(vocab, config.train.global_batch_size, bucket)
     out = {"new_tokens": new_tokens, "prompts": len(prompts), "context": model_cfg.max_seq_len}
     timed_compiles = 0
     for name, generate in (("cache", sampling.generate), ("recompute", sampling.generate_recompute)):
-        run = lambda: generate(params, model_cfg, prompts, max_new_tokens=new_tokens, rng=jax.random.PRNGKey(0),
-                               temperature=0.0, eos_id=-1)
+        run = lambda: generate(
+            params,
+            model_cfg,
+            prompts,
+            max_new_tokens=new_tokens,
+            rng=jax.random.PRNGKey(0),
+            temperature=0.0,
+            eos_id=-1,
+        )
         with count_compiles() as warm_up:
             generated = sum(len(c) for c in run())
         with count_compiles() as again:
@@ -330,8 +396,13 @@ def bench_decode(config, new_tokens: int = 256, repeats: int = 3) -> dict:
 
 
 # Relative to the project root (the checkout holding tools/), wherever the bench is run from.
-EPOCH_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                         "chinchilla_epoch_svg_extracted_data.csv")
+EPOCH_CSV = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "..",
+    "shared",
+    "data",
+    "chinchilla_epoch_svg_extracted_data.csv",
+)
 
 
 def fit_data(csv_path: str):
@@ -348,7 +419,7 @@ def fit_data(csv_path: str):
         return N[keep], C[keep] / (6 * N[keep]), loss[keep], "epoch"
     N, D = (v.ravel() for v in np.meshgrid(np.logspace(7, 10, 16), np.logspace(8.5, 11.5, 15)))
     noise = np.exp(np.random.default_rng(0).normal(0, 0.004, N.shape))
-    return N, D, (1.9 + 500 / N ** 0.35 + 1500 / D ** 0.32) * noise, "synthetic"
+    return N, D, (1.9 + 500 / N**0.35 + 1500 / D**0.32) * noise, "synthetic"
 
 
 def bench_fit(N, D, loss, repeats: int = 3) -> dict:
@@ -363,40 +434,86 @@ def bench_fit(N, D, loss, repeats: int = 3) -> dict:
     t = time.perf_counter()
     ref = chinchilla.fit_approach3_scipy(N, D, loss)
     scipy_seconds = time.perf_counter() - t
-    return {"fit_seconds": seconds, "scipy_fit_seconds": scipy_seconds, "speedup": scipy_seconds / seconds,
-            "compile_seconds": first - seconds, "objective": fits[-1].objective,
-            "scipy_objective": ref.objective, "starts": len(chinchilla.grid_starts()), "points": len(loss)}
+    return {
+        "fit_seconds": seconds,
+        "scipy_fit_seconds": scipy_seconds,
+        "speedup": scipy_seconds / seconds,
+        "compile_seconds": first - seconds,
+        "objective": fits[-1].objective,
+        "scipy_objective": ref.objective,
+        "starts": len(chinchilla.grid_starts()),
+        "points": len(loss),
+    }
 
 
 def bench_nf4(config) -> dict:
     """Bytes per parameter of the model's Linear kernels in NF4 (QLoRA's frozen base) vs float32."""
     model = Transformer(model_config(config, config.model.vocab_size or 4096))
-    params = sharding.unboxed(jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-    flat = [(path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-            if lora.is_linear_kernel(tuple(getattr(k, "key", k) for k in path))]
-    kernels = [jax.random.normal(jax.random.PRNGKey(i), leaf.shape, jnp.float32) * 0.02
-               for i, (_, leaf) in enumerate(flat)]
+    params = sharding.unboxed(
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    )
+    flat = [
+        (path, leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if lora.is_linear_kernel(tuple(getattr(k, "key", k) for k in path))
+    ]
+    kernels = [
+        jax.random.normal(jax.random.PRNGKey(i), leaf.shape, jnp.float32) * 0.02
+        for i, (_, leaf) in enumerate(flat)
+    ]
     n = sum(k.size for k in kernels)
     single = sum(quant.quantize(k).nbytes for k in kernels)
     double = sum(quant.quantize(k, double_quant=True).nbytes for k in kernels)
-    return {"quantized_params": n, "float32_bytes_per_param": 4.0, "nf4_bytes_per_param": single / n,
-            "nf4_double_quant_bytes_per_param": double / n, "nf4_compression": 4.0 * n / single}
+    return {
+        "quantized_params": n,
+        "float32_bytes_per_param": 4.0,
+        "nf4_bytes_per_param": single / n,
+        "nf4_double_quant_bytes_per_param": double / n,
+        "nf4_compression": 4.0 * n / single,
+    }
 
 
-UNITS = {"peak_flops": "FLOP/s", "model_flops_per_sec": "FLOP/s", "tokens_per_sec": "tokens/s",
-         "mfu": "fraction", "step_seconds": "s", "compile_seconds": "s", "params": "count",
-         "peak_memory_bytes": "bytes", "step_temp_bytes": "bytes", "nominal_peak_flops": "FLOP/s",
-         "mfu_nominal": "fraction", "torch_peak_flops": "FLOP/s",
-         "torch_eager_tokens_per_sec": "tokens/s", "torch_eager_mfu": "fraction", "vs_torch_eager": "x",
-         "torch_compile_tokens_per_sec": "tokens/s", "torch_compile_mfu": "fraction", "vs_torch_compile": "x",
-         "new_tokens": "count", "prompts": "count", "context": "count", "cache_tokens_per_sec": "tokens/s",
-         "recompute_tokens_per_sec": "tokens/s", "cache_compiles": "count", "recompute_compiles": "count",
-         "timed_compiles": "count", "cache_vs_recompute": "x",
-         "fit_seconds": "s", "scipy_fit_seconds": "s", "speedup": "x",
-         "objective": "sum Huber", "scipy_objective": "sum Huber", "starts": "count", "points": "count",
-         "quantized_params": "count", "float32_bytes_per_param": "bytes", "nf4_bytes_per_param": "bytes",
-         "nf4_double_quant_bytes_per_param": "bytes", "nf4_compression": "x"}
+UNITS = {
+    "peak_flops": "FLOP/s",
+    "model_flops_per_sec": "FLOP/s",
+    "tokens_per_sec": "tokens/s",
+    "mfu": "fraction",
+    "step_seconds": "s",
+    "compile_seconds": "s",
+    "params": "count",
+    "peak_memory_bytes": "bytes",
+    "step_temp_bytes": "bytes",
+    "nominal_peak_flops": "FLOP/s",
+    "mfu_nominal": "fraction",
+    "torch_peak_flops": "FLOP/s",
+    "torch_eager_tokens_per_sec": "tokens/s",
+    "torch_eager_mfu": "fraction",
+    "vs_torch_eager": "x",
+    "torch_compile_tokens_per_sec": "tokens/s",
+    "torch_compile_mfu": "fraction",
+    "vs_torch_compile": "x",
+    "new_tokens": "count",
+    "prompts": "count",
+    "context": "count",
+    "cache_tokens_per_sec": "tokens/s",
+    "recompute_tokens_per_sec": "tokens/s",
+    "cache_compiles": "count",
+    "recompute_compiles": "count",
+    "timed_compiles": "count",
+    "cache_vs_recompute": "x",
+    "fit_seconds": "s",
+    "scipy_fit_seconds": "s",
+    "speedup": "x",
+    "objective": "sum Huber",
+    "scipy_objective": "sum Huber",
+    "starts": "count",
+    "points": "count",
+    "quantized_params": "count",
+    "float32_bytes_per_param": "bytes",
+    "nf4_bytes_per_param": "bytes",
+    "nf4_double_quant_bytes_per_param": "bytes",
+    "nf4_compression": "x",
+}
 
 
 def figures(results: dict) -> list:
@@ -409,7 +526,14 @@ def write_json(json_path: str, bench: str, name: str, rows: list, **fields) -> N
     any extra `fields`, and the figure's note."""
     with open(json_path, "a") as f:
         for k, fig in rows:
-            record = {"bench": bench, "name": k, "value": fig.value, "unit": UNITS[k], "config": name, **fields}
+            record = {
+                "bench": bench,
+                "name": k,
+                "value": fig.value,
+                "unit": UNITS[k],
+                "config": name,
+                **fields,
+            }
             f.write(json.dumps({**record, **({"note": fig.note} if fig.note else {})}) + "\n")
 
 
@@ -438,29 +562,56 @@ def report_sweep(name: str, rows: list, json_path: str | None) -> None:
         print(f"  note: {note}")
     if json_path:
         for variant, figs in rows:
-            write_json(json_path, "train_sweep", name, [(k, figs[k]) for k in SWEEP_FIGURES if k in figs],
-                       variant=variant)
+            write_json(
+                json_path,
+                "train_sweep",
+                name,
+                [(k, figs[k]) for k in SWEEP_FIGURES if k in figs],
+                variant=variant,
+            )
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Benchmarks: matmul roof, train-step throughput and MFU, "
-                                "decoding, the scaling-law fit, NF4 storage.", allow_abbrev=False)
+    p = argparse.ArgumentParser(
+        description="Benchmarks: matmul roof, train-step throughput and MFU, "
+        "decoding, the scaling-law fit, NF4 storage.",
+        allow_abbrev=False,
+    )
     p.add_argument("bench", choices=["matmul", "train", "decode", "fit", "nf4"])
-    p.add_argument("--config", default=None, help="config file[:arg] (train, decode, nf4); default: the "
-                   "reference model. --config.KEY=VALUE overrides a key")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="config file[:arg] (train, decode, nf4); default: the "
+        "reference model. --config.KEY=VALUE overrides a key",
+    )
     p.add_argument("--json", default=None, help="append one JSON object per figure to this file")
     p.add_argument("--dtype", default="float32", help="matmul: the dtype of the roof")
     p.add_argument("--matmul_n", type=int, default=2048, help="matmul, train: the roof's square size")
     p.add_argument("--steps", type=int, default=5, help="train: steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: train 5, decode 3, fit 3)")
+    p.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats (default: train 5, decode 3, fit 3)"
+    )
     p.add_argument("--torch", default="eager,compile", help="train: PyTorch baseline modes, or 'none'")
-    p.add_argument("--nominal_peak", type=float, default=0.0, help="train: data-sheet FLOP/s per device for "
-                   "mfu_nominal (default: the table in lm/flops.py for bfloat16 models)")
-    p.add_argument("--sweep_memory", action="store_true", help="train: remat none/dots/full and grad_accum "
-                   "1/2/4, each in a fresh subprocess: peak memory against tokens/s")
+    p.add_argument(
+        "--nominal_peak",
+        type=float,
+        default=0.0,
+        help="train: data-sheet FLOP/s per device for "
+        "mfu_nominal (default: the table in lm/flops.py for bfloat16 models)",
+    )
+    p.add_argument(
+        "--sweep_memory",
+        action="store_true",
+        help="train: remat none/dots/full and grad_accum "
+        "1/2/4, each in a fresh subprocess: peak memory against tokens/s",
+    )
     p.add_argument("--new_tokens", type=int, default=256, help="decode: tokens generated per prompt")
-    p.add_argument("--csv", default=EPOCH_CSV, help="Epoch's Chinchilla data (fit; default "
-                   "../shared/data/chinchilla_epoch_svg_extracted_data.csv from the project root); synthetic if absent")
+    p.add_argument(
+        "--csv",
+        default=EPOCH_CSV,
+        help="Epoch's Chinchilla data (fit; default "
+        "../shared/data/chinchilla_epoch_svg_extracted_data.csv from the project root); synthetic if absent",
+    )
     args, items = p.parse_known_args(argv)
     bad = [o for o in items if not o.startswith("--config.") or "=" not in o]
     if bad:
@@ -486,8 +637,12 @@ def main(argv=None) -> int:
         modes = tuple(m for m in args.torch.split(",") if m and m != "none")
         if set(modes) - {"eager", "compile"}:
             p.error(f"--torch={args.torch}: expected eager, compile, both (comma-separated) or none")
-        report("train", name, bench_train(config, args.steps, args.repeats or 5, modes, args.matmul_n,
-                                          args.nominal_peak), args.json)
+        report(
+            "train",
+            name,
+            bench_train(config, args.steps, args.repeats or 5, modes, args.matmul_n, args.nominal_peak),
+            args.json,
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ python -m tools.export --workdir runs/sft_lora --out runs/sft_lora_merged [--che
 The output is an ordinary workdir (config.json with lora.rank = 0, tokenizer, checkpoints/<step>/)
 that tools.sample reads and that a later stage takes as config.init_from.
 """
+
 import argparse
 import os
 import sys
@@ -23,11 +24,14 @@ def export(workdir: str, out: str, which: str = "auto") -> str:
     _, run = saved_model.read_config(workdir)
     os.makedirs(out, exist_ok=True)
     model.tokenizer.save(os.path.join(out, "tokenizer"))
-    metrics_lib.write_json_atomic(os.path.join(out, "config.json"), {
-        **config.to_dict(), "run": {**run, "exported_from": model.source}})
+    metrics_lib.write_json_atomic(
+        os.path.join(out, "config.json"), {**config.to_dict(), "run": {**run, "exported_from": model.source}}
+    )
     step = checkpoint.latest_step_in(model.source)
     mngr = checkpoint.manager(out, keep=1)
-    checkpoint.save(mngr, step, {"params": model.params}, {"config": config.to_dict(), "exported_from": model.source})
+    checkpoint.save(
+        mngr, step, {"params": model.params}, {"config": config.to_dict(), "exported_from": model.source}
+    )
     return os.path.join(out, "checkpoints", str(step))
 
 

@@ -11,6 +11,7 @@ D = C / (6 N); without a C column, C = 6 N D. Approach 2 groups runs by `--budge
 run's training-loss curve from `<csv dir>/<name>/metrics.jsonl`. `--budgets` sets the FLOP
 budgets of the allocation table (default: the data's budgets, else powers of ten over its C).
 """
+
 import argparse
 import json
 import os
@@ -29,7 +30,9 @@ def parse_budgets(text: str | None) -> list[float] | None:
     try:
         budgets = [float(b) for b in text.split(",") if b.strip()]
     except ValueError:
-        raise UserError(f"--budgets must be comma-separated FLOP counts like 1e21,1e23; got {text!r}") from None
+        raise UserError(
+            f"--budgets must be comma-separated FLOP counts like 1e21,1e23; got {text!r}"
+        ) from None
     if not budgets or any(not np.isfinite(b) or b <= 0 for b in budgets):
         raise UserError(f"--budgets must be positive FLOP counts; got {text!r}")
     return budgets
@@ -40,7 +43,7 @@ def default_budgets(C, budget) -> list[float]:
     if budget is not None:
         return sorted(float(b) for b in np.unique(budget))
     lo, hi = np.floor(np.log10(C.min())), np.ceil(np.log10(C.max()))
-    return [float(10 ** k) for k in np.arange(lo, hi + 1)]
+    return [float(10**k) for k in np.arange(lo, hi + 1)]
 
 
 def load(args):
@@ -49,7 +52,9 @@ def load(args):
     table = results.read_table(args.csv)
     N, D, C, loss = results.fit_inputs(table, args.n_col, args.loss_col, args.d_col, args.c_col)
     budget = None
-    budget_col = args.budget_col or next((c for c in ("budget", "scaling.budget") if c in table.columns), None)
+    budget_col = args.budget_col or next(
+        (c for c in ("budget", "scaling.budget") if c in table.columns), None
+    )
     if budget_col:
         budget = results.column(table, budget_col)
     keep = results.without_highest(loss, args.drop_highest)
@@ -70,7 +75,9 @@ def run_approach1(args, table, keep, N, D, C, loss, budgets):
         f = chinchilla.fit_approach1(draw, *(v[ix] for v in curves[1:]))
         return chinchilla.power_law_quantities(f.k_N, f.a, f.k_D, f.b, budgets)
 
-    samples = bootstrap.bootstrap_rows(quantities, len(names), args.bootstrap, args.seed) if args.bootstrap else {}
+    samples = (
+        bootstrap.bootstrap_rows(quantities, len(names), args.bootstrap, args.seed) if args.bootstrap else {}
+    )
     return fit, chinchilla.power_law_quantities(fit.k_N, fit.a, fit.k_D, fit.b, budgets), samples, curves
 
 
@@ -81,20 +88,30 @@ def run_approach2(args, N, D, C, loss, budget, budgets):
     budgets = [float(c) for c in fit.C] if budgets is None else budgets
 
     def quantities(rows):
-        f = chinchilla.fit_approach2(N[rows], C[rows], loss[rows], None if budget is None else budget[rows],
-                                     D=None if D is None else D[rows])
-        return chinchilla.power_law_quantities(f.k_N, f.a, f.k_D, f.b, budgets, G=f.k_N * 6 ** f.a)
+        f = chinchilla.fit_approach2(
+            N[rows],
+            C[rows],
+            loss[rows],
+            None if budget is None else budget[rows],
+            D=None if D is None else D[rows],
+        )
+        return chinchilla.power_law_quantities(f.k_N, f.a, f.k_D, f.b, budgets, G=f.k_N * 6**f.a)
 
-    samples = bootstrap.bootstrap_rows(quantities, len(N), args.bootstrap, args.seed) if args.bootstrap else {}
-    point = chinchilla.power_law_quantities(fit.k_N, fit.a, fit.k_D, fit.b, budgets, G=fit.k_N * 6 ** fit.a)
+    samples = (
+        bootstrap.bootstrap_rows(quantities, len(N), args.bootstrap, args.seed) if args.bootstrap else {}
+    )
+    point = chinchilla.power_law_quantities(fit.k_N, fit.a, fit.k_D, fit.b, budgets, G=fit.k_N * 6**fit.a)
     return fit, point, samples, budgets
 
 
 def run_approach3(args, N, D, loss, budgets):
     """Approach 3 on points [n]: (fit, quantities, vectorised bootstrap samples)."""
     fit = chinchilla.fit_approach3(N, D, loss)
-    samples = (bootstrap.bootstrap_approach3(N, D, loss, fit, budgets, args.bootstrap, args.seed)
-               if args.bootstrap else {})
+    samples = (
+        bootstrap.bootstrap_approach3(N, D, loss, fit, budgets, args.bootstrap, args.seed)
+        if args.bootstrap
+        else {}
+    )
     return fit, chinchilla.approach3_quantities(fit.E, fit.A, fit.B, fit.alpha, fit.beta, budgets), samples
 
 
@@ -142,6 +159,7 @@ def plot(path, approach, fit, N, D, C, loss, budget, curves) -> None:
     IsoFLOP profiles with their fitted curves (for data without budgets, loss against N per D);
     and N_opt, D_opt against C with their power laws."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -161,13 +179,17 @@ def plot(path, approach, fit, N, D, C, loss, budget, curves) -> None:
         points = ax_c.scatter(C, loss, c=np.log10(N), s=12, cmap="viridis")
         fig.colorbar(points, ax=ax_c, label="log10 N")
     if approach == 2:
-        ax_c.plot([p.C for p in fit.parabolas if p.valid], [p.loss_opt for p in fit.parabolas if p.valid],
-                  "k.-", label="IsoFLOP minima")
+        ax_c.plot(
+            [p.C for p in fit.parabolas if p.valid],
+            [p.loss_opt for p in fit.parabolas if p.valid],
+            "k.-",
+            label="IsoFLOP minima",
+        )
         members = {float(value): ix for value, ix in _groups(C, budget)}
         for p in fit.parabolas:
             m = members[p.C]
             x = np.linspace(*p.log_n_range, 50)
-            line, = ax_n.plot(np.exp(x), np.polyval(p.coeffs, x), lw=1)
+            (line,) = ax_n.plot(np.exp(x), np.polyval(p.coeffs, x), lw=1)
             ax_n.scatter(N[m], loss[m], s=12, color=line.get_color(), label=f"C={p.C:.2g}")
             if p.valid:
                 ax_n.plot(p.N_opt, p.loss_opt, "kx")
@@ -178,24 +200,34 @@ def plot(path, approach, fit, N, D, C, loss, budget, curves) -> None:
         ax_c.plot(c_line, chinchilla.approach3_loss(fit, n_opt, d_opt), "k-", label="compute-optimal L(C)")
         iso = _groups(C, budget)
         by_budget = budget is not None or sum(len(ix) >= 3 for _, ix in iso) >= 2
-        for value, ix in (iso if by_budget else _groups(D)):
+        for value, ix in iso if by_budget else _groups(D):
             if by_budget and len(ix) < 3:
                 continue
             n_line = np.logspace(np.log10(N[ix].min()), np.log10(N[ix].max()), 50)
             d_line = value / (6 * n_line) if by_budget else np.full_like(n_line, value)
-            line, = ax_n.plot(n_line, chinchilla.approach3_loss(fit, n_line, d_line), lw=1)
-            ax_n.scatter(N[ix], loss[ix], s=12, color=line.get_color(),
-                         label=f"{'C' if by_budget else 'D'}={value:.2g}")
-        ax_n.set_title("IsoFLOP profiles, fitted L(N, D)" if by_budget else "loss against N per D, fitted L(N, D)")
+            (line,) = ax_n.plot(n_line, chinchilla.approach3_loss(fit, n_line, d_line), lw=1)
+            ax_n.scatter(
+                N[ix],
+                loss[ix],
+                s=12,
+                color=line.get_color(),
+                label=f"{'C' if by_budget else 'D'}={value:.2g}",
+            )
+        ax_n.set_title(
+            "IsoFLOP profiles, fitted L(N, D)" if by_budget else "loss against N per D, fitted L(N, D)"
+        )
     else:
-        n_opt, d_opt = fit.k_N * c_line ** fit.a, fit.k_D * c_line ** fit.b
+        n_opt, d_opt = fit.k_N * c_line**fit.a, fit.k_D * c_line**fit.b
         ax_opt.scatter(fit.C, fit.N_opt, s=14, color="C0")
         ax_opt.scatter(fit.C, fit.D_opt, s=14, color="C1")
     ax_opt.plot(c_line, n_opt, "C0-", label="N_opt")
     ax_opt.plot(c_line, d_opt, "C1-", label="D_opt")
     ax_opt.set_title("compute-optimal allocation")
-    for ax, xlabel, ylabel in ((ax_c, "C (FLOPs)", "loss"), (ax_n, "N (parameters)", "loss"),
-                               (ax_opt, "C (FLOPs)", "N_opt, D_opt")):
+    for ax, xlabel, ylabel in (
+        (ax_c, "C (FLOPs)", "loss"),
+        (ax_n, "N (parameters)", "loss"),
+        (ax_opt, "C (FLOPs)", "N_opt, D_opt"),
+    ):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -211,9 +243,14 @@ def main(argv=None) -> int:
     """Parses the command line, fits, prints; a user error prints one `error:` line and returns 2."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("csv", help="CSV of runs, e.g. a sweep's results.csv")
-    p.add_argument("--approach", type=int, choices=[1, 2, 3], default=3,
-                   help="1: min-loss envelope of the training curves; 2: IsoFLOP parabolas; "
-                        "3: parametric L(N, D) (default)")
+    p.add_argument(
+        "--approach",
+        type=int,
+        choices=[1, 2, 3],
+        default=3,
+        help="1: min-loss envelope of the training curves; 2: IsoFLOP parabolas; "
+        "3: parametric L(N, D) (default)",
+    )
     p.add_argument("--bootstrap", type=int, default=0, help="resamples for confidence intervals (0: none)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")

@@ -8,6 +8,7 @@ Each measurement is one `python -m tools.bench` process, so each peak memory is 
 at the end is read from their JSON figures. `--smoke` runs the same commands on the smoke variants
 with a small roof and few steps: a check of the code paths on CPU, not a measurement.
 """
+
 import argparse
 import json
 import os
@@ -17,32 +18,60 @@ import tempfile
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense bfloat16 (H100 SXM data sheet)
 # (size, seq, attention): cuDNN's fused attention throughout, and XLA's at the bar's config for contrast.
-RUNS = (("350m", 2048, "cudnn"), ("350m", 2048, "xla"), ("125m", 1024, "cudnn"), ("125m", 2048, "cudnn"),
-        ("350m", 1024, "cudnn"))
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain",
-                      "gpt_bench.py")
-COLUMNS = (("tokens_per_sec", "tokens/s", 1.0), ("mfu", "MFU (measured roof)", 1.0),
-           ("mfu_nominal", "MFU (989 TFLOP/s)", 1.0), ("peak_flops", "roof TFLOP/s", 1e-12),
-           ("peak_memory_bytes", "peak memory GB", 1e-9))
+RUNS = (
+    ("350m", 2048, "cudnn"),
+    ("350m", 2048, "xla"),
+    ("125m", 1024, "cudnn"),
+    ("125m", 2048, "cudnn"),
+    ("350m", 1024, "cudnn"),
+)
+CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain", "gpt_bench.py"
+)
+COLUMNS = (
+    ("tokens_per_sec", "tokens/s", 1.0),
+    ("mfu", "MFU (measured roof)", 1.0),
+    ("mfu_nominal", "MFU (989 TFLOP/s)", 1.0),
+    ("peak_flops", "roof TFLOP/s", 1e-12),
+    ("peak_memory_bytes", "peak memory GB", 1e-9),
+)
 
 
 def commands(json_path: str, smoke: bool) -> list:
     """The bench command lines: the bfloat16 roof, then one train bench per RUNS entry."""
     bench = [sys.executable, "-m", "tools.bench"]
-    n, timing = (["--matmul_n", "256"], ["--steps", "2", "--repeats", "2"]) if smoke else (["--matmul_n", "8192"], [])
+    n, timing = (
+        (["--matmul_n", "256"], ["--steps", "2", "--repeats", "2"]) if smoke else (["--matmul_n", "8192"], [])
+    )
     out = [bench + ["matmul", "--dtype", "bfloat16", *n, "--json", json_path]]
     for size, seq, attention in RUNS:
         arg = f"size={size},seq={seq},attention={attention}" + (",smoke" if smoke else "")
-        out.append(bench + ["train", "--config", f"{CONFIG}:{arg}", "--torch", "none", *n, *timing,
-                            "--nominal_peak", f"{H100_BF16_PEAK:g}", "--json", json_path])
+        out.append(
+            bench
+            + [
+                "train",
+                "--config",
+                f"{CONFIG}:{arg}",
+                "--torch",
+                "none",
+                *n,
+                *timing,
+                "--nominal_peak",
+                f"{H100_BF16_PEAK:g}",
+                "--json",
+                json_path,
+            ]
+        )
     return out
 
 
 def summary(records: list) -> str:
     """A table with one row per train config from the bench's JSON records (matmul roof first)."""
     roofs = [r["value"] for r in records if r["bench"] == "matmul" and r["name"] == "peak_flops"]
-    lines = [f"bfloat16 matmul roof: {roofs[0] / 1e12:.4g} TFLOP/s" if roofs else "matmul roof: failed",
-             f"{'config':<44}" + "".join(f"{title:>22}" for _, title, _ in COLUMNS)]
+    lines = [
+        f"bfloat16 matmul roof: {roofs[0] / 1e12:.4g} TFLOP/s" if roofs else "matmul roof: failed",
+        f"{'config':<44}" + "".join(f"{title:>22}" for _, title, _ in COLUMNS),
+    ]
     configs = dict.fromkeys(r["config"] for r in records if r["bench"] == "train")
     for config in configs:
         values = {r["name"]: r["value"] for r in records if r["bench"] == "train" and r["config"] == config}

@@ -10,6 +10,7 @@ Process 0 prints as usual, the others' lines are prefixed with their index. When
 exits with an error the others are stopped; SIGTERM and SIGINT are passed on to all. The exit
 code is the first non-zero one, else 0.
 """
+
 import argparse
 import os
 import signal
@@ -30,10 +31,13 @@ def free_port() -> int:
 def process_env(base: dict, index: int, count: int, port: int, devices: int) -> dict:
     """The environment of process `index`: the coordinator variables and the CPU device count."""
     env = dict(base)
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count),
-               JAX_PROCESS_ID=str(index))
+    env.update(
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(index)
+    )
     if devices > 0:
-        flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+        flags = [
+            f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+        ]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     return env
 
@@ -61,6 +65,7 @@ def launch(command: list, num_processes: int, devices_per_process: int) -> int:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
 
@@ -81,16 +86,23 @@ def launch(command: list, num_processes: int, devices_per_process: int) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--" not in argv:
-        print("error: usage: python -m tools.launch_local [--num_processes N] [--devices_per_process D] "
-              "-- COMMAND ...", file=sys.stderr)
+        print(
+            "error: usage: python -m tools.launch_local [--num_processes N] [--devices_per_process D] "
+            "-- COMMAND ...",
+            file=sys.stderr,
+        )
         return 2
     split = argv.index("--")
     p = argparse.ArgumentParser(description="N joined processes of one command on this machine.")
     p.add_argument("--num_processes", type=int, default=2)
-    p.add_argument("--devices_per_process", type=int, default=0,
-                   help="CPU devices each process simulates (0: leave XLA_FLAGS alone)")
+    p.add_argument(
+        "--devices_per_process",
+        type=int,
+        default=0,
+        help="CPU devices each process simulates (0: leave XLA_FLAGS alone)",
+    )
     args = p.parse_args(argv[:split])
-    command = argv[split + 1:]
+    command = argv[split + 1 :]
     if args.num_processes < 1 or not command:
         print("error: --num_processes must be >= 1 and a command must follow --", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@
 Gao et al. (2022), for RL: R(d) = d (alpha - beta log d), d = sqrt(KL to the initial policy), R the
 score gain over d = 0. It is linear in (alpha, beta), fitted by least squares.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,15 +36,21 @@ def mean_sd_table(reports: list[dict]) -> str:
     """A markdown table: one row per stage, `mean ± sd` over the reports of each numeric field."""
     stages = list(dict.fromkeys(s for r in reports for s in r))
     values = [(f, v) for r in reports for row in r.values() for f, v in row.items() if v is not None]
-    fields = [f for f in dict.fromkeys(f for f, _ in values)
-              if all(isinstance(v, (int, float)) for g, v in values if g == f)]
+    fields = [
+        f
+        for f in dict.fromkeys(f for f, _ in values)
+        if all(isinstance(v, (int, float)) for g, v in values if g == f)
+    ]
     lines = [f"| stage (n = {len(reports)}) | " + " | ".join(fields) + " |", "|---|" + "---:|" * len(fields)]
     for stage in stages:
         cells = []
         for field in fields:
             values = [r[stage][field] for r in reports if stage in r and r[stage].get(field) is not None]
-            cells.append("–" if not values else
-                         f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}")
+            cells.append(
+                "–"
+                if not values
+                else f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+            )
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -56,26 +63,41 @@ def fit_gao_rl(d: np.ndarray, gain: np.ndarray) -> dict:
     (alpha, beta), *_ = np.linalg.lstsq(design, gain[keep], rcond=None)
     peak = math.exp(alpha / beta - 1) if beta > 0 else None
     residual = gain[keep] - design @ np.array([alpha, beta])
-    return {"alpha": float(alpha), "beta": float(beta), "peak_sqrt_kl": peak,
-            "rmse": float(np.sqrt(np.mean(residual ** 2)))}
+    return {
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "peak_sqrt_kl": peak,
+        "rmse": float(np.sqrt(np.mean(residual**2))),
+    }
 
 
 def overoptimisation_curve(run_dir: str) -> dict:
     """sqrt(KL), proxy (rm_score) and oracle score of every logged PPO step, with their Gao fits."""
-    rows = [r for r in metrics_lib.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-            if {"kl", "rm_score", "oracle_score"} <= set(r)]
+    rows = [
+        r
+        for r in metrics_lib.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+        if {"kl", "rm_score", "oracle_score"} <= set(r)
+    ]
     if not rows:
         raise SystemExit(f"{run_dir}/metrics.jsonl: no PPO rows with kl, rm_score and oracle_score")
     d = np.sqrt(np.maximum([r["kl"] for r in rows], 0.0))
     proxy, oracle = np.array([r["rm_score"] for r in rows]), np.array([r["oracle_score"] for r in rows])
-    return {"step": [r["step"] for r in rows], "sqrt_kl": d.tolist(), "proxy": proxy.tolist(), "oracle": oracle.tolist(),
-            "fit_proxy": fit_gao_rl(d, proxy - proxy[0]), "fit_oracle": fit_gao_rl(d, oracle - oracle[0])}
+    return {
+        "step": [r["step"] for r in rows],
+        "sqrt_kl": d.tolist(),
+        "proxy": proxy.tolist(),
+        "oracle": oracle.tolist(),
+        "fit_proxy": fit_gao_rl(d, proxy - proxy[0]),
+        "fit_oracle": fit_gao_rl(d, oracle - oracle[0]),
+    }
 
 
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -86,8 +108,11 @@ def plot_frontier(reports: list[dict], out: str) -> None:
     sft = [r["sft"]["oracle_score"] for r in reports if "sft" in r]
     ax.scatter([0.0] * len(sft), sft, marker="s", color="black", label="SFT")
     for name, marker in zip(POLICIES, "o^D"):
-        points = [(r[name]["kl_to_sft"], r[name]["oracle_score"]) for r in reports
-                  if name in r and r[name].get("kl_to_sft") is not None]
+        points = [
+            (r[name]["kl_to_sft"], r[name]["oracle_score"])
+            for r in reports
+            if name in r and r[name].get("kl_to_sft") is not None
+        ]
         if points:
             ax.scatter(*zip(*points), marker=marker, label=name)
     ax.set_xlabel("KL to SFT (nats)")
@@ -108,8 +133,13 @@ def plot_overoptimisation(curve: dict, out: str) -> None:
         values = np.array(curve[key])
         fit = curve[f"fit_{key}"]
         ax.scatter(d, values - values[0], s=12, color=color, label=f"{key} gain")
-        ax.plot(grid, grid * (fit["alpha"] - fit["beta"] * np.log(grid)), color=color, alpha=0.7,
-                label=f"fit: α={fit['alpha']:.3f}, β={fit['beta']:.3f}")
+        ax.plot(
+            grid,
+            grid * (fit["alpha"] - fit["beta"] * np.log(grid)),
+            color=color,
+            alpha=0.7,
+            label=f"fit: α={fit['alpha']:.3f}, β={fit['beta']:.3f}",
+        )
     ax.axhline(0, color="gray", lw=0.5)
     ax.set_xlabel("sqrt(KL to SFT) (sqrt nats)")
     ax.set_ylabel("score gain over the start")

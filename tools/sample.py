@@ -6,6 +6,7 @@ python -m tools.sample --workdir DIR --prompt "def " --max_new_tokens 100 --temp
 --chat wraps each prompt in the run's chat template (config.template: user + prompt + assistant),
 as SFT trained it; generation stops at EOS. Prompts of different lengths go in one batch.
 """
+
 import argparse
 import sys
 
@@ -21,8 +22,12 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the run's chat template")
-    p.add_argument("--checkpoint", default="auto", choices=saved_model.CHOICES,
-                   help="best (SFT's best eval), latest, or auto: best when there is one")
+    p.add_argument(
+        "--checkpoint",
+        default="auto",
+        choices=saved_model.CHOICES,
+        help="best (SFT's best eval), latest, or auto: best when there is one",
+    )
     p.add_argument("--max_new_tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top_k", type=int, default=40, help="0: off")
@@ -39,10 +44,18 @@ def main(argv=None) -> int:
         encoded = [sft_data.encode_prompt(tok, model.config.template, t) for t in prompts]
     else:
         encoded = [[tok.bos_id] + tok.encode(t) for t in prompts]
-    outs = sampling.generate({"params": model.params}, model.model_cfg, encoded,
-                             max_new_tokens=args.max_new_tokens, rng=jax.random.PRNGKey(args.seed),
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                             eos_id=tok.eos_id, pad_id=tok.pad_id)
+    outs = sampling.generate(
+        {"params": model.params},
+        model.model_cfg,
+        encoded,
+        max_new_tokens=args.max_new_tokens,
+        rng=jax.random.PRNGKey(args.seed),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
         shown = sft_data.format_prompt(model.config.template, prompt) if args.chat else prompt
         print(f"--- sample {i} ---\n{shown}{tok.decode([t for t in out if t != tok.eos_id])}")

@@ -9,6 +9,7 @@ clipping the global gradient norm. The learning rate is constant (our schedule c
 
 Only this file (and the bench function that imports it) imports torch: the library `lm/` never does.
 """
+
 import statistics
 import time
 
@@ -18,18 +19,24 @@ import torch.nn.functional as F
 
 from lm.model import ModelConfig
 
-TORCH_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_supported(c: ModelConfig) -> None:
     """Raises ValueError for configs this GPT-2 style baseline does not reproduce."""
-    unsupported = {'positions': (c.positions, 'learned'), 'norm': (c.norm, 'layernorm'),
-                   'mlp': (c.mlp, 'gelu'), 'tie_embeddings': (c.tie_embeddings, True),
-                   'num_kv_heads': (c.kv_heads, c.num_heads), 'head_dim': (c.head_size, c.d_model // c.num_heads),
-                   'param_dtype': (c.param_dtype, 'float32'), 'dropout': (c.dropout, 0.0)}
-    bad = [f'{k}={have!r}' for k, (have, want) in unsupported.items() if have != want]
+    unsupported = {
+        "positions": (c.positions, "learned"),
+        "norm": (c.norm, "layernorm"),
+        "mlp": (c.mlp, "gelu"),
+        "tie_embeddings": (c.tie_embeddings, True),
+        "num_kv_heads": (c.kv_heads, c.num_heads),
+        "head_dim": (c.head_size, c.d_model // c.num_heads),
+        "param_dtype": (c.param_dtype, "float32"),
+        "dropout": (c.dropout, 0.0),
+    }
+    bad = [f"{k}={have!r}" for k, (have, want) in unsupported.items() if have != want]
     if bad:
-        raise ValueError(f'the torch baseline is GPT-2 style only; this config has {", ".join(bad)}')
+        raise ValueError(f"the torch baseline is GPT-2 style only; this config has {', '.join(bad)}")
 
 
 class CausalSelfAttention(nn.Module):
@@ -46,7 +53,7 @@ class CausalSelfAttention(nn.Module):
         b, t, d = x.shape
         q, k, v = self.c_attn(x).split(d, dim=2)
         q, k, v = (y.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2) for y in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)      # [batch, heads, seq, head_dim]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [batch, heads, seq, head_dim]
         return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, d))
 
 
@@ -64,7 +71,7 @@ class Block(nn.Module):
     def forward(self, x):
         """x: [batch, seq, d_model] -> same."""
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate='tanh'))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
 
 
 class GPT(nn.Module):
@@ -80,10 +87,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight
         for name, p in self.named_parameters():
-            if name.endswith('bias'):
+            if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif p.dim() == 2:
-                residual = name.endswith(('attn.c_proj.weight', 'mlp_proj.weight'))
+                residual = name.endswith(("attn.c_proj.weight", "mlp_proj.weight"))
                 nn.init.normal_(p, std=c.residual_std if residual else 0.02)
 
     def forward(self, tokens, targets):
@@ -92,7 +99,7 @@ class GPT(nn.Module):
         x = self.wte(tokens) + self.wpe(positions)
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))                                  # [batch, seq, vocab]
+        logits = self.lm_head(self.ln_f(x))  # [batch, seq, vocab]
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -103,7 +110,10 @@ def make_optimizer(model: GPT, opt_cfg) -> torch.optim.AdamW:
     for p in model.parameters():
         decays = p.dim() == 2 and (opt_cfg.decay_embeddings or id(p) not in embeddings)
         (decay if decays else no_decay).append(p)
-    groups = [{'params': decay, 'weight_decay': opt_cfg.weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": opt_cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps)
 
 
@@ -120,13 +130,13 @@ def train_steps(c: ModelConfig, opt_cfg, tokens, mode: str, steps: int):
     torch.manual_seed(0)
     model = GPT(c)
     optimizer = make_optimizer(model, opt_cfg)
-    forward = torch.compile(model) if mode == 'compile' else model
+    forward = torch.compile(model) if mode == "compile" else model
     data = torch.as_tensor(tokens, dtype=torch.long)
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
     def run_steps():
         for _ in range(steps):
-            with torch.autocast('cpu', dtype=TORCH_DTYPES[c.dtype], enabled=c.dtype != 'float32'):
+            with torch.autocast("cpu", dtype=TORCH_DTYPES[c.dtype], enabled=c.dtype != "float32"):
                 loss = forward(inputs, targets)
             loss.backward()
             if opt_cfg.clip_norm > 0:
@@ -139,7 +149,7 @@ def train_steps(c: ModelConfig, opt_cfg, tokens, mode: str, steps: int):
 
 def describe() -> str:
     """The torch version and its intra-op thread count."""
-    return f'torch {torch.__version__}, {torch.get_num_threads()} threads'
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def init_loss(c: ModelConfig, tokens) -> float:
@@ -164,5 +174,4 @@ def matmul_flops(n: int = 2048, repeats: int = 7) -> float:
         start = time.perf_counter()
         a @ a
         seconds.append(time.perf_counter() - start)
-    return 2 * n ** 3 / statistics.median(seconds)
-
+    return 2 * n**3 / statistics.median(seconds)

@@ -7,6 +7,7 @@ The pairs are the reward run's (chosen vs rejected). No grader: best/ keeps the 
 best held-out comparison accuracy (eval_accuracy). The settings are the graded-task DPO's
 (configs/dpo/tasks_tiny.py).
 """
+
 from configs import common
 
 
@@ -18,8 +19,8 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.1
     c.train.steps = 100
-    c.train.global_batch_size = 16    # pairs
-    c.train.seq_len = 256             # the reward run's
+    c.train.global_batch_size = 16  # pairs
+    c.train.seq_len = 256  # the reward run's
     c.train.log_every = 10
     c.train.eval_every = 25
     c.train.eval_batches = 16

@@ -10,6 +10,7 @@ reward model trained on few comparisons; the grader (the gold reward) is logged 
 Every logged step has rm_score (the proxy), oracle_score (the gold) and kl, for the plot against
 sqrt(KL). The learning rate is high enough to travel several nats in 60 iterations.
 """
+
 from configs.ppo import tasks_tiny
 
 

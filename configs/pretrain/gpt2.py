@@ -2,6 +2,7 @@
 
 `configs/pretrain/gpt2.py:smoke` shrinks it to a seconds-long CPU run of the same code paths.
 """
+
 from configs import common
 
 
@@ -15,7 +16,7 @@ def get_config(arg=None):
     c.model.d_ff = 3072
     c.model.max_seq_len = 1024
     c.tokenizer.vocab_size = 50257
-    c.precision.compute_dtype = 'bfloat16'
+    c.precision.compute_dtype = "bfloat16"
     c.optimizer.lr = 6e-4
     c.optimizer.weight_decay = 0.1
     c.schedule.warmup_steps = 2000

@@ -2,6 +2,7 @@
 
 About 600k tokens in 150 steps (~1.5 s a step on a 2-core AVX2 CPU), data preparation included.
 """
+
 from configs import common
 
 

@@ -19,14 +19,14 @@ from configs import common
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
     c = common.recipe_config()
-    c.recipe.source = 'hh'
-    c.recipe.data_files = ''  # required: the HH file(s)
-    suffix = ':smoke' if a.smoke else ''
-    c.recipe.pretrain = 'configs/pretrain/tiny.py' + suffix  # '' skips a stage
-    c.recipe.sft = 'configs/sft/hh.py' + suffix
-    c.recipe.reward = 'configs/reward/hh.py' + suffix
-    c.recipe.ppo = 'configs/ppo/hh.py' + suffix
-    c.recipe.dpo = 'configs/dpo/hh.py' + suffix
+    c.recipe.source = "hh"
+    c.recipe.data_files = ""  # required: the HH file(s)
+    suffix = ":smoke" if a.smoke else ""
+    c.recipe.pretrain = "configs/pretrain/tiny.py" + suffix  # '' skips a stage
+    c.recipe.sft = "configs/sft/hh.py" + suffix
+    c.recipe.reward = "configs/reward/hh.py" + suffix
+    c.recipe.ppo = "configs/ppo/hh.py" + suffix
+    c.recipe.dpo = "configs/dpo/hh.py" + suffix
     c.recipe.eval_prompts = 40 if a.smoke else 500  # held-out prompts of the report, at most
     c.recipe.best_of_n = 4 if a.smoke else 16
     c.recipe.max_new_tokens = 8 if a.smoke else 32

@@ -7,15 +7,16 @@
 A malformed record stops the run before training with one line naming the file and the record;
 `--config.data.skip_bad_records=True` skips and counts such records instead.
 """
+
 from configs import common
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
     c = common.sft_config()
-    c.data.source = 'alpaca'
-    c.template.user = '### Instruction:\n'
-    c.template.assistant = '\n\n### Response:\n'
+    c.data.source = "alpaca"
+    c.template.user = "### Instruction:\n"
+    c.template.assistant = "\n\n### Response:\n"
     c.optimizer.lr = 3e-4
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.03

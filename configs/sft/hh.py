@@ -9,16 +9,17 @@ grader: the best checkpoint is the one with the lowest held-out loss (the builde
 split, prompts picked by hash). Dialogues longer than config.train.seq_len are skipped and counted.
 The sizes are the graded-task SFT's (configs/sft/tasks_tiny.py), not tuned on HH.
 """
+
 from configs import common
 
 
 def get_config(arg=None):
     a = common.parse_arg(arg, smoke=False)
     c = common.sft_config()
-    c.data.source = 'hh'
-    c.data.skip_bad_records = True    # the reward and PPO configs build the same split with the same flag
-    c.template.user = ''
-    c.template.assistant = ' '
+    c.data.source = "hh"
+    c.data.skip_bad_records = True  # the reward and PPO configs build the same split with the same flag
+    c.template.user = ""
+    c.template.assistant = " "
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.05

@@ -30,6 +30,7 @@ Numbers are written as plain digit strings; with a digit-splitting tokenizer eac
 A prompt belongs to the train or the validation split by a hash of its text alone, so the two are
 disjoint for any seeds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,17 +46,101 @@ from lm.errors import DataError
 SPLITS = ("train", "validation")
 HELDOUT_SHARE = 0.25  # of the prompt hash space that belongs to 'validation'
 
-WORDS = ("planet", "garden", "window", "silver", "rocket", "pencil", "forest", "bridge", "candle",
-         "jungle", "castle", "orange", "yellow", "winter", "summer", "monkey", "basket", "dragon",
-         "island", "marble", "button", "guitar", "harbor", "ladder", "mirror", "needle", "pepper",
-         "rabbit", "saddle", "tunnel", "velvet", "wizard", "anchor", "blanket", "captain", "diamond",
-         "kitchen", "lantern", "mountain", "notebook", "painter", "quarter", "thunder", "umbrella",
-         "cloud", "river", "stone", "bread", "chair", "dance", "eagle", "flame", "grape", "horse",
-         "lemon", "music", "ocean", "piano", "queen", "table", "tiger", "water", "zebra", "moon",
-         "bird", "lake", "tree", "wind", "crystal", "elephant", "keyboard", "sunflower")
+WORDS = (
+    "planet",
+    "garden",
+    "window",
+    "silver",
+    "rocket",
+    "pencil",
+    "forest",
+    "bridge",
+    "candle",
+    "jungle",
+    "castle",
+    "orange",
+    "yellow",
+    "winter",
+    "summer",
+    "monkey",
+    "basket",
+    "dragon",
+    "island",
+    "marble",
+    "button",
+    "guitar",
+    "harbor",
+    "ladder",
+    "mirror",
+    "needle",
+    "pepper",
+    "rabbit",
+    "saddle",
+    "tunnel",
+    "velvet",
+    "wizard",
+    "anchor",
+    "blanket",
+    "captain",
+    "diamond",
+    "kitchen",
+    "lantern",
+    "mountain",
+    "notebook",
+    "painter",
+    "quarter",
+    "thunder",
+    "umbrella",
+    "cloud",
+    "river",
+    "stone",
+    "bread",
+    "chair",
+    "dance",
+    "eagle",
+    "flame",
+    "grape",
+    "horse",
+    "lemon",
+    "music",
+    "ocean",
+    "piano",
+    "queen",
+    "table",
+    "tiger",
+    "water",
+    "zebra",
+    "moon",
+    "bird",
+    "lake",
+    "tree",
+    "wind",
+    "crystal",
+    "elephant",
+    "keyboard",
+    "sunflower",
+)
 
-INCLUDE_WORDS = ("river", "light", "stone", "wind", "garden", "window", "mountain", "bird", "road",
-                 "song", "forest", "ocean", "candle", "bridge", "field", "flower", "cloud", "shadow")
+INCLUDE_WORDS = (
+    "river",
+    "light",
+    "stone",
+    "wind",
+    "garden",
+    "window",
+    "mountain",
+    "bird",
+    "road",
+    "song",
+    "forest",
+    "ocean",
+    "candle",
+    "bridge",
+    "field",
+    "flower",
+    "cloud",
+    "shadow",
+)
 AVOID_WORDS = ("dark", "cold", "lost", "broken", "empty", "alone", "never", "dust", "fear", "grey")
 RHYMES = {
     "night": ("bright", "sight", "flight", "white", "height", "delight", "tonight", "kite"),
@@ -68,10 +153,12 @@ RHYMES = {
     "heart": ("start", "part", "art", "apart", "chart"),
 }
 # Middles of the ideal line "the A and the B <middle> <rhyme>", cut to length.
-_MIDDLES = (("drift", "slowly", "toward", "a", "quiet", "and"),
-            ("glow", "softly", "under", "every", "gentle", "and"),
-            ("wait", "here", "for", "the", "morning", "and"),
-            ("sing", "of", "something", "warm", "and", "so"))
+_MIDDLES = (
+    ("drift", "slowly", "toward", "a", "quiet", "and"),
+    ("glow", "softly", "under", "every", "gentle", "and"),
+    ("wait", "here", "for", "the", "morning", "and"),
+    ("sing", "of", "something", "warm", "and", "so"),
+)
 _WORD_RE = re.compile(r"[a-z]+(?:'[a-z]+)*")
 
 
@@ -135,12 +222,20 @@ def _generate_constrained_line(rng: random.Random) -> tuple[str, str, dict]:
     min_words = rng.randint(5, 7)
     max_words = min_words + rng.randint(2, 4)
     length = rng.randint(max(min_words, 6), max_words)
-    middle = rng.choice(_MIDDLES)[:length - 6]
+    middle = rng.choice(_MIDDLES)[: length - 6]
     ending = rng.choice([w for w in RHYMES[rhyme] if w not in include])
     line = " ".join(["the", include[0], "and", "the", include[1], *middle, ending])
-    prompt = (f"Write a line of {min_words} to {max_words} words that includes '{include[0]}' and "
-              f"'{include[1]}', avoids '{avoid}', and ends with a word rhyming with '{rhyme}'")
-    meta = {"min_words": min_words, "max_words": max_words, "include": include, "avoid": [avoid], "rhyme": rhyme}
+    prompt = (
+        f"Write a line of {min_words} to {max_words} words that includes '{include[0]}' and "
+        f"'{include[1]}', avoids '{avoid}', and ends with a word rhyming with '{rhyme}'"
+    )
+    meta = {
+        "min_words": min_words,
+        "max_words": max_words,
+        "include": include,
+        "avoid": [avoid],
+        "rhyme": rhyme,
+    }
     return prompt, line, meta
 
 
@@ -148,10 +243,12 @@ def constraints_met(meta: dict, response: str) -> list[bool]:
     """[2 + len(include) + len(avoid)] booleans: length, each included, each avoided, rhyme."""
     words = _WORD_RE.findall(response.lower())
     present = set(words)
-    return [meta["min_words"] <= len(words) <= meta["max_words"],
-            *(w in present for w in meta["include"]),
-            *(w not in present for w in meta["avoid"]),
-            bool(words) and words[-1] in RHYMES[meta["rhyme"]]]
+    return [
+        meta["min_words"] <= len(words) <= meta["max_words"],
+        *(w in present for w in meta["include"]),
+        *(w not in present for w in meta["avoid"]),
+        bool(words) and words[-1] in RHYMES[meta["rhyme"]],
+    ]
 
 
 def _grade_constrained_line(meta: dict, response: str) -> tuple[float, bool]:
@@ -175,8 +272,10 @@ def parse_tasks(task_names: str | Sequence[str]) -> list[str]:
     names = [n for n in names if n]
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
-        raise DataError(f"config.data.tasks: {', '.join(map(repr, unknown)) or 'empty'}; "
-                        f"expected a comma-separated list of {', '.join(TASKS)}")
+        raise DataError(
+            f"config.data.tasks: {', '.join(map(repr, unknown)) or 'empty'}; "
+            f"expected a comma-separated list of {', '.join(TASKS)}"
+        )
     return names
 
 
@@ -212,7 +311,9 @@ def _draw(task: str, num: int, seed: int, split: str) -> list[dict]:
             seen.add(prompt)
             examples.append({"task": task, "prompt": prompt, "response": response, "meta": json.dumps(meta)})
     if len(examples) < num:
-        raise DataError(f"graded task {task!r}: found only {len(examples)} distinct {split} prompts, wanted {num}")
+        raise DataError(
+            f"graded task {task!r}: found only {len(examples)} distinct {split} prompts, wanted {num}"
+        )
     return examples
 
 
@@ -239,5 +340,7 @@ def grade_batch(examples: Sequence[dict], responses: Sequence[str]) -> dict[str,
 def _means(grades: list[dict], suffix: str) -> dict[str, float]:
     """{'score<suffix>': mean score, 'exact<suffix>': fraction exact} (0 for no grades)."""
     n = max(len(grades), 1)
-    return {f"score{suffix}": sum(g["score"] for g in grades) / n,
-            f"exact{suffix}": sum(g["exact"] for g in grades) / n}
+    return {
+        f"score{suffix}": sum(g["score"] for g in grades) / n,
+        f"exact{suffix}": sum(g["exact"] for g in grades) / n,
+    }

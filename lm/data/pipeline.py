@@ -13,6 +13,7 @@ model (`tokenizers/<dataset key>/`), and the token streams with their statistics
 (`tokens/<dataset key>/<tokenizer identity>/<split>.npy|.json`, written atomically, memory-mapped
 when read). An fcntl lock on `data_dir/.prepare.lock` serialises preparation across processes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,13 @@ READ_BATCH = 512  # documents per data-source read and per encode_batch call
 class PackedRows:
     """One split's token stream seen as rows of seq_len (+1 for the shifted targets)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, bos_id: int = tokenizer_lib.BOS_ID,
-                 pad_id: int = tokenizer_lib.PAD_ID):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        bos_id: int = tokenizer_lib.BOS_ID,
+        pad_id: int = tokenizer_lib.PAD_ID,
+    ):
         """tokens: [num_tokens] int (may be a memmap), documents as [BOS] + ids + [EOS]."""
         if seq_len < 1 or len(tokens) < 2:
             raise ValueError(f"need seq_len >= 1 and >= 2 tokens, got {seq_len} and {len(tokens)}")
@@ -76,9 +82,13 @@ def pack_window(window: np.ndarray, valid: np.ndarray, bos_id: int) -> dict[str,
     segment_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
     positions = (column - segment_start) * real
     loss_mask = real & valid[:, 1:] & (targets != bos_id)
-    return {"inputs": inputs.astype(np.int32), "targets": targets.astype(np.int32),
-            "segment_ids": segment_ids.astype(np.int32), "positions": positions.astype(np.int32),
-            "loss_mask": loss_mask.astype(np.float32)}
+    return {
+        "inputs": inputs.astype(np.int32),
+        "targets": targets.astype(np.int32),
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": loss_mask.astype(np.float32),
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -89,15 +99,23 @@ def _epoch_permutation(num_rows: int, seed: int, epoch: int) -> np.ndarray:
     return permutation
 
 
-def global_row_ids(num_rows: int, step: int, global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1) -> np.ndarray:
+def global_row_ids(
+    num_rows: int,
+    step: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> np.ndarray:
     """[global_batch_size // process_count] row ids: this process' contiguous slice of step's batch.
 
     Global row g = step * global_batch_size + i is row permutation(epoch)[g % num_rows], with
     epoch = g // num_rows and the permutation seeded by (seed, epoch).
     """
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by {process_count} processes")
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by {process_count} processes"
+        )
     local = global_batch_size // process_count
     g = step * global_batch_size + process_index * local + np.arange(local, dtype=np.int64)
     epochs, offsets = np.divmod(g, num_rows)
@@ -108,14 +126,24 @@ def global_row_ids(num_rows: int, step: int, global_batch_size: int, seed: int,
     return ids
 
 
-def batch_at_step(rows: PackedRows, step: int, global_batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1) -> dict[str, np.ndarray]:
-    """This process' part of the training batch at `step`: each array [global_batch_size // process_count, seq_len]."""
-    return rows.rows(global_row_ids(rows.num_rows, step, global_batch_size, seed, process_index, process_count))
+def batch_at_step(
+    rows: PackedRows,
+    step: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> dict[str, np.ndarray]:
+    """This process' part of the training batch at `step`: each array
+    [global_batch_size // process_count, seq_len]."""
+    return rows.rows(
+        global_row_ids(rows.num_rows, step, global_batch_size, seed, process_index, process_count)
+    )
 
 
-def eval_batches(rows: PackedRows, batch_size: int, num_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+    rows: PackedRows, batch_size: int, num_batches: int, process_index: int = 0, process_count: int = 1
+) -> Iterator[dict[str, np.ndarray]]:
     """Fixed-order batches from row 0: each array [batch_size // process_count, seq_len].
 
     num_batches <= 0 (or more than there are) -> ceil(num_rows / batch_size) batches covering every
@@ -129,8 +157,10 @@ def eval_batches(rows: PackedRows, batch_size: int, num_batches: int, process_in
         ids = b * batch_size + process_index * local + np.arange(local)
         real = ids < rows.num_rows
         batch = rows.rows(np.where(real, ids, 0))
-        yield {k: np.where(real[:, None], v, rows.pad_id if k in ("inputs", "targets") else 0).astype(v.dtype)
-               for k, v in batch.items()}
+        yield {
+            k: np.where(real[:, None], v, rows.pad_id if k in ("inputs", "targets") else 0).astype(v.dtype)
+            for k, v in batch.items()
+        }
 
 
 def unigram_entropy(rows_or_tokens: PackedRows | np.ndarray, vocab_size: int) -> float:
@@ -156,6 +186,7 @@ def bigram_cross_entropy(train: PackedRows, heldout: PackedRows, vocab_size: int
     chosen on the held-out split itself: an optimistic bigram, so beating it is a conservative
     claim. Pairs are the (input, target) pairs a model is scored on: never across documents.
     """
+
     def pairs(rows):
         tokens = np.asarray(rows.tokens).astype(np.int64)
         prev, nxt = tokens[:-1], tokens[1:]
@@ -172,8 +203,9 @@ def bigram_cross_entropy(train: PackedRows, heldout: PackedRows, vocab_size: int
     pair_counts = np.where(codes[at] == eval_codes, counts[at], 0)
     p_bigram = pair_counts / np.maximum(prev_counts[eval_prev], 1)
     p_unigram = unigram[eval_next]
-    return float(min(-np.mean(np.log(lam * p_bigram + (1 - lam) * p_unigram))
-                     for lam in np.linspace(0.0, 0.99, 100)))
+    return float(
+        min(-np.mean(np.log(lam * p_bigram + (1 - lam) * p_unigram)) for lam in np.linspace(0.0, 0.99, 100))
+    )
 
 
 @dataclasses.dataclass
@@ -240,14 +272,26 @@ def prepare_data(data_cfg, tokenizer_cfg, seq_len: int) -> LMData:
         "version": str(corpus.builder.version),
         "dataset_dir": os.fspath(corpus.builder.data_dir),
         "text_field": corpus.text_field,
-        **{k: metadata[k] for k in ("python_version", "file_list_sha256", "heldout_packages") if k in metadata},
+        **{
+            k: metadata[k]
+            for k in ("python_version", "file_list_sha256", "heldout_packages")
+            if k in metadata
+        },
         "splits": {"train": train_stats, "eval": {"split": corpus.eval_split, **eval_stats}},
         "bytes_per_token": eval_stats["bytes_per_token"],
-        "tokenizer": {"kind": "byte" if isinstance(tokenizer, ByteTokenizer) else "sentencepiece",
-                      "path": tokenizer_path, "vocab_size": tokenizer.vocab_size, "identity": tokenizer.identity},
+        "tokenizer": {
+            "kind": "byte" if isinstance(tokenizer, ByteTokenizer) else "sentencepiece",
+            "path": tokenizer_path,
+            "vocab_size": tokenizer.vocab_size,
+            "identity": tokenizer.identity,
+        },
     }
-    return LMData(tokenizer=tokenizer, train=PackedRows(train, seq_len, tokenizer.bos_id, tokenizer.pad_id),
-                  eval=PackedRows(evals, seq_len, tokenizer.bos_id, tokenizer.pad_id), info=info)
+    return LMData(
+        tokenizer=tokenizer,
+        train=PackedRows(train, seq_len, tokenizer.bos_id, tokenizer.pad_id),
+        eval=PackedRows(evals, seq_len, tokenizer.bos_id, tokenizer.pad_id),
+        info=info,
+    )
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -305,9 +349,12 @@ def open_corpus(data_cfg, data_dir: str, begin: Callable[[], None] = _nothing) -
     if source == "stdlib":
         builder = BUILDERS["stdlib"](eval_fraction=eval_fraction, **common)
     elif source == "text_files":
-        builder = BUILDERS["text_files"](files=config_get(data_cfg, "files", ""),
-                                         text_field=config_get(data_cfg, "text_field", "text"),
-                                         eval_fraction=eval_fraction, **common)
+        builder = BUILDERS["text_files"](
+            files=config_get(data_cfg, "files", ""),
+            text_field=config_get(data_cfg, "text_field", "text"),
+            eval_fraction=eval_fraction,
+            **common,
+        )
     elif isinstance(source, str) and source.startswith("tfds:"):
         return _open_tfds(source.removeprefix("tfds:"), config_get(data_cfg, "text_field", "text"), common)
     else:
@@ -327,24 +374,31 @@ def _open_tfds(name: str, text_field: str, builder_kwargs: dict) -> Corpus:
         raise DataError(f"config.data.source: no TFDS dataset named {name!r}") from None
     features = builder.info.features
     if text_field not in features or not isinstance(features[text_field], tfds.features.Text):
-        raise DataError(f"config.data.text_field: {text_field!r} is not a text feature of TFDS dataset {name!r} "
-                        f"(features: {', '.join(sorted(features))})")
+        raise DataError(
+            f"config.data.text_field: {text_field!r} is not a text feature of TFDS dataset {name!r} "
+            f"(features: {', '.join(sorted(features))})"
+        )
     if not builder.is_prepared():
         try:
             builder.download_and_prepare()
         except Exception as e:  # offline, missing optional dependency, ...: the user must act.
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
-            raise DataError(f"config.data.source: cannot download/prepare TFDS dataset {name!r} into "
-                            f"{builder_kwargs['data_dir']}: {type(e).__name__}: {first_line}") from None
+            raise DataError(
+                f"config.data.source: cannot download/prepare TFDS dataset {name!r} into "
+                f"{builder_kwargs['data_dir']}: {type(e).__name__}: {first_line}"
+            ) from None
     splits = builder.info.splits
     if "train" not in splits or not ({"validation", "test"} & set(splits)):
-        raise DataError(f"config.data.source: TFDS dataset {name!r} needs a 'train' and a 'validation' or "
-                        f"'test' split (has: {', '.join(sorted(splits))})")
+        raise DataError(
+            f"config.data.source: TFDS dataset {name!r} needs a 'train' and a 'validation' or "
+            f"'test' split (has: {', '.join(sorted(splits))})"
+        )
     return Corpus(builder, text_field, "validation" if "validation" in splits else "test")
 
 
-def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str,
-                  begin: Callable[[], None] = _nothing) -> tuple[Tokenizer, str | None]:
+def get_tokenizer(
+    tokenizer_cfg, corpus: Corpus, data_dir: str, begin: Callable[[], None] = _nothing
+) -> tuple[Tokenizer, str | None]:
     """The configured tokenizer and the file it lives in (None for the byte tokenizer).
 
     A sentencepiece model is trained on the corpus' train split once (after calling begin()) and
@@ -368,11 +422,14 @@ def get_tokenizer(tokenizer_cfg, corpus: Corpus, data_dir: str,
     if os.path.exists(path):
         return tokenizer_lib.load_tokenizer(path), path
     begin()
-    return tokenizer_lib.train_sentencepiece(corpus.texts("train"), path, vocab_size, model_type, split_digits), path
+    return tokenizer_lib.train_sentencepiece(
+        corpus.texts("train"), path, vocab_size, model_type, split_digits
+    ), path
 
 
-def tokenize_split(corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: str,
-                   begin: Callable[[], None] = _nothing) -> tuple[np.ndarray, dict]:
+def tokenize_split(
+    corpus: Corpus, split: str, tokenizer: Tokenizer, cache_dir: str, begin: Callable[[], None] = _nothing
+) -> tuple[np.ndarray, dict]:
     """The split's token stream [num_tokens] (memory-mapped from the cache) and its statistics;
     begin() is called before tokenizing a split that is not cached."""
     stream_path = os.path.join(cache_dir, f"{split}.npy")
@@ -417,8 +474,12 @@ def tokenize_documents(texts: Iterable[str], tokenizer: Tokenizer) -> tuple[np.n
         flush()
     tokens = np.concatenate(parts) if parts else np.zeros([0], dtype)
     text_tokens = len(tokens) - 2 * num_docs
-    stats = {"num_docs": num_docs, "num_tokens": int(len(tokens)), "num_bytes": num_bytes,
-             "bytes_per_token": num_bytes / max(text_tokens, 1)}
+    stats = {
+        "num_docs": num_docs,
+        "num_tokens": int(len(tokens)),
+        "num_bytes": num_bytes,
+        "bytes_per_token": num_bytes / max(text_tokens, 1),
+    }
     return tokens, stats
 
 

@@ -20,6 +20,7 @@ Label noise p (`reverse_rankings`, for the train comparisons; held-out ones keep
 each prompt's ranking is reversed with probability p, so every pair's order is swapped with
 probability p (for K = 2 exactly a swapped triple; the pairs of one prompt swap together).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,11 +46,11 @@ FORMAT = 2  # of the cached comparisons.npz (2: first_index)
 class Comparisons:
     """n prompts with up to K ranked responses each."""
 
-    tokens: np.ndarray      # [n, K, seq] int32, right-padded
+    tokens: np.ndarray  # [n, K, seq] int32, right-padded
     first_index: np.ndarray  # [n, K] int32 column of each response's first token (after the prompt)
     last_index: np.ndarray  # [n, K] int32 column of each response's EOS
-    ranks: np.ndarray       # [n, K] int32, 0 = best, equal = tie
-    mask: np.ndarray        # [n, K] bool, False on padding slots
+    ranks: np.ndarray  # [n, K] int32, 0 = best, equal = tie
+    mask: np.ndarray  # [n, K] bool, False on padding slots
 
     @property
     def num_prompts(self) -> int:
@@ -71,7 +72,7 @@ class PreferenceData:
 
     train: Comparisons
     eval: Comparisons
-    norm_tokens: np.ndarray      # [m, seq] int32: responses of the SFT policy (HH: the chosen ones)
+    norm_tokens: np.ndarray  # [m, seq] int32: responses of the SFT policy (HH: the chosen ones)
     norm_first_index: np.ndarray  # [m] int32
     norm_last_index: np.ndarray  # [m] int32
     info: dict
@@ -89,8 +90,14 @@ def dense_ranks(scores: Sequence[float]) -> list[int]:
     return [distinct.index(s) for s in scores]
 
 
-def build_comparisons(groups: Sequence[Sequence[Sequence[int]]], ranks: Sequence[Sequence[int]],
-                      prompt_lengths: Sequence[int], seq_len: int, pad_id: int, k: int | None = None) -> Comparisons:
+def build_comparisons(
+    groups: Sequence[Sequence[Sequence[int]]],
+    ranks: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    seq_len: int,
+    pad_id: int,
+    k: int | None = None,
+) -> Comparisons:
     """[n] prompts' token lists ([k_i] sequences of at most seq_len tokens, each ending in EOS),
     [n][k_i] ranks and [n] prompt lengths (the tokens before each response, BOS included) ->
     Comparisons padded to K = k (default max k_i) responses and seq_len tokens."""
@@ -103,7 +110,7 @@ def build_comparisons(groups: Sequence[Sequence[Sequence[int]]], ranks: Sequence
     mask = np.zeros((n, k), bool)
     for i, (group, group_ranks, prompt_length) in enumerate(zip(groups, ranks, prompt_lengths)):
         for j, (sequence, rank) in enumerate(zip(group, group_ranks)):
-            tokens[i, j, :len(sequence)] = sequence
+            tokens[i, j, : len(sequence)] = sequence
             last_index[i, j], rank_array[i, j], mask[i, j] = len(sequence) - 1, rank, True
             first_index[i, j] = prompt_length
     return Comparisons(tokens, first_index, last_index, rank_array, mask)
@@ -124,7 +131,8 @@ def prompt_lengths(comparisons: Comparisons) -> np.ndarray:
 
 
 def batch_width(lengths: np.ndarray, seq_len: int, multiple: int = WIDTH_MULTIPLE) -> int:
-    """The columns a batch of sequences needs: its longest `lengths` rounded up to `multiple`, at most seq_len."""
+    """The columns a batch of sequences needs: its longest `lengths` rounded up to `multiple`, at
+    most seq_len."""
     return min(seq_len, -(-int(np.max(lengths)) // multiple) * multiple)
 
 
@@ -167,20 +175,27 @@ def grouped_batch_ids(lengths: np.ndarray, step: int, batch_size: int, seed: int
 def reverse_rankings(ranks: np.ndarray, mask: np.ndarray, p: float, seed: int) -> np.ndarray:
     """Label noise: [n, K] ranks with each prompt's ranking reversed (best <-> worst, ties kept)
     with probability p; mask [n, K] says which slots are valid."""
-    flip = np.random.default_rng([seed, 1]).random(len(ranks)) < p                  # [n]
-    worst = np.max(np.where(mask, ranks, 0), axis=1, keepdims=True)                 # [n, 1]
+    flip = np.random.default_rng([seed, 1]).random(len(ranks)) < p  # [n]
+    worst = np.max(np.where(mask, ranks, 0), axis=1, keepdims=True)  # [n, 1]
     return np.where(flip[:, None] & mask, worst - ranks, ranks).astype(np.int32)
 
 
 def stats(comparisons: Comparisons) -> dict:
     """num_prompts, num_responses, num_pairs, K."""
-    return {"num_prompts": comparisons.num_prompts, "num_responses": int(comparisons.mask.sum()),
-            "num_pairs": comparisons.num_pairs(), "K": int(comparisons.mask.shape[1])}
+    return {
+        "num_prompts": comparisons.num_prompts,
+        "num_responses": int(comparisons.mask.sum()),
+        "num_pairs": comparisons.num_pairs(),
+        "K": int(comparisons.mask.shape[1]),
+    }
 
 
 # --- HH ---------------------------------------------------------------------------------------
 
-def hh_comparisons(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int, limits: tuple[int, int]) -> PreferenceData:
+
+def hh_comparisons(
+    data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int, limits: tuple[int, int]
+) -> PreferenceData:
     """The HH builder's preference triples as K = 2 comparisons (chosen rank 0, rejected rank 1).
 
     data_cfg: files, eval_fraction, data_dir, skip_bad_records (as SFT's 'hh' source). A triple
@@ -190,22 +205,42 @@ def hh_comparisons(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int, l
     """
     builder = open_hh(data_cfg)
     skip = bool(config_get(data_cfg, "skip_bad_records", False))
-    splits, info = {}, {"source": "hh", "dataset": builder.name, "config": builder.builder_config.name,
-                        "version": str(builder.version), "hh": dict((builder.info.metadata or {}).get("hh", {}))}
+    splits, info = (
+        {},
+        {
+            "source": "hh",
+            "dataset": builder.name,
+            "config": builder.builder_config.name,
+            "version": str(builder.version),
+            "hh": dict((builder.info.metadata or {}).get("hh", {})),
+        },
+    )
     for split, name, limit in (("train", "train", limits[0]), ("validation", "eval", limits[1])):
         triples = [e for e in sft_data.read_examples(builder, split) if e["preference"]]
         groups, prompt_lengths, too_long = hh_sequences(triples, tokenizer, template_cfg, seq_len, skip)
-        groups, prompt_lengths = (groups[:limit], prompt_lengths[:limit]) if limit else (groups, prompt_lengths)
+        groups, prompt_lengths = (
+            (groups[:limit], prompt_lengths[:limit]) if limit else (groups, prompt_lengths)
+        )
         if not groups:
-            raise DataError(f"config.data.files: no usable preference triple in the {split} split "
-                            f"({len(too_long)} longer than seq_len={seq_len})")
-        splits[name] = build_comparisons(groups, [[0, 1]] * len(groups), prompt_lengths, seq_len, tokenizer.pad_id, k=2)
-        info[name] = {**stats(splits[name]), "num_skipped_too_long": len(too_long),
-                      "too_long_records": too_long[:sft_data.MAX_LISTED]}
-    chosen = {field: np.concatenate([getattr(splits[name], field)[:, 0] for name in ("train", "eval")])
-              for field in ("tokens", "first_index", "last_index")}
-    return PreferenceData(splits["train"], splits["eval"], chosen["tokens"], chosen["first_index"],
-                          chosen["last_index"], info)
+            raise DataError(
+                f"config.data.files: no usable preference triple in the {split} split "
+                f"({len(too_long)} longer than seq_len={seq_len})"
+            )
+        splits[name] = build_comparisons(
+            groups, [[0, 1]] * len(groups), prompt_lengths, seq_len, tokenizer.pad_id, k=2
+        )
+        info[name] = {
+            **stats(splits[name]),
+            "num_skipped_too_long": len(too_long),
+            "too_long_records": too_long[: sft_data.MAX_LISTED],
+        }
+    chosen = {
+        field: np.concatenate([getattr(splits[name], field)[:, 0] for name in ("train", "eval")])
+        for field in ("tokens", "first_index", "last_index")
+    }
+    return PreferenceData(
+        splits["train"], splits["eval"], chosen["tokens"], chosen["first_index"], chosen["last_index"], info
+    )
 
 
 def open_hh(data_cfg):
@@ -224,11 +259,14 @@ def hh_prompts(data_cfg, split: str) -> list[str]:
     return list(dict.fromkeys(e["prompt"] for e in sft_data.read_examples(open_hh(data_cfg), split)))
 
 
-def hh_sequences(triples: list[dict], tokenizer: Tokenizer, template_cfg, seq_len: int,
-                 skip: bool) -> tuple[list[list[list[int]]], list[int], list[str]]:
+def hh_sequences(
+    triples: list[dict], tokenizer: Tokenizer, template_cfg, seq_len: int, skip: bool
+) -> tuple[list[list[list[int]]], list[int], list[str]]:
     """[n] triples -> [(chosen tokens, rejected tokens)] for those that fit in seq_len tokens, their
     prompt lengths, and 'record (N tokens)' for each longer one (a DataError unless `skip`)."""
-    both = [{"prompt": t["prompt"], "response": t[field]} for t in triples for field in ("chosen", "rejected")]
+    both = [
+        {"prompt": t["prompt"], "response": t[field]} for t in triples for field in ("chosen", "rejected")
+    ]
     tokens, prompt_lengths = sft_data.tokenize_examples(tokenizer, template_cfg, both)
     groups, kept_lengths, too_long = [], [], []
     for t, pair, prompt_length in zip(triples, zip(tokens[0::2], tokens[1::2]), prompt_lengths[0::2]):
@@ -239,12 +277,15 @@ def hh_sequences(triples: list[dict], tokenizer: Tokenizer, template_cfg, seq_le
         elif skip:
             too_long.append(f"{t['record']} ({longest} tokens)")
         else:
-            raise DataError(f"config.train.seq_len={seq_len}: preference triple {t['record']} has {longest} tokens "
-                            f"with the template (config.data.skip_bad_records=True skips it)")
+            raise DataError(
+                f"config.train.seq_len={seq_len}: preference triple {t['record']} has {longest} tokens "
+                f"with the template (config.data.skip_bad_records=True skips it)"
+            )
     return groups, kept_lengths, too_long
 
 
 # --- graded tasks: samples of the SFT policy ranked by the grader -----------------------------
+
 
 def held_out_prompts(tasks: str, num: int, seed: int, exclude: set[str]) -> list[dict]:
     """`num` examples (make_examples dicts) of 'validation'-side prompts not in `exclude`, in
@@ -258,8 +299,9 @@ def sft_heldout_prompts(sft_data_cfg: dict) -> set[str]:
     """The held-out prompts of an SFT run on graded tasks (its config.data), else an empty set."""
     if sft_data_cfg.get("source") != "graded_tasks":
         return set()
-    examples = graded_tasks.make_examples(sft_data_cfg["tasks"], int(sft_data_cfg["num_eval"]),
-                                          int(sft_data_cfg["task_seed"]), "validation")
+    examples = graded_tasks.make_examples(
+        sft_data_cfg["tasks"], int(sft_data_cfg["num_eval"]), int(sft_data_cfg["task_seed"]), "validation"
+    )
     return {e["prompt"] for e in examples}
 
 
@@ -270,31 +312,68 @@ def rl_eval_prompts(tasks: str, num: int, seed: int, sft_data_cfg: dict) -> list
     return held_out_prompts(tasks, num, seed + 3, sft_heldout_prompts(sft_data_cfg))
 
 
-def sample_responses(params, model_cfg, tokenizer: Tokenizer, prompts: list[list[int]], *, k: int,
-                     temperature: float, max_new_tokens: int, batch: int, rng) -> list[list[list[int]]]:
+def sample_responses(
+    params,
+    model_cfg,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    *,
+    k: int,
+    temperature: float,
+    max_new_tokens: int,
+    batch: int,
+    rng,
+) -> list[list[list[int]]]:
     """[n] prompt token lists -> [n][k] sampled responses (token lists without EOS), `batch` rows
     per sampler call (`sampling.generate_sorted`)."""
     rows = [p for p in prompts for _ in range(k)]
-    completions = sampling.generate_sorted(params, model_cfg, rows, max_batch=batch, max_new_tokens=max_new_tokens,
-                                           rng=rng, temperature=temperature, eos_id=tokenizer.eos_id,
-                                           pad_id=tokenizer.pad_id)
+    completions = sampling.generate_sorted(
+        params,
+        model_cfg,
+        rows,
+        max_batch=batch,
+        max_new_tokens=max_new_tokens,
+        rng=rng,
+        temperature=temperature,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
     responses = [[t for t in c if t != tokenizer.eos_id] for c in completions]
-    return [responses[i * k:(i + 1) * k] for i in range(len(prompts))]
+    return [responses[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
-def graded_comparisons(examples: list[dict], prompts: list[list[int]], responses: list[list[list[int]]],
-                       tokenizer: Tokenizer, seq_len: int) -> tuple[Comparisons, np.ndarray]:
+def graded_comparisons(
+    examples: list[dict],
+    prompts: list[list[int]],
+    responses: list[list[list[int]]],
+    tokenizer: Tokenizer,
+    seq_len: int,
+) -> tuple[Comparisons, np.ndarray]:
     """[n] examples, their prompt tokens and [n][k] responses -> (Comparisons of every prompt,
     ranked by the grader's score, ties equal; [n, k] float32 grader scores)."""
-    scores = np.array([[graded_tasks.grade(e["task"], e["meta"], tokenizer.decode(r))["score"] for r in group]
-                       for e, group in zip(examples, responses)], np.float32)
+    scores = np.array(
+        [
+            [graded_tasks.grade(e["task"], e["meta"], tokenizer.decode(r))["score"] for r in group]
+            for e, group in zip(examples, responses)
+        ],
+        np.float32,
+    )
     groups = [[p + r + [tokenizer.eos_id] for r in group] for p, group in zip(prompts, responses)]
     ranks = [dense_ranks(s.tolist()) for s in scores]
     return build_comparisons(groups, ranks, [len(p) for p in prompts], seq_len, tokenizer.pad_id), scores
 
 
-def policy_comparisons(params, model_cfg, tokenizer: Tokenizer, template_cfg, data_cfg, reward_cfg,
-                       sft_data_cfg: dict, seq_len: int, seed: int) -> PreferenceData:
+def policy_comparisons(
+    params,
+    model_cfg,
+    tokenizer: Tokenizer,
+    template_cfg,
+    data_cfg,
+    reward_cfg,
+    sft_data_cfg: dict,
+    seq_len: int,
+    seed: int,
+) -> PreferenceData:
     """Samples, grades and ranks the SFT policy's responses to held-out graded-task prompts.
 
     data_cfg: tasks, task_seed (which prompts). reward_cfg: samples_per_prompt (K), temperature,
@@ -304,40 +383,75 @@ def policy_comparisons(params, model_cfg, tokenizer: Tokenizer, template_cfg, da
     normalisation set.
     """
     num_eval, num_train = int(reward_cfg.num_eval_prompts), int(reward_cfg.num_prompts)
-    examples = held_out_prompts(data_cfg.tasks, num_eval + num_train, int(data_cfg.task_seed),
-                                sft_heldout_prompts(sft_data_cfg))
+    examples = held_out_prompts(
+        data_cfg.tasks, num_eval + num_train, int(data_cfg.task_seed), sft_heldout_prompts(sft_data_cfg)
+    )
     prompts = [sft_data.encode_prompt(tokenizer, template_cfg, e["prompt"]) for e in examples]
     longest = max(len(p) for p in prompts) + reward_cfg.max_new_tokens + 1
     if longest > seq_len:
-        raise ConfigError(f"config.train.seq_len={seq_len} is less than the longest prompt + "
-                          f"config.reward.max_new_tokens={reward_cfg.max_new_tokens} + EOS ({longest} tokens)")
-    responses = sample_responses({"params": params}, model_cfg, tokenizer, prompts, k=int(reward_cfg.samples_per_prompt),
-                                 temperature=float(reward_cfg.temperature), max_new_tokens=int(reward_cfg.max_new_tokens),
-                                 batch=int(reward_cfg.sample_batch), rng=jax.random.PRNGKey(seed))
+        raise ConfigError(
+            f"config.train.seq_len={seq_len} is less than the longest prompt + "
+            f"config.reward.max_new_tokens={reward_cfg.max_new_tokens} + EOS ({longest} tokens)"
+        )
+    responses = sample_responses(
+        {"params": params},
+        model_cfg,
+        tokenizer,
+        prompts,
+        k=int(reward_cfg.samples_per_prompt),
+        temperature=float(reward_cfg.temperature),
+        max_new_tokens=int(reward_cfg.max_new_tokens),
+        batch=int(reward_cfg.sample_batch),
+        rng=jax.random.PRNGKey(seed),
+    )
     every, scores = graded_comparisons(examples, prompts, responses, tokenizer, seq_len)
     eval_all = Comparisons(**every.take(np.arange(num_eval)))
     train_all = Comparisons(**every.take(np.arange(num_eval, num_eval + num_train)))
     splits = {"train": with_pairs(train_all), "eval": with_pairs(eval_all)}
     for name, split in splits.items():
         if split.num_prompts == 0:
-            raise DataError(f"graded_tasks: no {name} prompt has two responses with different grader scores "
-                            f"(config.reward.temperature={reward_cfg.temperature})")
+            raise DataError(
+                f"graded_tasks: no {name} prompt has two responses with different grader scores "
+                f"(config.reward.temperature={reward_cfg.temperature})"
+            )
     sampled = {"train": num_train, "eval": num_eval}
-    info = {"source": "graded_tasks", "tasks": graded_tasks.parse_tasks(data_cfg.tasks),
-            "task_seed": int(data_cfg.task_seed), "policy_mean_score": float(scores.mean()),
-            **{name: {**stats(split), "num_prompts_sampled": sampled[name]} for name, split in splits.items()}}
-    return PreferenceData(splits["train"], splits["eval"], every.tokens[every.mask], every.first_index[every.mask],
-                          every.last_index[every.mask], info)
+    info = {
+        "source": "graded_tasks",
+        "tasks": graded_tasks.parse_tasks(data_cfg.tasks),
+        "task_seed": int(data_cfg.task_seed),
+        "policy_mean_score": float(scores.mean()),
+        **{name: {**stats(split), "num_prompts_sampled": sampled[name]} for name, split in splits.items()},
+    }
+    return PreferenceData(
+        splits["train"],
+        splits["eval"],
+        every.tokens[every.mask],
+        every.first_index[every.mask],
+        every.last_index[every.mask],
+        info,
+    )
 
 
 # --- the workdir cache ------------------------------------------------------------------------
 
+
 def save(path: str, data: PreferenceData, fingerprint: str) -> None:
     """Writes `data` to `path` (.npz, atomically); `fingerprint` names what it was built from."""
-    arrays = {f"{split}_{name}": getattr(getattr(data, split), name) for split in ("train", "eval") for name in ARRAYS}
+    arrays = {
+        f"{split}_{name}": getattr(getattr(data, split), name)
+        for split in ("train", "eval")
+        for name in ARRAYS
+    }
     tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, norm_tokens=data.norm_tokens, norm_first_index=data.norm_first_index,
-             norm_last_index=data.norm_last_index, fingerprint=np.array(f"{FORMAT}:{fingerprint}"), info=np.array(json.dumps(data.info, default=str)), **arrays)
+    np.savez(
+        tmp,
+        norm_tokens=data.norm_tokens,
+        norm_first_index=data.norm_first_index,
+        norm_last_index=data.norm_last_index,
+        fingerprint=np.array(f"{FORMAT}:{fingerprint}"),
+        info=np.array(json.dumps(data.info, default=str)),
+        **arrays,
+    )
     os.replace(tmp, path)
 
 
@@ -350,7 +464,15 @@ def load(path: str, fingerprint: str | None = None) -> PreferenceData | None:
         saved_format, _, saved = str(f["fingerprint"]).partition(":")
         if saved_format != str(FORMAT) or (fingerprint is not None and saved != fingerprint):
             return None
-        splits = {split: Comparisons(**{name: f[f"{split}_{name}"] for name in ARRAYS}) for split in ("train", "eval")}
-        return PreferenceData(splits["train"], splits["eval"], f["norm_tokens"], f["norm_first_index"], f["norm_last_index"],
-                              json.loads(str(f["info"])))
-
+        splits = {
+            split: Comparisons(**{name: f[f"{split}_{name}"] for name in ARRAYS})
+            for split in ("train", "eval")
+        }
+        return PreferenceData(
+            splits["train"],
+            splits["eval"],
+            f["norm_tokens"],
+            f["norm_first_index"],
+            f["norm_last_index"],
+            json.loads(str(f["info"])),
+        )

@@ -19,6 +19,7 @@ Caching. The dataset is built once under the data dir, under the pipeline's lock
 rows are rebuilt on every call (50k graded-task examples, 4M tokens: about 2 s on 2 CPU cores
 with the byte tokenizer).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,11 @@ MAX_LISTED = 10  # skipped examples named in info (all are counted)
 
 def format_prompt(template_cfg, prompt: str) -> str:
     """template.user + prompt + template.assistant."""
-    return config_get(template_cfg, "user", DEFAULT_USER) + prompt + config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)
+    return (
+        config_get(template_cfg, "user", DEFAULT_USER)
+        + prompt
+        + config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)
+    )
 
 
 def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str) -> list[int]:
@@ -48,17 +53,21 @@ def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str) -> list[int]:
     return [tokenizer.bos_id, *tokenizer.encode(format_prompt(template_cfg, prompt))]
 
 
-def prompts_that_fit(tokenizer: Tokenizer, template_cfg, prompts: Sequence[str],
-                     max_tokens: int) -> tuple[list[str], int]:
+def prompts_that_fit(
+    tokenizer: Tokenizer, template_cfg, prompts: Sequence[str], max_tokens: int
+) -> tuple[list[str], int]:
     """The [n] prompts whose `encode_prompt` tokens (BOS included) number at most max_tokens, in
     order, and how many are longer."""
-    lengths = [1 + len(ids) for ids in tokenizer.encode_batch([format_prompt(template_cfg, p) for p in prompts])]
+    lengths = [
+        1 + len(ids) for ids in tokenizer.encode_batch([format_prompt(template_cfg, p) for p in prompts])
+    ]
     kept = [p for p, length in zip(prompts, lengths) if length <= max_tokens]
     return kept, len(prompts) - len(kept)
 
 
-def tokenize_examples(tokenizer: Tokenizer, template_cfg,
-                      examples: Sequence[dict]) -> tuple[list[list[int]], list[int]]:
+def tokenize_examples(
+    tokenizer: Tokenizer, template_cfg, examples: Sequence[dict]
+) -> tuple[list[list[int]], list[int]]:
     """[n] examples -> [n] token lists [BOS] + prompt + response + [EOS], and [n] prompt lengths
     (with BOS)."""
     prompts = tokenizer.encode_batch([format_prompt(template_cfg, e["prompt"]) for e in examples])
@@ -85,8 +94,15 @@ def greedy_rows(lengths: Sequence[int], capacity: int) -> np.ndarray:
 class PackedExamples:
     """Whole examples packed into rows; `rows`, `num_rows`, `seq_len`, `pad_id` as PackedRows."""
 
-    def __init__(self, tokens: np.ndarray, loss_tokens: np.ndarray, row_offsets: np.ndarray, seq_len: int,
-                 bos_id: int, pad_id: int):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        loss_tokens: np.ndarray,
+        row_offsets: np.ndarray,
+        seq_len: int,
+        bos_id: int,
+        pad_id: int,
+    ):
         """tokens: [num_tokens] the examples back to back; loss_tokens: [num_tokens] bool, True on
         response tokens and closing EOS; row_offsets: [num_rows + 1] where each row starts in tokens."""
         self.tokens = tokens
@@ -112,8 +128,13 @@ class PackedExamples:
         return batch
 
 
-def pack_examples(token_lists: Sequence[Sequence[int]], prompt_lengths: Sequence[int], seq_len: int,
-                  bos_id: int, pad_id: int) -> PackedExamples:
+def pack_examples(
+    token_lists: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    seq_len: int,
+    bos_id: int,
+    pad_id: int,
+) -> PackedExamples:
     """Packs [n] examples (each at most seq_len + 1 tokens) into rows; the response of example k
     is token_lists[k][prompt_lengths[k]:] (its closing EOS included)."""
     lengths = np.array([len(t) for t in token_lists], np.int64)
@@ -150,8 +171,9 @@ def prepare_sft_data(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int)
     skip = bool(config_get(data_cfg, "skip_bad_records", False))
     packed, kept, stats = {}, {}, {}
     for split in ("train", "validation"):
-        packed[split], kept[split], stats[split] = pack_split(read_examples(builder, split), tokenizer, template_cfg,
-                                                              seq_len, skip)
+        packed[split], kept[split], stats[split] = pack_split(
+            read_examples(builder, split), tokenizer, template_cfg, seq_len, skip
+        )
     metadata = builder.info.metadata or {}
     info = {
         "source": config_get(data_cfg, "source", "graded_tasks"),
@@ -160,23 +182,37 @@ def prepare_sft_data(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int)
         "version": str(builder.version),
         "dataset_dir": os.fspath(builder.data_dir),
         "build": {k: metadata[k] for k in ("records", "hh", "tasks", "seed") if k in metadata},
-        "template": {"user": config_get(template_cfg, "user", DEFAULT_USER),
-                     "assistant": config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)},
+        "template": {
+            "user": config_get(template_cfg, "user", DEFAULT_USER),
+            "assistant": config_get(template_cfg, "assistant", DEFAULT_ASSISTANT),
+        },
         "seq_len": seq_len,
         "tokenizer": tokenizer.identity,
         "splits": {"train": stats["train"], "eval": {"split": "validation", **stats["validation"]}},
     }
-    return SFTData(train=packed["train"], eval=packed["validation"], eval_examples=kept["validation"], info=info)
+    return SFTData(
+        train=packed["train"], eval=packed["validation"], eval_examples=kept["validation"], info=info
+    )
 
 
-def pack_split(examples: list[dict], tokenizer: Tokenizer, template_cfg, seq_len: int,
-               skip: bool) -> tuple[PackedExamples, list[dict], dict]:
+def pack_split(
+    examples: list[dict], tokenizer: Tokenizer, template_cfg, seq_len: int, skip: bool
+) -> tuple[PackedExamples, list[dict], dict]:
     """One split's examples -> their packed rows, the examples that fit, and statistics."""
     tokens, prompt_lengths = tokenize_examples(tokenizer, template_cfg, examples)
     keep, too_long = fitting(examples, [len(t) for t in tokens], seq_len, skip)
-    rows = pack_examples([tokens[k] for k in keep], [prompt_lengths[k] for k in keep], seq_len,
-                         tokenizer.bos_id, tokenizer.pad_id)
-    stats = {**split_stats(rows), "num_skipped_too_long": len(too_long), "too_long_records": too_long[:MAX_LISTED]}
+    rows = pack_examples(
+        [tokens[k] for k in keep],
+        [prompt_lengths[k] for k in keep],
+        seq_len,
+        tokenizer.bos_id,
+        tokenizer.pad_id,
+    )
+    stats = {
+        **split_stats(rows),
+        "num_skipped_too_long": len(too_long),
+        "too_long_records": too_long[:MAX_LISTED],
+    }
     return rows, [examples[k] for k in keep], stats
 
 
@@ -189,14 +225,20 @@ def open_sft_dataset(data_cfg, data_dir: str):
     source = config_get(data_cfg, "source", "graded_tasks")
     common = dict(data_dir=data_dir, file_format="array_record")
     if source in ("alpaca", "hh"):
-        builder = BUILDERS[source](files=config_get(data_cfg, "files", ""),
-                                   eval_fraction=float(config_get(data_cfg, "eval_fraction", 0.05)),
-                                   skip_bad_records=bool(config_get(data_cfg, "skip_bad_records", False)), **common)
+        builder = BUILDERS[source](
+            files=config_get(data_cfg, "files", ""),
+            eval_fraction=float(config_get(data_cfg, "eval_fraction", 0.05)),
+            skip_bad_records=bool(config_get(data_cfg, "skip_bad_records", False)),
+            **common,
+        )
     elif source == "graded_tasks":
-        builder = BUILDERS[source](tasks=config_get(data_cfg, "tasks", "sort,add,reverse,constrained_line"),
-                                   num_train=int(config_get(data_cfg, "num_train", 20_000)),
-                                   num_eval=int(config_get(data_cfg, "num_eval", 500)),
-                                   seed=int(config_get(data_cfg, "task_seed", 0)), **common)
+        builder = BUILDERS[source](
+            tasks=config_get(data_cfg, "tasks", "sort,add,reverse,constrained_line"),
+            num_train=int(config_get(data_cfg, "num_train", 20_000)),
+            num_eval=int(config_get(data_cfg, "num_eval", 500)),
+            seed=int(config_get(data_cfg, "task_seed", 0)),
+            **common,
+        )
     else:
         raise DataError(f"config.data.source: unknown SFT source {source!r}; expected {_SOURCES}")
     with pipeline.first_run_note(source, data_dir) as begin:
@@ -207,8 +249,10 @@ def open_sft_dataset(data_cfg, data_dir: str):
 def read_examples(builder, split: str) -> list[dict]:
     """The split's examples in stored order: every feature (bytes decoded), plus task (default
     the dataset's name) and meta (default '{}')."""
-    return [{"task": builder.name, "meta": "{}", **{k: _plain(v) for k, v in record.items()}}
-            for record in pipeline.read_records(builder, split)]
+    return [
+        {"task": builder.name, "meta": "{}", **{k: _plain(v) for k, v in record.items()}}
+        for record in pipeline.read_records(builder, split)
+    ]
 
 
 def _plain(value):
@@ -218,7 +262,9 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def fitting(examples: Sequence[dict], lengths: Sequence[int], seq_len: int, skip: bool) -> tuple[list[int], list[str]]:
+def fitting(
+    examples: Sequence[dict], lengths: Sequence[int], seq_len: int, skip: bool
+) -> tuple[list[int], list[str]]:
     """Indices of the [n] examples of at most seq_len + 1 tokens (lengths: [n], template included),
     and 'record (N tokens)' for each longer one. A longer example is a DataError unless `skip`."""
     keep, too_long = [], []
@@ -228,10 +274,14 @@ def fitting(examples: Sequence[dict], lengths: Sequence[int], seq_len: int, skip
         elif skip:
             too_long.append(f"{example['record']} ({length} tokens)")
         else:
-            raise DataError(f"config.train.seq_len={seq_len}: example {example['record']} has {length} tokens "
-                            f"with the template, more than seq_len + 1 (config.data.skip_bad_records=True skips it)")
+            raise DataError(
+                f"config.train.seq_len={seq_len}: example {example['record']} has {length} tokens "
+                f"with the template, more than seq_len + 1 (config.data.skip_bad_records=True skips it)"
+            )
     if not keep:
-        raise DataError(f"config.train.seq_len={seq_len}: no example fits ({len(too_long)} longer than seq_len + 1)")
+        raise DataError(
+            f"config.train.seq_len={seq_len}: no example fits ({len(too_long)} longer than seq_len + 1)"
+        )
     return keep, too_long
 
 
@@ -239,7 +289,11 @@ def split_stats(rows: PackedExamples) -> dict:
     """num_examples, num_rows, num_tokens, num_loss_tokens, loss_fraction (of the num_rows * seq_len
     targets) and response_fraction (of the example tokens)."""
     num_loss = int(rows.loss_tokens.sum())
-    return {"num_examples": int((rows.tokens == rows.bos_id).sum()), "num_rows": rows.num_rows,
-            "num_tokens": rows.num_tokens, "num_loss_tokens": num_loss,
-            "loss_fraction": num_loss / (rows.num_rows * rows.seq_len),
-            "response_fraction": num_loss / rows.num_tokens}
+    return {
+        "num_examples": int((rows.tokens == rows.bos_id).sum()),
+        "num_rows": rows.num_rows,
+        "num_tokens": rows.num_tokens,
+        "num_loss_tokens": num_loss,
+        "loss_fraction": num_loss / (rows.num_rows * rows.seq_len),
+        "response_fraction": num_loss / rows.num_tokens,
+    }

@@ -13,6 +13,7 @@ character outside the vocabulary. Two details make it compress code:
 A literal "▁" or "↵" in the input is encoded as its UTF-8 bytes (byte-fallback pieces), so the two
 marker characters stay unambiguous. Decoding is a table lookup of each id's bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -190,8 +191,13 @@ def sample(items: Iterable[str], k: int, seed: int) -> list[str]:
     return reservoir
 
 
-def train_sentencepiece(texts: Iterable[str], path: str | os.PathLike, vocab_size: int,
-                        model_type: str = "bpe", split_digits: bool = True) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts: Iterable[str],
+    path: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    split_digits: bool = True,
+) -> SentencePieceTokenizer:
     """Trains on `texts` (a corpus' train split), writes the model to `path` atomically, returns it.
 
     Raises DataError when the corpus is too small for `vocab_size`.
@@ -201,21 +207,39 @@ def train_sentencepiece(texts: Iterable[str], path: str | os.PathLike, vocab_siz
     if model_type not in TRAIN_SENTENCES:
         raise DataError(f"config.tokenizer.model_type: {model_type!r}; expected 'bpe' or 'unigram'")
     sentences = sample(training_sentences(texts), TRAIN_SENTENCES[model_type], seed=0)
-    unigram = dict(seed_sentencepiece_size=max(20_000, 4 * vocab_size), shrinking_factor=0.5, num_sub_iterations=1)
+    unigram = dict(
+        seed_sentencepiece_size=max(20_000, 4 * vocab_size), shrinking_factor=0.5, num_sub_iterations=1
+    )
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model,
-            vocab_size=vocab_size, model_type=model_type, split_digits=split_digits,
+            sentence_iterator=iter(sentences),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            split_digits=split_digits,
             num_threads=TRAIN_THREADS,
-            character_coverage=0.9995, byte_fallback=True, normalization_rule_name="identity",
-            add_dummy_prefix=False, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-            split_by_whitespace=False, split_by_unicode_script=False, max_sentencepiece_length=16,
-            pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, minloglevel=2,
-            **(unigram if model_type == "unigram" else {}))
+            character_coverage=0.9995,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            add_dummy_prefix=False,
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            split_by_whitespace=False,
+            split_by_unicode_script=False,
+            max_sentencepiece_length=16,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            unk_id=UNK_ID,
+            minloglevel=2,
+            **(unigram if model_type == "unigram" else {}),
+        )
     except RuntimeError as e:
         message = str(e).strip().splitlines()[-1]
-        raise DataError(f"config.tokenizer.vocab_size={vocab_size}: sentencepiece training failed: {message}") from None
+        raise DataError(
+            f"config.tokenizer.vocab_size={vocab_size}: sentencepiece training failed: {message}"
+        ) from None
     tokenizer = SentencePieceTokenizer(model.getvalue())
     tokenizer.save(path)
     return tokenizer

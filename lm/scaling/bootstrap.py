@@ -4,7 +4,8 @@ Approach 3 refits every resample at once: a resample is a row of per-point weigh
 times each row was drawn) in the same vectorised L-BFGS, started from the full-data fit and a
 few neighbours of it. Approaches 1 and 2 are closed-form regressions, refitted in a loop.
 """
-from typing import Callable
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -40,9 +41,19 @@ def neighbour_starts(theta, scale: float = 0.1) -> np.ndarray:
     return starts
 
 
-def bootstrap_approach3(N, D, loss, fit: chinchilla.Approach3Fit, budgets=(), n_resamples: int = 1000,
-                        seed: int = 0, starts=None, gtol: float = 1e-10, ftol: float = 0.0,
-                        max_iter: int = 1000) -> dict:
+def bootstrap_approach3(
+    N,
+    D,
+    loss,
+    fit: chinchilla.Approach3Fit,
+    budgets=(),
+    n_resamples: int = 1000,
+    seed: int = 0,
+    starts=None,
+    gtol: float = 1e-10,
+    ftol: float = 0.0,
+    max_iter: int = 1000,
+) -> dict:
     """Approach 3 refitted on `n_resamples` resamples in one vectorised L-BFGS.
 
     N, D, loss: [n]; fit: the full-data fit; starts: [K, 5] starts of every resample (default
@@ -54,9 +65,16 @@ def bootstrap_approach3(N, D, loss, fit: chinchilla.Approach3Fit, budgets=(), n_
     starts = neighbour_starts(fit.theta) if starts is None else np.asarray(starts, np.float64)
     k = len(starts)
     counts = resample_counts(len(np.asarray(loss)), n_resamples, seed)
-    res = chinchilla.minimize_starts(N, D, loss, np.tile(starts, (n_resamples, 1)),
-                                     weights=np.repeat(counts, k, axis=0), gtol=gtol, ftol=ftol,
-                                     max_iter=max_iter)
+    res = chinchilla.minimize_starts(
+        N,
+        D,
+        loss,
+        np.tile(starts, (n_resamples, 1)),
+        weights=np.repeat(counts, k, axis=0),
+        gtol=gtol,
+        ftol=ftol,
+        max_iter=max_iter,
+    )
     value = np.where(np.isfinite(res.value), res.value, np.inf).reshape(n_resamples, k)
     theta = res.x.reshape(n_resamples, k, 5)[np.arange(n_resamples), np.argmin(value, 1)]
     a, b, e, alpha, beta = theta.T

@@ -8,6 +8,7 @@ Approach 3: L(N, D) = E + A/N^alpha + B/D^beta, fitted as Epoch AI did (Besirogl
   float64 by L-BFGS from every start of a 4,500-point grid, and the best final objective is kept.
 Budgets are training FLOPs C ~ 6 N D. Every fit is a function of arrays.
 """
+
 import functools
 import itertools
 from typing import NamedTuple
@@ -22,9 +23,13 @@ from lm.scaling.kaplan import fit_power_law
 
 HUBER_DELTA = 1e-3
 # Epoch AI's initialisation grid: 5 * 5 * 5 * 6 * 6 = 4,500 starts.
-EPOCH_GRID = {"alpha": (0.0, 0.5, 1.0, 1.5, 2.0), "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
-              "e": (-1.0, -0.5, 0.0, 0.5, 1.0), "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
-              "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0)}
+EPOCH_GRID = {
+    "alpha": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "beta": (0.0, 0.5, 1.0, 1.5, 2.0),
+    "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
+    "a": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+    "b": (0.0, 5.0, 10.0, 15.0, 20.0, 25.0),
+}
 
 
 def budget_key(name: str, C: float) -> str:
@@ -34,8 +39,10 @@ def budget_key(name: str, C: float) -> str:
 
 # ----------------------------------------------------------------------------- Approach 1
 
+
 class Approach1Fit(NamedTuple):
     """Envelope points C, N_opt, D_opt, loss: [g]; N_opt = k_N C^a, D_opt = k_D C^b."""
+
     C: np.ndarray
     N_opt: np.ndarray
     D_opt: np.ndarray
@@ -87,8 +94,10 @@ def fit_approach1(run, N, D, C, loss, num_points: int = 30, min_runs: int = 2) -
     """
     c, n_opt, d_opt, env_loss = loss_envelope(run, N, D, C, loss, num_points, min_runs)
     if len(c) < 2 or len(np.unique(n_opt)) < 2:
-        raise DataError(f"Approach 1 needs the envelope to pass through at least 2 model sizes; it has "
-                        f"{len(c)} budgets and {len(np.unique(n_opt))} sizes (need more runs or longer curves)")
+        raise DataError(
+            f"Approach 1 needs the envelope to pass through at least 2 model sizes; it has "
+            f"{len(c)} budgets and {len(np.unique(n_opt))} sizes (need more runs or longer curves)"
+        )
     k_n, a = fit_power_law(c, n_opt)
     k_d, b = fit_power_law(c, d_opt)
     return Approach1Fit(c, n_opt, d_opt, env_loss, k_n, a, k_d, b)
@@ -96,12 +105,14 @@ def fit_approach1(run, N, D, C, loss, num_points: int = 30, min_runs: int = 2) -
 
 # ----------------------------------------------------------------------------- Approach 2
 
+
 class Parabola(NamedTuple):
     """loss = c2 x^2 + c1 x + c0 with x = ln N, fitted to one budget's points.
 
     coeffs: [3] (c2, c1, c0); log_n_range: the fitted points' (min, max) ln N; valid: it has a
     minimum inside that range, at N_opt with loss_opt.
     """
+
     C: float
     coeffs: np.ndarray
     log_n_range: tuple
@@ -112,6 +123,7 @@ class Parabola(NamedTuple):
 
 class Approach2Fit(NamedTuple):
     """Per-budget parabolas (all), the valid minima C, N_opt, D_opt: [k], and their power laws."""
+
     parabolas: tuple
     C: np.ndarray
     N_opt: np.ndarray
@@ -148,8 +160,14 @@ def fit_parabola(N, loss, C: float) -> Parabola:
     if coeffs[0] <= 0:
         return Parabola(float(C), coeffs, (lo, hi), float("nan"), float("nan"), False)
     x_opt = -coeffs[1] / (2 * coeffs[0])
-    return Parabola(float(C), coeffs, (lo, hi), float(np.exp(x_opt)), float(np.polyval(coeffs, x_opt)),
-                    bool(lo <= x_opt <= hi))
+    return Parabola(
+        float(C),
+        coeffs,
+        (lo, hi),
+        float(np.exp(x_opt)),
+        float(np.polyval(coeffs, x_opt)),
+        bool(lo <= x_opt <= hi),
+    )
 
 
 def fit_approach2(N, C, loss, budget=None, rel_tol: float = 0.1, D=None) -> Approach2Fit:
@@ -170,12 +188,17 @@ def fit_approach2(N, C, loss, budget=None, rel_tol: float = 0.1, D=None) -> Appr
         group, budgets = group_budgets(C, rel_tol)
     else:
         budgets, group = np.unique(np.asarray(budget, np.float64), return_inverse=True)
-    parabolas = tuple(fit_parabola(N[group == k], loss[group == k], c) for k, c in enumerate(budgets)
-                      if len(np.unique(N[group == k])) >= 3)
+    parabolas = tuple(
+        fit_parabola(N[group == k], loss[group == k], c)
+        for k, c in enumerate(budgets)
+        if len(np.unique(N[group == k])) >= 3
+    )
     used = [p for p in parabolas if p.valid]
     if len(used) < 2:
-        raise DataError(f"Approach 2 needs at least 2 budgets with >= 3 model sizes and a loss minimum "
-                        f"inside them; found {len(used)} among {len(budgets)} budgets")
+        raise DataError(
+            f"Approach 2 needs at least 2 budgets with >= 3 model sizes and a loss minimum "
+            f"inside them; found {len(used)} among {len(budgets)} budgets"
+        )
     c = np.array([p.C for p in used])
     n_opt = np.array([p.N_opt for p in used])
     if D is None:
@@ -183,8 +206,9 @@ def fit_approach2(N, C, loss, budget=None, rel_tol: float = 0.1, D=None) -> Appr
     else:
         log_d, log_n = np.log(np.asarray(D, np.float64)), np.log(N)
         members = [group == k for k, b in enumerate(budgets) if any(p.C == b for p in used)]
-        d_opt = np.array([np.exp(np.polyval(np.polyfit(log_n[m], log_d[m], 1), np.log(n)))
-                          for m, n in zip(members, n_opt)])
+        d_opt = np.array(
+            [np.exp(np.polyval(np.polyfit(log_n[m], log_d[m], 1), np.log(n))) for m, n in zip(members, n_opt)]
+        )
     k_n, a = fit_power_law(c, n_opt)
     k_d, b = fit_power_law(c, d_opt)
     return Approach2Fit(parabolas, c, n_opt, d_opt, k_n, a, k_d, b)
@@ -195,18 +219,25 @@ def power_law_quantities(k_N, a, k_D, b, budgets=(), G=float("nan")) -> dict:
     tokens_per_param (loss is NaN: these approaches predict none). Arrays broadcast ([R] ok)."""
     out = {"k_N": k_N, "a": a, "k_D": k_D, "b": b, "G": G}
     for c in budgets:
-        n_opt, d_opt = k_N * c ** a, k_D * c ** b
-        out.update({budget_key("N_opt", c): n_opt, budget_key("D_opt", c): d_opt,
-                    budget_key("tokens_per_param", c): d_opt / n_opt,
-                    budget_key("loss", c): np.full(np.shape(n_opt), np.nan)})
+        n_opt, d_opt = k_N * c**a, k_D * c**b
+        out.update(
+            {
+                budget_key("N_opt", c): n_opt,
+                budget_key("D_opt", c): d_opt,
+                budget_key("tokens_per_param", c): d_opt / n_opt,
+                budget_key("loss", c): np.full(np.shape(n_opt), np.nan),
+            }
+        )
     return out
 
 
 # ----------------------------------------------------------------------------- Approach 3
 
+
 class Approach3Fit(NamedTuple):
     """L = E + A/N^alpha + B/D^beta; objective: the summed Huber loss at theta [5] =
     (a, b, e, alpha, beta) = (ln A, ln B, ln E, alpha, beta)."""
+
     E: float
     A: float
     B: float
@@ -226,7 +257,7 @@ def grid_starts(grid: dict = None) -> np.ndarray:
 
 def predict_log_loss(theta, log_n, log_d):
     """log L for theta [S, 5] at log N, log D: [n] -> [S, n] (jnp)."""
-    a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))
+    a, b, e, alpha, beta = (theta[:, i : i + 1] for i in range(5))
     return jnp.logaddexp(jnp.logaddexp(a - alpha * log_n, b - beta * log_d), e)
 
 
@@ -252,7 +283,7 @@ def huber_value_and_grad(theta, weights, log_n, log_d, log_loss, delta: float = 
     is not shifted by its maximum: it overflows only past e^709, and the line search rejects a
     trial whose objective is not finite.
     """
-    a, b, e, alpha, beta = (theta[:, i:i + 1] for i in range(5))
+    a, b, e, alpha, beta = (theta[:, i : i + 1] for i in range(5))
     t_n, t_d, t_e = xp.exp(a - alpha * log_n), xp.exp(b - beta * log_d), xp.exp(e)
     z = t_n + t_d + t_e
     r = xp.log(z) - log_loss
@@ -260,19 +291,32 @@ def huber_value_and_grad(theta, weights, log_n, log_d, log_loss, delta: float = 
     value = xp.sum(weights * slope * (r - 0.5 * slope), -1)
     w = weights * slope / z
     s_n, s_d = w * t_n, w * t_d
-    grad = xp.stack([s_n.sum(-1), s_d.sum(-1), w.sum(-1) * t_e[:, 0], -(s_n * log_n).sum(-1),
-                     -(s_d * log_d).sum(-1)], -1)
+    grad = xp.stack(
+        [s_n.sum(-1), s_d.sum(-1), w.sum(-1) * t_e[:, 0], -(s_n * log_n).sum(-1), -(s_d * log_d).sum(-1)], -1
+    )
     return value, grad
 
 
 @functools.partial(jax.jit, static_argnames=("delta", "max_iter", "width"))
 def _minimize(starts, weights, log_n, log_d, log_loss, *, delta, max_iter, width, gtol, ftol):
     value_and_grad = lambda theta, w: huber_value_and_grad(theta, w, log_n, log_d, log_loss, delta)
-    return lbfgs.minimize(value_and_grad, starts, weights, width=width, max_iter=max_iter, gtol=gtol, ftol=ftol)
+    return lbfgs.minimize(
+        value_and_grad, starts, weights, width=width, max_iter=max_iter, gtol=gtol, ftol=ftol
+    )
 
 
-def minimize_starts(N, D, loss, starts, weights=None, delta: float = HUBER_DELTA, max_iter: int = 1000,
-                    gtol: float = 1e-5, ftol: float = 2.220446049250313e-09, width: int = 256) -> lbfgs.Result:
+def minimize_starts(
+    N,
+    D,
+    loss,
+    starts,
+    weights=None,
+    delta: float = HUBER_DELTA,
+    max_iter: int = 1000,
+    gtol: float = 1e-5,
+    ftol: float = 2.220446049250313e-09,
+    width: int = 256,
+) -> lbfgs.Result:
     """L-BFGS of the Huber objective from every start at once, in float64.
 
     N, D, loss: [n]; starts: [S, 5] as (a, b, e, alpha, beta); weights: [S, n] per-start row weights, or None
@@ -294,8 +338,9 @@ def best_of(theta, objective) -> Approach3Fit:
     if not np.isfinite(objective[i]):
         raise DataError("Approach 3: no start reached a finite objective")
     a, b, e, alpha, beta = (float(v) for v in theta[i])
-    return Approach3Fit(np.exp(e), np.exp(a), np.exp(b), alpha, beta, float(objective[i]),
-                        np.asarray(theta[i], np.float64))
+    return Approach3Fit(
+        np.exp(e), np.exp(a), np.exp(b), alpha, beta, float(objective[i]), np.asarray(theta[i], np.float64)
+    )
 
 
 def check_points(N, D, loss, minimum: int = 6) -> None:
@@ -304,8 +349,16 @@ def check_points(N, D, loss, minimum: int = 6) -> None:
         raise DataError(f"Approach 3 needs at least {minimum} points to fit 5 parameters; got {len(loss)}")
 
 
-def fit_approach3(N, D, loss, starts=None, delta: float = HUBER_DELTA, max_iter: int = 1000,
-                  gtol: float = 1e-5, ftol: float = 2.220446049250313e-09) -> Approach3Fit:
+def fit_approach3(
+    N,
+    D,
+    loss,
+    starts=None,
+    delta: float = HUBER_DELTA,
+    max_iter: int = 1000,
+    gtol: float = 1e-5,
+    ftol: float = 2.220446049250313e-09,
+) -> Approach3Fit:
     """Approach 3 (Epoch's procedure), vectorised over starts. N, D, loss: [n]; starts: [S, 5]
     as (a, b, e, alpha, beta), Epoch's grid by default. Returns the best fit over all starts."""
     check_points(N, D, loss)
@@ -320,6 +373,7 @@ def fit_approach3_scipy(N, D, loss, starts=None, delta: float = HUBER_DELTA) -> 
     The baseline for the vectorised `fit_approach3`. N, D, loss: [n]."""
     from scipy import optimize
     from threadpoolctl import threadpool_limits
+
     check_points(N, D, loss)
     starts = grid_starts() if starts is None else np.asarray(starts, np.float64)
     log_n, log_d, log_loss = (np.log(np.asarray(v, np.float64)) for v in (N, D, loss))
@@ -351,12 +405,19 @@ def approach3_quantities(E, A, B, alpha, beta, budgets=()) -> dict:
         out = {"E": E, "A": A, "B": B, "alpha": alpha, "beta": beta, "a": a, "b": b, "G": G}
         for c in budgets:
             n_opt, d_opt = G * (c / 6) ** a, (c / 6) ** b / G
-            out.update({budget_key("N_opt", c): n_opt, budget_key("D_opt", c): d_opt,
-                        budget_key("tokens_per_param", c): d_opt / n_opt,
-                        budget_key("loss", c): E + A / n_opt ** alpha + B / d_opt ** beta})
+            out.update(
+                {
+                    budget_key("N_opt", c): n_opt,
+                    budget_key("D_opt", c): d_opt,
+                    budget_key("tokens_per_param", c): d_opt / n_opt,
+                    budget_key("loss", c): E + A / n_opt**alpha + B / d_opt**beta,
+                }
+            )
     return out
 
 
 def approach3_loss(fit: Approach3Fit, N, D):
     """L(N, D) = E + A/N^alpha + B/D^beta for N, D: [...]."""
-    return fit.E + fit.A / np.asarray(N, np.float64) ** fit.alpha + fit.B / np.asarray(D, np.float64) ** fit.beta
+    return (
+        fit.E + fit.A / np.asarray(N, np.float64) ** fit.alpha + fit.B / np.asarray(D, np.float64) ** fit.beta
+    )

@@ -1,8 +1,9 @@
 """Kaplan et al. 2020 power laws: L(N), L(D), L(C) fitted in log space, and the joint L(N, D).
 
-    L(X) = (X_c / X)^alpha_X                                (X = N, D or C)
-    L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D
+L(X) = (X_c / X)^alpha_X                                (X = N, D or C)
+L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D
 """
+
 from typing import NamedTuple
 
 import numpy as np
@@ -14,12 +15,14 @@ KAPLAN_ALPHA_N, KAPLAN_ALPHA_D, KAPLAN_NC, KAPLAN_DC = 0.076, 0.095, 8.8e13, 5.4
 
 class SinglePowerLaw(NamedTuple):
     """L(X) = (X_c / X)^alpha."""
+
     X_c: float
     alpha: float
 
 
 class JointLaw(NamedTuple):
     """L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D."""
+
     N_c: float
     D_c: float
     alpha_N: float
@@ -65,8 +68,10 @@ def fit_joint(N, D, loss) -> JointLaw:
     N, D, loss = (np.asarray(v, np.float64) for v in (N, D, loss))
     log_l = np.log(loss)
     ln_, ld_ = fit_single(N, loss), fit_single(D, loss)
-    starts = [(np.log(ln_.X_c), np.log(ld_.X_c), ln_.alpha, ld_.alpha),
-              (np.log(KAPLAN_NC), np.log(KAPLAN_DC), KAPLAN_ALPHA_N, KAPLAN_ALPHA_D)]
+    starts = [
+        (np.log(ln_.X_c), np.log(ld_.X_c), ln_.alpha, ld_.alpha),
+        (np.log(KAPLAN_NC), np.log(KAPLAN_DC), KAPLAN_ALPHA_N, KAPLAN_ALPHA_D),
+    ]
     residual = lambda p: joint_log_loss(N, D, *p) - log_l
     bounds = ([-np.inf, -np.inf, 1e-6, 1e-6], [np.inf, np.inf, np.inf, np.inf])
     fits = [optimize.least_squares(residual, s, bounds=bounds) for s in starts if s[2] > 0 and s[3] > 0]

@@ -7,7 +7,9 @@ the next search in the same tick, so no lane waits for another's search and conv
 nothing. Stopping rules follow scipy's L-BFGS-B defaults (gradient max-norm `gtol`, relative
 decrease `ftol`), so results compare with `scipy.optimize.minimize(method="L-BFGS-B")`.
 """
-from typing import Any, Callable, NamedTuple
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ import jax.numpy as jnp
 
 class Result(NamedTuple):
     """Per-lane outcome: x [S, P], value [S], grad [S, P], iterations [S] int."""
+
     x: jax.Array
     value: jax.Array
     grad: jax.Array
@@ -22,22 +25,22 @@ class Result(NamedTuple):
 
 
 class _Lanes(NamedTuple):
-    x: jax.Array        # [S, P] current iterate, its value f [S] and gradient g [S, P]
+    x: jax.Array  # [S, P] current iterate, its value f [S] and gradient g [S, P]
     f: jax.Array
     g: jax.Array
-    s_hist: jax.Array   # [S, M, P] steps, newest first
-    y_hist: jax.Array   # [S, M, P] gradient changes
-    rho: jax.Array      # [S, M] 1 / (s . y); 0 marks an empty slot
-    d: jax.Array        # [S, P] search direction
-    t: jax.Array        # [S] next trial step; lo, hi [S] bracket; trials [S] int in this search
+    s_hist: jax.Array  # [S, M, P] steps, newest first
+    y_hist: jax.Array  # [S, M, P] gradient changes
+    rho: jax.Array  # [S, M] 1 / (s . y); 0 marks an empty slot
+    d: jax.Array  # [S, P] search direction
+    t: jax.Array  # [S] next trial step; lo, hi [S] bracket; trials [S] int in this search
     lo: jax.Array
     hi: jax.Array
     trials: jax.Array
-    x_best: jax.Array   # [S, P] last trial meeting Armijo's condition, its f and g
+    x_best: jax.Array  # [S, P] last trial meeting Armijo's condition, its f and g
     f_best: jax.Array
     g_best: jax.Array
-    it: jax.Array       # [S] int, completed iterations
-    active: jax.Array   # [S] bool
+    it: jax.Array  # [S] int, completed iterations
+    active: jax.Array  # [S] bool
 
 
 def _direction(g, s_hist, y_hist, rho):
@@ -63,9 +66,16 @@ def _new_search(lanes: _Lanes, start) -> _Lanes:
     """Resets the line search (from t = 1 along a fresh direction) where `start` [W] is set."""
     w = lambda new, old: jnp.where(start.reshape(start.shape + (1,) * (old.ndim - 1)), new, old)
     d = _direction(lanes.g, lanes.s_hist, lanes.y_hist, lanes.rho)
-    return lanes._replace(d=w(d, lanes.d), t=w(1.0, lanes.t), lo=w(0.0, lanes.lo), hi=w(jnp.inf, lanes.hi),
-                          trials=w(0, lanes.trials), x_best=w(lanes.x, lanes.x_best),
-                          f_best=w(lanes.f, lanes.f_best), g_best=w(lanes.g, lanes.g_best))
+    return lanes._replace(
+        d=w(d, lanes.d),
+        t=w(1.0, lanes.t),
+        lo=w(0.0, lanes.lo),
+        hi=w(jnp.inf, lanes.hi),
+        trials=w(0, lanes.trials),
+        x_best=w(lanes.x, lanes.x_best),
+        f_best=w(lanes.f, lanes.f_best),
+        g_best=w(lanes.g, lanes.g_best),
+    )
 
 
 def _tick(value_and_grad, ln: _Lanes, c1, c2, max_line_steps, gtol, ftol, max_iter) -> _Lanes:
@@ -101,15 +111,41 @@ def _tick(value_and_grad, ln: _Lanes, c1, c2, max_line_steps, gtol, ftol, max_it
     small_grad = jnp.max(jnp.abs(g), -1) <= gtol
     stop = ended & (~moved | small_step | small_grad | (it >= max_iter))
     t_next = jnp.where(jnp.isfinite(hi), 0.5 * (lo + hi), 2.0 * lo)
-    ln = _Lanes(x, f, g, s_hist, y_hist, rho, ln.d, t_next, lo, hi, trials, x_best, f_best, g_best, it,
-                ln.active & ~stop)
+    ln = _Lanes(
+        x,
+        f,
+        g,
+        s_hist,
+        y_hist,
+        rho,
+        ln.d,
+        t_next,
+        lo,
+        hi,
+        trials,
+        x_best,
+        f_best,
+        g_best,
+        it,
+        ln.active & ~stop,
+    )
     return _new_search(ln, ended & ~stop)
 
 
-def minimize(value_and_grad: Callable, x0: jax.Array, aux: Any = None, *, width: int = 256,
-             max_iter: int = 1000, memory: int = 10, gtol: float = 1e-5,
-             ftol: float = 2.220446049250313e-09, c1: float = 1e-4, c2: float = 0.9,
-             max_line_steps: int = 30) -> Result:
+def minimize(
+    value_and_grad: Callable,
+    x0: jax.Array,
+    aux: Any = None,
+    *,
+    width: int = 256,
+    max_iter: int = 1000,
+    memory: int = 10,
+    gtol: float = 1e-5,
+    ftol: float = 2.220446049250313e-09,
+    c1: float = 1e-4,
+    c2: float = 0.9,
+    max_line_steps: int = 30,
+) -> Result:
     """Minimises S independent problems from starts `x0` [S, P].
 
     `value_and_grad(x [W, P], aux) -> (f [W], g [W, P])` gives each lane's objective and its
@@ -124,8 +160,24 @@ def minimize(value_and_grad: Callable, x0: jax.Array, aux: Any = None, *, width:
     hist = jnp.zeros((s, memory, p), x0.dtype)
     scalar = jnp.zeros(s, x0.dtype)
     count = jnp.zeros(s, jnp.int32)
-    lanes = _Lanes(x0, f0, g0, hist, hist, jnp.zeros((s, memory), x0.dtype), x0, scalar, scalar, scalar,
-                   count, x0, f0, g0, count, jnp.isfinite(f0) & (jnp.max(jnp.abs(g0), -1) > gtol))
+    lanes = _Lanes(
+        x0,
+        f0,
+        g0,
+        hist,
+        hist,
+        jnp.zeros((s, memory), x0.dtype),
+        x0,
+        scalar,
+        scalar,
+        scalar,
+        count,
+        x0,
+        f0,
+        g0,
+        count,
+        jnp.isfinite(f0) & (jnp.max(jnp.abs(g0), -1) > gtol),
+    )
     lanes = _new_search(lanes, lanes.active)
 
     def body(all_lanes: _Lanes) -> _Lanes:

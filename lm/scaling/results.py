@@ -3,6 +3,7 @@ columns) and, for Approach 1, each run's loss curve from `<csv dir>/<name>/metri
 
 Every mistake in the files is a DataError naming the file (and line, column or run).
 """
+
 import csv
 import math
 import os
@@ -15,6 +16,7 @@ from lm.errors import DataError
 
 class Table(NamedTuple):
     """The kept rows of a CSV: rows[i] maps column -> text; lines[i] is its line in the file."""
+
     path: str
     columns: tuple
     rows: tuple
@@ -57,7 +59,9 @@ def column(table: Table, name: str, positive: bool = True) -> np.ndarray:
         try:
             value = float(text)
         except (TypeError, ValueError):
-            raise DataError(f"{table.path}:{line}: column {name!r} has a non-numeric value {text!r}") from None
+            raise DataError(
+                f"{table.path}:{line}: column {name!r} has a non-numeric value {text!r}"
+            ) from None
         if not math.isfinite(value) or (positive and value <= 0):
             need = "a positive number" if positive else "a finite number"
             raise DataError(f"{table.path}:{line}: column {name!r} must be {need}, got {text!r}")
@@ -72,8 +76,10 @@ def fit_inputs(table: Table, n_col: str, loss_col: str, d_col: str | None, c_col
     d_name = d_col or ("D" if "D" in table.columns else None)
     c_name = c_col or ("C" if "C" in table.columns else None)
     if d_name is None and c_name is None:
-        raise DataError(f"{table.path}: needs a tokens column (D) or a FLOPs column (C); "
-                        f"columns present: {', '.join(table.columns)}")
+        raise DataError(
+            f"{table.path}: needs a tokens column (D) or a FLOPs column (C); "
+            f"columns present: {', '.join(table.columns)}"
+        )
     D = column(table, d_name) if d_name else None
     C = column(table, c_name) if c_name else None
     return N, (C / (6 * N) if D is None else D), (6 * N * D if C is None else C), loss
@@ -83,7 +89,7 @@ def without_highest(loss, k: int) -> np.ndarray:
     """Indices [n - k] (in order) of the rows of loss [n] left after dropping the k highest."""
     if k >= len(loss):
         raise DataError(f"--drop_highest {k} leaves no points (there are {len(loss)})")
-    return np.sort(np.argsort(loss, kind="stable")[:len(loss) - max(k, 0)])
+    return np.sort(np.argsort(loss, kind="stable")[: len(loss) - max(k, 0)])
 
 
 def read_curves(csv_path: str, names, N, D, C):
@@ -95,6 +101,7 @@ def read_curves(csv_path: str, names, N, D, C):
     C_seen [p], loss [p]).
     """
     from lm.metrics import read_jsonl
+
     out = []
     for i, name in enumerate(names):
         path = os.path.join(os.path.dirname(os.path.abspath(csv_path)), name, "metrics.jsonl")

@@ -11,9 +11,11 @@ Data: `dpo.comparisons_from` names a reward-model workdir whose comparisons.npz 
 samples ranked by the oracle, or HH pairs) DPO reuses, so DPO and the reward model learn from the
 same preferences. Evaluated like SFT: held-out comparison loss and accuracy, and where the
 comparisons come from graded tasks (their info['source']), the graded score of greedy answers to
-held-out prompts (config.dpo.eval_prompts); best/ keeps the policy with the best graded score, or for HH pairs (no grader)
+held-out prompts (config.dpo.eval_prompts); best/ keeps the policy with the best graded score,
+or for HH pairs (no grader)
 the best held-out comparison accuracy (eval_accuracy).
 """
+
 import functools
 import os
 
@@ -70,8 +72,9 @@ def dpo_loss(params, batch, rng, *, model, beta: float):
     batch: tokens [b, K, seq], last_index, ranks, ref_logp [b, K], mask [b, K].
     """
     b, k, length = batch["tokens"].shape
-    logp = sequence_logprobs(model, params, batch["tokens"].reshape(b * k, length),
-                             batch["last_index"].reshape(b * k)).reshape(b, k)
+    logp = sequence_logprobs(
+        model, params, batch["tokens"].reshape(b * k, length), batch["last_index"].reshape(b * k)
+    ).reshape(b, k)
     implicit = beta * (logp - batch["ref_logp"])
     loss_sum, accuracy_sum, weight = losses.ranking_loss(implicit, batch["ranks"], batch["mask"])
     return loss_sum, {"weight": weight, "accuracy": accuracy_sum}
@@ -92,8 +95,10 @@ def run(user_config, workdir: str):
     """DPO from the SFT workdir `init_from` on the comparisons of `dpo.comparisons_from`."""
     data = preferences.load(os.path.join(user_config.dpo.comparisons_from, saved_model.COMPARISONS_FILE))
     if data is None:
-        raise ConfigError(f"config.dpo.comparisons_from={user_config.dpo.comparisons_from!r}: no "
-                          f"{saved_model.COMPARISONS_FILE} there (not a reward-model workdir?)")
+        raise ConfigError(
+            f"config.dpo.comparisons_from={user_config.dpo.comparisons_from!r}: no "
+            f"{saved_model.COMPARISONS_FILE} there (not a reward-model workdir?)"
+        )
     run_dir, saved = checkpoint.pretrained_run(user_config.init_from)
     resolved = trainer.adopted(saved, user_config)
     config = trainer.resolve(user_config, resolved)
@@ -112,35 +117,58 @@ def run(user_config, workdir: str):
         reference = checkpoint.restore_params(policy_path, trainer.abstract_params(init_params, s))
         ref_train = reference_logprobs(model, reference, data.train, batch_size * k)
         ref_eval = reference_logprobs(model, reference, data.eval, batch_size * k)
-        run_info.update(init_from=run_dir, policy=os.path.abspath(policy_path), data=data.info,
-                        comparisons_from=os.path.abspath(config.dpo.comparisons_from))
+        run_info.update(
+            init_from=run_dir,
+            policy=os.path.abspath(policy_path),
+            data=data.info,
+            comparisons_from=os.path.abspath(config.dpo.comparisons_from),
+        )
         trainer.write_run_files(workdir, user_config, resolved, run_info, tok)
         if jax.process_index() == 0:
-            print(f"DPO from {run_dir} (beta {config.dpo.beta}): {data.train.num_prompts} train prompts, "
-                  f"{data.train.num_pairs()} pairs (K={k}); mesh {run_info['mesh']}")
+            print(
+                f"DPO from {run_dir} (beta {config.dpo.beta}): {data.train.num_prompts} train prompts, "
+                f"{data.train.num_pairs()} pairs (K={k}); mesh {run_info['mesh']}"
+            )
         take = lambda ids: {**data.train.take(ids), "ref_logp": ref_train[ids]}
-        batch_fn, step_tokens = batches_lib.train_batch_fn(data.train, take, batch_size, config.seed,
-                                                           config.train.length_group, s.batch_sharding)
+        batch_fn, step_tokens = batches_lib.train_batch_fn(
+            data.train, take, batch_size, config.seed, config.train.length_group, s.batch_sharding
+        )
 
         @jax.jit
         def eval_step(params, batch):
             loss_sum, aux = dpo_loss(params, batch, None, model=model, beta=config.dpo.beta)
             return jnp.stack([loss_sum, aux["accuracy"], aux["weight"]])
 
-        evaluate = batches_lib.ranking_eval_fn(eval_step, data.eval, batch_size, config.train.eval_batches,
-                                               s.batch_sharding, "eval", extra={"ref_logp": ref_eval})
+        evaluate = batches_lib.ranking_eval_fn(
+            eval_step,
+            data.eval,
+            batch_size,
+            config.train.eval_batches,
+            s.batch_sharding,
+            "eval",
+            extra={"ref_logp": ref_eval},
+        )
         best = ("eval_accuracy", "max")
         if data.info["source"] == "graded_tasks":
-            examples = preferences.rl_eval_prompts(config.data.tasks, config.dpo.eval_prompts, config.data.task_seed,
-                                                   saved.get("data", {}))
+            examples = preferences.rl_eval_prompts(
+                config.data.tasks, config.dpo.eval_prompts, config.data.task_seed, saved.get("data", {})
+            )
             grade = grader_eval_fn(model_cfg, tok, config.template, examples, config.dpo.max_new_tokens)
             heldout, evaluate = evaluate, lambda params: {**heldout(params), **grade(params)}
             best = ("eval_grader_score", "max")
         tokens_per_step = batch_size * k * data.train.tokens.shape[2]
         task = trainer.Task(
-            init_params=init_params, batch_fn=batch_fn, tx=tx, schedule=schedule,
+            init_params=init_params,
+            batch_fn=batch_fn,
+            tx=tx,
+            schedule=schedule,
             start_params=lambda params: reference,
             loss_fn=functools.partial(dpo_loss, model=model, beta=config.dpo.beta),
-            eval_fn=evaluate, eval_at_start=True, best=best, step_tokens=step_tokens,
-            tokens_per_step=tokens_per_step, flops_per_step=run_info["flops_per_token"] * tokens_per_step)
+            eval_fn=evaluate,
+            eval_at_start=True,
+            best=best,
+            step_tokens=step_tokens,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=run_info["flops_per_token"] * tokens_per_step,
+        )
         return trainer.fit(s, task, config, workdir, run_info)

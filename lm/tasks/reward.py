@@ -17,6 +17,7 @@ eval_accuracy are kept in workdir/best/. At the end the best model scores the no
 so that normalised scores (r - mean) / std have mean 0 and std 1 there.
 `saved_model.load_reward_model` serves the normalised scores.
 """
+
 import functools
 import json
 import os
@@ -39,19 +40,27 @@ TRAINING_ONLY_KEYS = ("margin", "likelihood_term")
 
 
 def validate(config) -> None:
-    """The common checks, then one ConfigError naming the first config.reward or data source value out of range."""
+    """The common checks, then one ConfigError naming the first config.reward or data source value
+    out of range."""
     trainer.validate(config)
     if config.data.source not in SOURCES:
-        raise ConfigError(f"config.data.source={config.data.source!r}: a reward model trains on one of {SOURCES}")
+        raise ConfigError(
+            f"config.data.source={config.data.source!r}: a reward model trains on one of {SOURCES}"
+        )
     r = config.reward
-    checks = [("margin", r.margin >= 0, "must be >= 0"), ("label_noise", 0 <= r.label_noise <= 1, "must be in [0, 1]")]
+    checks = [
+        ("margin", r.margin >= 0, "must be >= 0"),
+        ("label_noise", 0 <= r.label_noise <= 1, "must be in [0, 1]"),
+    ]
     if config.data.source == "graded_tasks":
-        checks += [("samples_per_prompt", r.samples_per_prompt >= 2, "must be >= 2: a pair needs two responses"),
-                   ("temperature", r.temperature > 0, "must be positive: greedy samples are all one answer"),
-                   ("max_new_tokens", r.max_new_tokens >= 1, "must be positive"),
-                   ("sample_batch", r.sample_batch >= 1, "must be positive"),
-                   ("num_prompts", r.num_prompts >= 1, "must be positive"),
-                   ("num_eval_prompts", r.num_eval_prompts >= 1, "must be positive")]
+        checks += [
+            ("samples_per_prompt", r.samples_per_prompt >= 2, "must be >= 2: a pair needs two responses"),
+            ("temperature", r.temperature > 0, "must be positive: greedy samples are all one answer"),
+            ("max_new_tokens", r.max_new_tokens >= 1, "must be positive"),
+            ("sample_batch", r.sample_batch >= 1, "must be positive"),
+            ("num_prompts", r.num_prompts >= 1, "must be positive"),
+            ("num_eval_prompts", r.num_eval_prompts >= 1, "must be positive"),
+        ]
     else:
         checks += [(key, r[key] >= 0, "must be >= 0 (0: all)") for key in ("num_prompts", "num_eval_prompts")]
     for key, ok, why in checks:
@@ -70,24 +79,46 @@ def preview(config) -> dict:
 def fingerprint(config, policy_path: str) -> str:
     """What the comparisons are a function of, as a JSON string."""
     reward = {k: v for k, v in config.reward.to_dict().items() if k not in TRAINING_ONLY_KEYS}
-    return json.dumps({"data": config.data.to_dict(), "reward": reward, "template": config.template.to_dict(),
-                       "policy": os.path.abspath(policy_path), "seq_len": config.train.seq_len,
-                       "seed": config.seed}, sort_keys=True)
+    return json.dumps(
+        {
+            "data": config.data.to_dict(),
+            "reward": reward,
+            "template": config.template.to_dict(),
+            "policy": os.path.abspath(policy_path),
+            "seq_len": config.train.seq_len,
+            "seed": config.seed,
+        },
+        sort_keys=True,
+    )
 
 
-def prepare_comparisons(config, tok, model_cfg, policy_params, sft_data_cfg: dict) -> preferences.PreferenceData:
+def prepare_comparisons(
+    config, tok, model_cfg, policy_params, sft_data_cfg: dict
+) -> preferences.PreferenceData:
     """The comparisons of config.data.source, label noise applied to the train split.
 
     policy_params: `() -> params` of the SFT policy (called only to sample graded-task responses).
     """
     r, seq_len = config.reward, config.train.seq_len
     if config.data.source == "hh":
-        data = preferences.hh_comparisons(config.data, config.template, tok, seq_len,
-                                          (r.num_prompts, r.num_eval_prompts))
+        data = preferences.hh_comparisons(
+            config.data, config.template, tok, seq_len, (r.num_prompts, r.num_eval_prompts)
+        )
     else:
-        data = preferences.policy_comparisons(policy_params(), model_cfg, tok, config.template, config.data, r,
-                                              sft_data_cfg, seq_len, config.seed)
-    data.train.ranks = preferences.reverse_rankings(data.train.ranks, data.train.mask, r.label_noise, config.seed)
+        data = preferences.policy_comparisons(
+            policy_params(),
+            model_cfg,
+            tok,
+            config.template,
+            config.data,
+            r,
+            sft_data_cfg,
+            seq_len,
+            config.seed,
+        )
+    data.train.ranks = preferences.reverse_rankings(
+        data.train.ranks, data.train.mask, r.label_noise, config.seed
+    )
     data.info["label_noise"] = r.label_noise
     return data
 
@@ -99,29 +130,52 @@ def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
     batch: tokens [b, K, seq], first_index, last_index, ranks, mask [b, K].
     """
     b, k, length = batch["tokens"].shape
-    scores = model.apply({"params": params}, batch["tokens"].reshape(b * k, length),
-                         batch["last_index"].reshape(b * k), batch["first_index"].reshape(b * k),
-                         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
-    loss_sum, accuracy_sum, weight = losses.ranking_loss(scores.reshape(b, k), batch["ranks"], batch["mask"], margin)
+    scores = model.apply(
+        {"params": params},
+        batch["tokens"].reshape(b * k, length),
+        batch["last_index"].reshape(b * k),
+        batch["first_index"].reshape(b * k),
+        deterministic=rng is None,
+        rngs=None if rng is None else {"dropout": rng},
+    )
+    loss_sum, accuracy_sum, weight = losses.ranking_loss(
+        scores.reshape(b, k), batch["ranks"], batch["mask"], margin
+    )
     return loss_sum, {"weight": weight, "accuracy": accuracy_sum}
 
 
 def write_normalisation(workdir, config, model, data, params, rows: int, batch_sharding) -> dict:
     """Scores the normalisation responses with the best model `params`; writes reward_norm.json."""
-    score_step = jax.jit(lambda p, batch: model.apply({"params": p}, batch["tokens"], batch["last_index"][:, 0],
-                                                      batch["first_index"][:, 0]))
+    score_step = jax.jit(
+        lambda p, batch: model.apply(
+            {"params": p}, batch["tokens"], batch["last_index"][:, 0], batch["first_index"][:, 0]
+        )
+    )
     ids = batches_lib.norm_rows(len(data.norm_tokens), config.seed)
-    scores = batches_lib.score_rows(functools.partial(score_step, params), data.norm_tokens[ids],
-                                    data.norm_first_index[ids], data.norm_last_index[ids], rows, batch_sharding)
+    scores = batches_lib.score_rows(
+        functools.partial(score_step, params),
+        data.norm_tokens[ids],
+        data.norm_first_index[ids],
+        data.norm_last_index[ids],
+        rows,
+        batch_sharding,
+    )
     best_mngr = checkpoint.manager(workdir, keep=1, subdir="best")
     best_meta = checkpoint.restore_meta(best_mngr, best_mngr.latest_step())
-    norm = {"mean": float(scores.mean()), "std": float(scores.std()), "num_responses": len(scores),
-            "responses": "SFT policy samples" if config.data.source == "graded_tasks" else "chosen responses",
-            "best_step": best_meta["step"], "best_eval_accuracy": best_meta["eval_accuracy"]}
+    norm = {
+        "mean": float(scores.mean()),
+        "std": float(scores.std()),
+        "num_responses": len(scores),
+        "responses": "SFT policy samples" if config.data.source == "graded_tasks" else "chosen responses",
+        "best_step": best_meta["step"],
+        "best_eval_accuracy": best_meta["eval_accuracy"],
+    }
     if jax.process_index() == 0:
         metrics_lib.write_json_atomic(os.path.join(workdir, saved_model.NORM_FILE), norm)
-        print(f"best eval_accuracy {norm['best_eval_accuracy']:.4f} at step {norm['best_step']}; normalisation "
-              f"over {len(scores)} {norm['responses']}: mean {norm['mean']:.4f}, std {norm['std']:.4f}")
+        print(
+            f"best eval_accuracy {norm['best_eval_accuracy']:.4f} at step {norm['best_step']}; normalisation "
+            f"over {len(scores)} {norm['responses']}: mean {norm['mean']:.4f}, std {norm['std']:.4f}"
+        )
     return norm
 
 
@@ -132,8 +186,10 @@ def run(user_config, workdir: str):
     config = trainer.resolve(user_config, resolved)
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     if seq_len > config.model.max_seq_len:
-        raise ConfigError(f"config.train.seq_len={seq_len} exceeds the SFT model's max_seq_len="
-                          f"{config.model.max_seq_len} ({run_dir})")
+        raise ConfigError(
+            f"config.train.seq_len={seq_len} exceeds the SFT model's max_seq_len="
+            f"{config.model.max_seq_len} ({run_dir})"
+        )
     tok = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     s = trainer.setup(config)
     model_cfg = trainer.model_config(config, tok.vocab_size)
@@ -161,13 +217,19 @@ def run(user_config, workdir: str):
         run_info.update(init_from=run_dir, policy=os.path.abspath(policy_path), data=data.info)
         trainer.write_run_files(workdir, user_config, resolved, run_info, tok)
         if jax.process_index() == 0:
-            counts = {split: f"{data.info[split]['num_prompts']} prompts, {data.info[split]['num_pairs']} pairs"
-                      for split in ("train", "eval")}
-            print(f"reward model from {run_dir}: {run_info['params']['total']:,} parameters; {config.data.source} "
-                  f"comparisons (K={k}): train {counts['train']}, eval {counts['eval']}; mesh {run_info['mesh']}")
+            counts = {
+                split: f"{data.info[split]['num_prompts']} prompts, {data.info[split]['num_pairs']} pairs"
+                for split in ("train", "eval")
+            }
+            print(
+                f"reward model from {run_dir}: {run_info['params']['total']:,} parameters; "
+                f"{config.data.source} comparisons (K={k}): train {counts['train']}, eval {counts['eval']}; "
+                f"mesh {run_info['mesh']}"
+            )
 
-        batch_fn, step_tokens = batches_lib.train_batch_fn(data.train, data.train.take, batch_size, config.seed,
-                                                           config.train.length_group, s.batch_sharding)
+        batch_fn, step_tokens = batches_lib.train_batch_fn(
+            data.train, data.train.take, batch_size, config.seed, config.train.length_group, s.batch_sharding
+        )
 
         @jax.jit
         def eval_step(params, batch):
@@ -175,10 +237,16 @@ def run(user_config, workdir: str):
             return jnp.stack([loss_sum, aux["accuracy"], aux["weight"]])
 
         num_eval = config.train.eval_batches
-        heldout = batches_lib.ranking_eval_fn(eval_step, data.eval, batch_size, num_eval, s.batch_sharding, "eval")
+        heldout = batches_lib.ranking_eval_fn(
+            eval_step, data.eval, batch_size, num_eval, s.batch_sharding, "eval"
+        )
         shown = data.eval.num_prompts if num_eval <= 0 else min(num_eval * batch_size, data.eval.num_prompts)
-        train_subset = preferences.Comparisons(**data.train.take(np.arange(min(shown, data.train.num_prompts))))
-        on_train = batches_lib.ranking_eval_fn(eval_step, train_subset, batch_size, 0, s.batch_sharding, "eval_train")
+        train_subset = preferences.Comparisons(
+            **data.train.take(np.arange(min(shown, data.train.num_prompts)))
+        )
+        on_train = batches_lib.ranking_eval_fn(
+            eval_step, train_subset, batch_size, 0, s.batch_sharding, "eval_train"
+        )
         tokens_per_step = batch_size * k * seq_len
 
         def start_params(params):
@@ -187,11 +255,19 @@ def run(user_config, workdir: str):
             return started
 
         task = trainer.Task(
-            init_params=init_params, batch_fn=batch_fn, tx=tx, schedule=schedule, start_params=start_params,
+            init_params=init_params,
+            batch_fn=batch_fn,
+            tx=tx,
+            schedule=schedule,
+            start_params=start_params,
             loss_fn=functools.partial(reward_loss, model=model, margin=config.reward.margin),
-            eval_fn=lambda params: {**heldout(params), **on_train(params)}, eval_at_start=True,
-            best=("eval_accuracy", "max"), step_tokens=step_tokens, tokens_per_step=tokens_per_step,
-            flops_per_step=run_info["flops_per_token"] * tokens_per_step)
+            eval_fn=lambda params: {**heldout(params), **on_train(params)},
+            eval_at_start=True,
+            best=("eval_accuracy", "max"),
+            step_tokens=step_tokens,
+            tokens_per_step=tokens_per_step,
+            flops_per_step=run_info["flops_per_token"] * tokens_per_step,
+        )
         state = trainer.fit(s, task, config, workdir, run_info)
         policy.cache_clear()
         best = trainer.restore_like(os.path.join(workdir, "best"), state.params)

@@ -7,6 +7,7 @@ on a frozen base (NF4 with lora.quantize: QLoRA). Each eval (and once before the
 reports the held-out loss and, for data with a grader, the graded score of greedy answers to
 held-out prompts; the parameters with the best score are kept in workdir/best/.
 """
+
 import functools
 import os
 
@@ -43,8 +44,17 @@ def sft_loss(params, batch, rng, frozen=None, *, model, lora_cfg, z_loss: float)
     on the frozen base `frozen`: `(loss_sum, {"weight", "z_loss"})` over `[batch, seq]` arrays."""
     if frozen is None:
         return losses.lm_loss(params, batch, rng, model=model, z_loss=z_loss)
-    logits = lora.apply(model, frozen, params, lora_cfg, batch["inputs"], rng=rng, deterministic=rng is None,
-                        positions=batch["positions"], segment_ids=batch["segment_ids"])
+    logits = lora.apply(
+        model,
+        frozen,
+        params,
+        lora_cfg,
+        batch["inputs"],
+        rng=rng,
+        deterministic=rng is None,
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"],
+    )
     return losses.next_token_loss(logits, batch, z_loss)
 
 
@@ -54,9 +64,12 @@ def frozen_base(config, abstract, init_params, mesh, rules):
     shardings = sharding.tree_shardings(abstract, mesh, rules)
     if config.sft.reinit:
         base = jax.jit(lambda r: nn.meta.unbox(init_params(r)), out_shardings=shardings)(
-            jax.random.PRNGKey(config.seed))
+            jax.random.PRNGKey(config.seed)
+        )
     else:
-        base = checkpoint.restore_params(config.init_from, checkpoint.abstract_like(sharding.unboxed(abstract), shardings))
+        base = checkpoint.restore_params(
+            config.init_from, checkpoint.abstract_like(sharding.unboxed(abstract), shardings)
+        )
     return lora.stored_base(base, config.lora)
 
 
@@ -66,8 +79,10 @@ def run(user_config, workdir: str):
     resolved = trainer.adopted(saved, user_config)
     config = trainer.resolve(user_config, resolved)
     if config.train.seq_len > config.model.max_seq_len:
-        raise ConfigError(f"config.train.seq_len={config.train.seq_len} exceeds the pretrained model's "
-                          f"max_seq_len={config.model.max_seq_len} ({run_dir})")
+        raise ConfigError(
+            f"config.train.seq_len={config.train.seq_len} exceeds the pretrained model's "
+            f"max_seq_len={config.model.max_seq_len} ({run_dir})"
+        )
     tok = load_tokenizer(os.path.join(run_dir, "tokenizer"))
     s = trainer.setup(config)
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
@@ -98,18 +113,28 @@ def run(user_config, workdir: str):
             run_info["flops_per_token"] *= 2 / 3
         trainer.write_run_files(workdir, user_config, resolved, run_info, tok)
         if jax.process_index() == 0:
-            how = f"LoRA rank {lora_cfg.rank}, {config.lora.quantize or 'float'} base" if lora_cfg.rank else "full"
-            print(f"SFT from {run_dir}: {run_info['params']['total']:,} parameters, {trainable:,} trained ({how}); "
-                  f"{data.info.get('source')} data; mesh {run_info['mesh']}")
+            how = (
+                f"LoRA rank {lora_cfg.rank}, {config.lora.quantize or 'float'} base"
+                if lora_cfg.rank
+                else "full"
+            )
+            print(
+                f"SFT from {run_dir}: {run_info['params']['total']:,} parameters, {trainable:,} trained "
+                f"({how}); {data.info.get('source')} data; mesh {run_info['mesh']}"
+            )
 
         def batch_fn(step):
-            rows = pipeline.batch_at_step(data.train, step, batch_size, config.seed, jax.process_index(),
-                                          jax.process_count())
+            rows = pipeline.batch_at_step(
+                data.train, step, batch_size, config.seed, jax.process_index(), jax.process_count()
+            )
             return sharding.global_batch(rows, s.batch_sharding)
 
-        eval_loss = lm_eval_fn(model, data.eval, batch_size, config.train.eval_batches, tok.token_bytes(),
-                               s.batch_sharding)
-        graded = [ex for ex in data.eval_examples if ex.get("task") in graded_tasks.TASKS][:config.sft.eval_prompts]
+        eval_loss = lm_eval_fn(
+            model, data.eval, batch_size, config.train.eval_batches, tok.token_bytes(), s.batch_sharding
+        )
+        graded = [ex for ex in data.eval_examples if ex.get("task") in graded_tasks.TASKS][
+            : config.sft.eval_prompts
+        ]
         grade = graded and grader_eval_fn(model_cfg, tok, config.template, graded, config.sft.max_new_tokens)
 
         def evaluate(params):
@@ -117,9 +142,18 @@ def run(user_config, workdir: str):
             return {**eval_loss(params), **(grade(params) if grade else {})}
 
         task = trainer.Task(
-            init_params=trained_init, batch_fn=batch_fn, tx=tx, schedule=schedule, start_params=start_params,
+            init_params=trained_init,
+            batch_fn=batch_fn,
+            tx=tx,
+            schedule=schedule,
+            start_params=start_params,
             loss_fn=functools.partial(sft_loss, model=model, lora_cfg=lora_cfg, z_loss=config.train.z_loss),
-            frozen=frozen, eval_fn=evaluate, eval_at_start=True, to_plain=lambda p: plain(p, frozen),
+            frozen=frozen,
+            eval_fn=evaluate,
+            eval_at_start=True,
+            to_plain=lambda p: plain(p, frozen),
             best=("eval_grader_score", "max") if grade else ("eval_loss", "min"),
-            tokens_per_step=batch_size * seq_len, flops_per_step=run_info["flops_per_token"] * batch_size * seq_len)
+            tokens_per_step=batch_size * seq_len,
+            flops_per_step=run_info["flops_per_token"] * batch_size * seq_len,
+        )
         return trainer.fit(s, task, config, workdir, run_info)

@@ -4,11 +4,17 @@ Each writes ArrayRecord splits 'train' and 'validation'. Pretraining corpora (st
 text_files) have features `text` and `path`; instruction data (alpaca, hh, graded_tasks) has
 `prompt`, `response` and `record` (where the example came from), and more per builder.
 """
+
 from lm.data.builders.alpaca import Alpaca
 from lm.data.builders.graded_tasks import GradedTasks
 from lm.data.builders.hh import HH
 from lm.data.builders.stdlib_source import StdlibSource
 from lm.data.builders.text_files import TextFiles
 
-BUILDERS = {"stdlib": StdlibSource, "text_files": TextFiles, "alpaca": Alpaca, "hh": HH,
-            "graded_tasks": GradedTasks}
+BUILDERS = {
+    "stdlib": StdlibSource,
+    "text_files": TextFiles,
+    "alpaca": Alpaca,
+    "hh": HH,
+    "graded_tasks": GradedTasks,
+}

@@ -6,6 +6,7 @@ be absent or empty; instruction and output must be non-empty strings. Bad record
 `records`. About `eval_fraction` of the examples, whole prompts picked by hash, form
 'validation'. Metadata: files, the record summary (`records.collect`).
 """
+
 from __future__ import annotations
 
 import tensorflow_datasets as tfds
@@ -39,7 +40,9 @@ class Alpaca(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
         self._eval_fraction = eval_fraction
         self._skip_bad_records = skip_bad_records
         name = records.config_name(self._paths, eval_fraction, skip_bad_records)
-        super().__init__(config=tfds.core.BuilderConfig(name=name, description=f"{len(self._paths)} files"), **kwargs)
+        super().__init__(
+            config=tfds.core.BuilderConfig(name=name, description=f"{len(self._paths)} files"), **kwargs
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
@@ -51,8 +54,9 @@ class Alpaca(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        splits, _ = records.build_splits(self.info, self._paths, alpaca_example, self._skip_bad_records,
-                                         self._eval_fraction)
+        splits, _ = records.build_splits(
+            self.info, self._paths, alpaca_example, self._skip_bad_records, self._eval_fraction
+        )
         return {split: self._generate_examples(part) for split, part in splits.items()}
 
     def _generate_examples(self, examples: list[tuple[str, dict]]):

@@ -17,6 +17,7 @@ A record may be counted in several kinds. Bad records (no "\n\nAssistant:" turn,
 non-string field, ...) are handled as in `records`. About `eval_fraction` of the examples, whole
 prompts picked by hash, form 'validation'.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,15 +48,25 @@ def hh_example(record: object) -> dict:
     flags = (prompt != rejected_prompt, not chosen, not rejected)
     irregular = [kind for kind, flag in zip(IRREGULAR, flags) if flag]
     preference = not irregular
-    return {"prompt": prompt, "response": chosen, "chosen": chosen, "rejected": rejected if preference else "",
-            "preference": preference, "irregular": irregular}
+    return {
+        "prompt": prompt,
+        "response": chosen,
+        "chosen": chosen,
+        "rejected": rejected if preference else "",
+        "preference": preference,
+        "irregular": irregular,
+    }
 
 
 def irregular_summary(examples: list[tuple[str, dict]]) -> dict:
     """Counts of each IRREGULAR kind, and of the SFT examples and preference triples kept."""
     counts = {kind: sum(kind in e["irregular"] for _, e in examples) for kind in IRREGULAR}
     kept = [e for _, e in examples if e["response"]]
-    return {**counts, "num_sft_examples": len(kept), "num_preference_pairs": sum(e["preference"] for e in kept)}
+    return {
+        **counts,
+        "num_sft_examples": len(kept),
+        "num_preference_pairs": sum(e["preference"] for e in kept),
+    }
 
 
 class HH(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
@@ -63,7 +74,9 @@ class HH(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
     preference, record."""
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Split at the last Assistant turn; irregular pairs counted; held-out prompts by hash."}
+    RELEASE_NOTES = {
+        "1.0.0": "Split at the last Assistant turn; irregular pairs counted; held-out prompts by hash."
+    }
     # Where TFDS looks for a checksums file; set so that it skips its importlib_resources lookup,
     # which fails without that package (tensorflow/datasets#11212).
     code_path = epath.Path(__file__)
@@ -74,23 +87,38 @@ class HH(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
         self._eval_fraction = eval_fraction
         self._skip_bad_records = skip_bad_records
         name = records.config_name(self._paths, eval_fraction, skip_bad_records)
-        super().__init__(config=tfds.core.BuilderConfig(name=name, description=f"{len(self._paths)} files"), **kwargs)
+        super().__init__(
+            config=tfds.core.BuilderConfig(name=name, description=f"{len(self._paths)} files"), **kwargs
+        )
 
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text()
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "prompt": text, "response": text, "chosen": text, "rejected": text,
-                "preference": tfds.features.Scalar(np.bool_), "record": text}),
+            features=tfds.features.FeaturesDict(
+                {
+                    "prompt": text,
+                    "response": text,
+                    "chosen": text,
+                    "rejected": text,
+                    "preference": tfds.features.Scalar(np.bool_),
+                    "record": text,
+                }
+            ),
             metadata=tfds.core.MetadataDict(files=self._paths),
         )
 
     def _split_generators(self, dl_manager):
-        splits, examples = records.build_splits(self.info, self._paths, hh_example, self._skip_bad_records,
-                                                self._eval_fraction, usable=lambda e: bool(e["response"]),
-                                                what="usable dialogues")
+        splits, examples = records.build_splits(
+            self.info,
+            self._paths,
+            hh_example,
+            self._skip_bad_records,
+            self._eval_fraction,
+            usable=lambda e: bool(e["response"]),
+            what="usable dialogues",
+        )
         self.info.metadata["hh"] = irregular_summary(examples)
         return {split: self._generate_examples(part) for split, part in splits.items()}
 

@@ -6,6 +6,7 @@ an empty required text) stops the build with one DataError line naming it and wh
 with skip_bad_records, is skipped and counted in the build summary. Damage that hides the records
 themselves (a .json file that does not parse, or is not an array) always stops the build.
 """
+
 from __future__ import annotations
 
 import collections
@@ -91,13 +92,21 @@ def text_field(record: object, name: str, *, required: bool = True, allow_empty:
 
 def _json_type(value: object) -> str:
     """The JSON name of a parsed value's type."""
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object",
-             type(None): "null"}
+    names = {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
-def collect(paths: list[str], to_example: Callable[[object], dict],
-            skip_bad_records: bool) -> tuple[list[tuple[str, dict]], dict]:
+def collect(
+    paths: list[str], to_example: Callable[[object], dict], skip_bad_records: bool
+) -> tuple[list[tuple[str, dict]], dict]:
     """[(location, example)] of every good record of `paths`, and the summary of those skipped.
 
     to_example: record -> example dict, raising BadRecord. Summary: num_records, num_skipped,
@@ -114,14 +123,18 @@ def collect(paths: list[str], to_example: Callable[[object], dict],
                 examples.append((location, to_example(record)))
             except BadRecord as e:
                 if not skip_bad_records:
-                    raise DataError(f"{_KEY}: {location} {e} "
-                                    "(config.data.skip_bad_records=True skips such records)") from None
+                    raise DataError(
+                        f"{_KEY}: {location} {e} (config.data.skip_bad_records=True skips such records)"
+                    ) from None
                 skipped.append((location, str(e)))
     if not examples:
         raise DataError(f"{_KEY}: no usable records in {len(paths)} file(s) ({len(skipped)} skipped as bad)")
-    summary = {"num_records": num_records, "num_skipped": len(skipped),
-               "skipped_reasons": dict(collections.Counter(reason for _, reason in skipped)),
-               "skipped_records": [f"{location} {reason}" for location, reason in skipped[:MAX_LISTED]]}
+    summary = {
+        "num_records": num_records,
+        "num_skipped": len(skipped),
+        "skipped_reasons": dict(collections.Counter(reason for _, reason in skipped)),
+        "skipped_records": [f"{location} {reason}" for location, reason in skipped[:MAX_LISTED]],
+    }
     return examples, summary
 
 
@@ -131,18 +144,28 @@ def config_name(paths: list[str], *settings) -> str:
     return "files-" + hashlib.sha256(json.dumps([stats, *settings]).encode()).hexdigest()[:16]
 
 
-def split_by_prompt(examples: list[tuple[str, dict]], eval_fraction: float) -> dict[str, list[tuple[str, dict]]]:
+def split_by_prompt(
+    examples: list[tuple[str, dict]], eval_fraction: float
+) -> dict[str, list[tuple[str, dict]]]:
     """{'train': ..., 'validation': ...}: about eval_fraction of the examples, whole prompts picked
     by hash (`heldout_units`), so a prompt and its duplicates are on one side only."""
     counts = collections.Counter(example["prompt"] for _, example in examples)
     heldout = heldout_units(dict(counts), eval_fraction)
-    return {"train": [e for e in examples if e[1]["prompt"] not in heldout],
-            "validation": [e for e in examples if e[1]["prompt"] in heldout]}
+    return {
+        "train": [e for e in examples if e[1]["prompt"] not in heldout],
+        "validation": [e for e in examples if e[1]["prompt"] in heldout],
+    }
 
 
-def build_splits(info, paths: list[str], to_example: Callable[[object], dict], skip_bad_records: bool,
-                 eval_fraction: float, usable: Callable[[dict], bool] = lambda example: True,
-                 what: str = "examples") -> tuple[dict, list[tuple[str, dict]]]:
+def build_splits(
+    info,
+    paths: list[str],
+    to_example: Callable[[object], dict],
+    skip_bad_records: bool,
+    eval_fraction: float,
+    usable: Callable[[dict], bool] = lambda example: True,
+    what: str = "examples",
+) -> tuple[dict, list[tuple[str, dict]]]:
     """Collects the files' examples (summary into info.metadata['records']), keeps the `usable`
     ones and splits them by prompt. Returns ({'train', 'validation'} lists, all examples)."""
     examples, summary = collect(paths, to_example, skip_bad_records)
@@ -152,4 +175,3 @@ def build_splits(info, paths: list[str], to_example: Callable[[object], dict], s
     if not splits["train"] or not splits["validation"]:
         raise DataError(f"{_KEY}: {len(kept)} {what}; need 2 or more distinct prompts to hold one out")
     return splits, examples
-

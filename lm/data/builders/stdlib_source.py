@@ -6,6 +6,7 @@ test files, are skipped). The held-out 'validation' split is chosen by top-level
 The builder config name carries the Python version and a hash of the file list, so corpora of
 different interpreters never collide in one data_dir.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,7 +83,8 @@ class StdlibSource(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
             sizes[package] = sizes.get(package, 0) + os.path.getsize(os.path.join(self._root, f))
         # Skipping packages over 10% of the corpus keeps e.g. the 17 MB `test` package in train.
         self._heldout = heldout_units(sizes, eval_fraction, max_unit_fraction=0.1)
-        name = f"py{platform.python_version()}-{self._file_list_sha256[:12]}-eval{round(eval_fraction * 1000):03d}"
+        per_mille = round(eval_fraction * 1000)
+        name = f"py{platform.python_version()}-{self._file_list_sha256[:12]}-eval{per_mille:03d}"
         config = tfds.core.BuilderConfig(name=name, description=f"Python {platform.python_version()} stdlib")
         super().__init__(config=config, **kwargs)
 
@@ -95,7 +97,8 @@ class StdlibSource(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
                 python_version=platform.python_version(),
                 file_list_sha256=self._file_list_sha256,
                 num_files=len(self._files),
-                heldout_packages=sorted(self._heldout)),
+                heldout_packages=sorted(self._heldout),
+            ),
         )
 
     def _split_generators(self, dl_manager):

@@ -7,6 +7,7 @@ About `eval_fraction` of the bytes, whole documents picked by hash, form 'valida
 config name hashes the resolved file list with sizes and mtimes: editing a file rebuilds.
 Documents are held in memory while the dataset is written once.
 """
+
 from __future__ import annotations
 
 import glob
@@ -65,7 +66,9 @@ def jsonl_documents(text: str, path: str, text_field: str) -> list[tuple[str, st
             raise DataError(f"{_KEY}: {path}:{number} is not valid JSON") from None
         value = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            raise DataError(f"{_KEY}: {path}:{number} has no string field {text_field!r} (config.data.text_field)")
+            raise DataError(
+                f"{_KEY}: {path}:{number} has no string field {text_field!r} (config.data.text_field)"
+            )
         if value.strip():
             docs.append((f"{path}:{number}", value))
     return docs
@@ -139,8 +142,10 @@ class TextFiles(NoDownloadBanner, tfds.core.GeneratorBasedBuilder):
         if len(docs) < 2:
             raise DataError(f"{_KEY}: the corpus has {len(docs)} document; need 2 or more to hold one out")
         heldout = heldout_units({key: len(text.encode()) for key, text in docs}, self._eval_fraction)
-        return {"train": self._generate_examples([d for d in docs if d[0] not in heldout]),
-                "validation": self._generate_examples([d for d in docs if d[0] in heldout])}
+        return {
+            "train": self._generate_examples([d for d in docs if d[0] not in heldout]),
+            "validation": self._generate_examples([d for d in docs if d[0] in heldout]),
+        }
 
     def _generate_examples(self, docs: list[tuple[str, str]]):
         for key, text in docs:
