@@ -29,7 +29,13 @@ setup(
         "threadpoolctl",
     ],
     extras_require={
-        "test": ["pytest>=7", "chex", "submitit", "hypothesis", "ruff==0.17.6"],  # the sweep tests run the SLURM path locally
+        "test": [
+            "pytest>=7",
+            "chex",
+            "submitit",
+            "hypothesis",
+            "ruff==0.17.6",
+        ],  # the sweep tests run the SLURM path locally
         "bench": ["torch==2.13.0"],
         "slurm": ["submitit"],
     },

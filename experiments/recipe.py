@@ -345,10 +345,7 @@ def write_markdown(path: str, report: dict) -> None:
             f"| {name} | " + " | ".join(cell(row.get(t)) for t in tasks) + " |"
             for name, row in per_task.items()
         ]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    metrics_lib.write_atomic(path, "\n".join(lines) + "\n")
 
 
 def run(config, workdir: str) -> dict:

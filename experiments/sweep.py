@@ -176,10 +176,7 @@ def write_results(sweep_dir: str, members: list[Member]) -> str:
     for member in members:
         writer.writerow({k: _csv_value(v) for k, v in member_row(sweep_dir, member).items()})
     path = os.path.join(sweep_dir, "results.csv")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    metrics_lib.write_atomic(path, buffer.getvalue())
     return path
 
 

@@ -1,5 +1,6 @@
 """Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, a progress bar."""
 
+import contextlib
 import json
 import math
 import os
@@ -8,13 +9,31 @@ import jax
 import tqdm
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ""):
+    """The one atomic writer: yields a temporary path beside `path` (ending in `suffix`, for writers
+    that add their own extension) and renames it onto `path` when the block succeeds, so readers
+    never see half a file and a crash leaves the old one; the temporary file is removed on error."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Writes text or bytes to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
 def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON to `path` via a temporary file and a rename, so readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes JSON to `path` through `atomic_path`."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: str):
@@ -44,10 +63,7 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class MetricsWriter:

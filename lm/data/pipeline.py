@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
+from lm import metrics as metrics_lib
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import ByteTokenizer, Tokenizer
 from lm.errors import DataError
@@ -441,7 +442,7 @@ def tokenize_split(
             raise DataError(f"config.data.source: split {split!r} of {corpus.key} has no documents")
         os.makedirs(cache_dir, exist_ok=True)
         _atomic_save_npy(stream_path, tokens)
-        tokenizer_lib.atomic_write(stats_path, json.dumps(stats, indent=1).encode())
+        metrics_lib.write_atomic(stats_path, json.dumps(stats, indent=1))
     with open(stats_path) as f:
         stats = json.load(f)
     return np.load(stream_path, mmap_mode="r"), stats
@@ -484,10 +485,9 @@ def tokenize_documents(texts: Iterable[str], tokenizer: Tokenizer) -> tuple[np.n
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    """np.save to a temporary file in the same directory, then os.replace."""
-    tmp = f"{path}.tmp.{os.getpid()}.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    """np.save through `metrics.atomic_path`."""
+    with metrics_lib.atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
 
 
 @contextlib.contextmanager

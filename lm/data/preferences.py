@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from lm import metrics as metrics_lib
 from lm import sampling
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
@@ -442,17 +443,16 @@ def save(path: str, data: PreferenceData, fingerprint: str) -> None:
         for split in ("train", "eval")
         for name in ARRAYS
     }
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(
-        tmp,
-        norm_tokens=data.norm_tokens,
-        norm_first_index=data.norm_first_index,
-        norm_last_index=data.norm_last_index,
-        fingerprint=np.array(f"{FORMAT}:{fingerprint}"),
-        info=np.array(json.dumps(data.info, default=str)),
-        **arrays,
-    )
-    os.replace(tmp, path)
+    with metrics_lib.atomic_path(path, suffix=".npz") as tmp:
+        np.savez(
+            tmp,
+            norm_tokens=data.norm_tokens,
+            norm_first_index=data.norm_first_index,
+            norm_last_index=data.norm_last_index,
+            fingerprint=np.array(f"{FORMAT}:{fingerprint}"),
+            info=np.array(json.dumps(data.info, default=str)),
+            **arrays,
+        )
 
 
 def load(path: str, fingerprint: str | None = None) -> PreferenceData | None:

@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from lm.errors import DataError
+from lm.metrics import write_atomic
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPACE = "\u2581"  # sentencepiece's whitespace marker "▁"
@@ -83,7 +84,7 @@ class ByteTokenizer:
         return np.array([0, 0, 0] + [1] * 256, dtype=np.int64)
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write(path, json.dumps({"format": _BYTE_FORMAT}).encode())
+        write_atomic(path, json.dumps({"format": _BYTE_FORMAT}).encode())
 
 
 class SentencePieceTokenizer:
@@ -133,7 +134,7 @@ class SentencePieceTokenizer:
         return np.array([len(b) for b in self._bytes], dtype=np.int64)
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write(path, self._proto)
+        write_atomic(path, self._proto)
 
 
 def _piece_bytes(sp, i: int) -> bytes:
@@ -243,13 +244,3 @@ def train_sentencepiece(
     tokenizer = SentencePieceTokenizer(model.getvalue())
     tokenizer.save(path)
     return tokenizer
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Writes via a temporary file in the same directory and os.replace."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
