@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import attention
+from lm import attention, rl
 from lm.errors import ConfigError
 from lm.sharding import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, POSITIONS, VOCAB
 
@@ -495,15 +495,10 @@ class RewardModel(nn.Module):
             return score
         if first_index is None:
             raise ValueError("a reward model with the likelihood term needs first_index")
-        logits = logits[:, :-1].astype(jnp.float32)  # predicting columns 1..n-1
-        token_logp = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0] - jax.nn.logsumexp(
-            logits, axis=-1
-        )  # [batch, seq - 1]
-        column = jnp.arange(1, n, dtype=jnp.int32)[None, :]
-        in_response = (column >= first_index[:, None]) & (column <= last_index[:, None])
-        mean_logp = jnp.sum(jnp.where(in_response, token_logp, 0.0), axis=1) / jnp.maximum(
-            jnp.sum(in_response, axis=1), 1
-        )
+        column = jnp.arange(n, dtype=jnp.int32)[None, :]
+        in_response = (column >= first_index[:, None]) & (column <= last_index[:, None])  # [batch, seq]
+        token_logp = rl.sequence_logprobs(logits, tokens, in_response)  # [batch, seq - 1]
+        mean_logp = jnp.sum(token_logp, axis=1) / jnp.maximum(jnp.sum(in_response[:, 1:], axis=1), 1)
         weight = self.param("likelihood_weight", _constant(nn.initializers.ones, ()), (), cfg.params_dtype)
         return score + weight.astype(jnp.float32) * mean_logp
 
