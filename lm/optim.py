@@ -67,3 +67,12 @@ def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransform
     if opt_cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), adamw)
     return adamw
+
+
+def per_model_optimizer(opt_cfg, schedules: dict) -> optax.GradientTransformation:
+    """`make_optimizer` for each top-level key of the params ({'policy': schedule, 'value': ...}),
+    each with its own learning-rate schedule and its own gradient clipping."""
+    return optax.multi_transform(
+        {name: make_optimizer(opt_cfg, s) for name, s in schedules.items()},
+        {name: name for name in schedules},
+    )

@@ -8,14 +8,18 @@ Prompts (config.data.source): graded tasks (the oracle, their grader, scores eve
 the host) or the HH dialogues (no oracle; evaluation by the reward model's score).
 """
 
+import dataclasses
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import evaluation, rl, sampling, sharding
+from lm import evaluation, rl, sampling, saved_model, sharding, trainer
 from lm.data import graded_tasks, preferences
 from lm.data import sft as sft_data
 from lm.errors import ConfigError, DataError
+from lm.model import Transformer
 
 REWARDS = ("rm", "oracle")  # what an RL task trains on: the reward model or the grader
 SOURCES = ("graded_tasks", "hh")  # config.data.source: where the prompts come from
@@ -32,6 +36,32 @@ def check_source(source: str, reward: str, section: str) -> None:
             f"config.{section}.reward='oracle' needs a grader: the HH prompts "
             "(config.data.source='hh') have none"
         )
+
+
+def validate(config, section: str) -> None:
+    """The common checks, then those of an RL task's section (ppo, grpo): one ConfigError line."""
+    trainer.validate(config)
+    cfg, batch_size = config[section], config.train.global_batch_size
+    check_source(config.data.source, cfg.reward, section)
+    name = section.upper()
+    if not cfg.reward_from:
+        raise ConfigError(f"config.{section}.reward_from: {name} needs a reward-model workdir")
+    if cfg.minibatches < 1 or batch_size % cfg.minibatches:
+        raise ConfigError(
+            f"config.{section}.minibatches={cfg.minibatches} must divide "
+            f"config.train.global_batch_size={batch_size}"
+        )
+    per = batch_size // cfg.minibatches
+    if per % config.train.grad_accum:
+        raise ConfigError(
+            f"config.train.grad_accum={config.train.grad_accum} must divide each {name} minibatch "
+            f"(global_batch_size / {section}.minibatches = {per} rollouts)"
+        )
+    if cfg.temperature <= 0:
+        raise ConfigError(f"config.{section}.temperature={cfg.temperature}: {name} samples, it must be > 0")
+    for key, low in (("epochs", 1), ("max_new_tokens", 1), ("eval_prompts", 0)):
+        if cfg[key] < low:
+            raise ConfigError(f"config.{section}.{key}={cfg[key]} must be >= {low}")
 
 
 def sequence_layout(prompts, lengths, responses):
@@ -180,3 +210,151 @@ def prompt_batch_fn(prompts: dict, num: int, batch_size: int, seed: int, batch_s
         return out
 
     return batch_fn
+
+
+def sample_and_score(policy_params, frozen, batch, rng, *, model, reward_model, settings, cfg, oracle):
+    """Samples responses to `batch` from the policy and scores them, on device.
+
+    Args:
+      frozen: {'reference', 'reward'} parameters and 'norm' ([2] mean, std of the reward model).
+      batch: {'prompts': [B, P], 'lengths': [B], 'index': [B] example index for the oracle}.
+      cfg: the task's section (reads max_new_tokens, temperature, reward, missing_eos_penalty).
+      oracle: `(index [B], responses [B, T]) -> [B] float32` host grader, or None.
+    Returns:
+      dict of tokens, positions, segments [B, P + T]; mask, logp, ref_logp, entropy [B, T]; score
+      (the training score: the normalised reward model's or the oracle's, minus the missing-EOS
+      penalty), rm_score, ended and, with an oracle, oracle_score [B].
+    """
+    prompts, width = batch["prompts"], batch["prompts"].shape[1]
+    responses, _ = sampling.sample_arrays(
+        {"params": policy_params},
+        prompts,
+        batch["lengths"],
+        rng,
+        settings,
+        config=model.config,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    tokens, positions, segments = sequence_layout(prompts, batch["lengths"], responses)
+    mask = rl.response_mask(responses, settings.eos_id)
+    layout = (tokens, positions, segments, width)
+    logp, entropy = response_logprobs(model, policy_params, *layout, cfg.temperature)
+    ref_logp, _ = response_logprobs(model, frozen["reference"], *layout, cfg.temperature)
+    raw = final_scores(reward_model, frozen["reward"], *layout, mask)
+    out = {
+        "tokens": tokens,
+        "positions": positions,
+        "segments": segments,
+        "mask": mask,
+        "logp": logp,
+        "ref_logp": ref_logp,
+        "entropy": entropy,
+        "rm_score": (raw - frozen["norm"][0]) / frozen["norm"][1],
+        "ended": jnp.any(responses == settings.eos_id, axis=1),
+    }
+    if oracle is not None:
+        shape = jax.ShapeDtypeStruct(raw.shape, jnp.float32)
+        out["oracle_score"] = jax.pure_callback(oracle, shape, batch["index"], responses)
+    score = out["oracle_score"] if cfg.reward == "oracle" else out["rm_score"]
+    out["score"] = score - cfg.missing_eos_penalty * (~out["ended"])
+    return out
+
+
+def rollout_stats(r: dict) -> dict:
+    """The logged scalars every RL task shares, of a `sample_and_score` result."""
+    valid = jnp.maximum(jnp.sum(r["mask"]), 1.0)
+    stats = {
+        "rm_score": jnp.mean(r["rm_score"]),
+        "entropy": jnp.sum(r["entropy"] * r["mask"]) / valid,
+        "response_length": jnp.mean(jnp.sum(r["mask"], axis=1)),
+        "eos_fraction": jnp.mean(r["ended"]),
+    }
+    if "oracle_score" in r:
+        stats["oracle_score"] = jnp.mean(r["oracle_score"])
+    return stats
+
+
+@dataclasses.dataclass
+class Setting:
+    """What an RL run starts from: the SFT policy (`init_from`), the reward model (`reward_from`),
+    the resolved config, the prompts and the oracle."""
+
+    config: object  # the resolved config (the user's is never changed)
+    resolved: dict  # what was adopted from the SFT run (architecture, template)
+    policy: object  # saved_model.SavedModel of the SFT policy
+    model: Transformer
+    reward_model: object  # lm.model.RewardModel (also the value model's network)
+    reward_params: dict
+    reward_norm: dict
+    train_examples: list
+    eval_examples: list
+    prompts: dict  # prompt_batches of the train examples
+    info: dict  # for run_info
+    settings: sampling.SamplingSettings
+    oracle: object  # host_oracle of the train examples, or None (HH prompts)
+
+
+def prepare(user_config, section: str) -> Setting:
+    """Loads an RL run's models and prompts for the task whose section is `section` ('ppo', ...)."""
+    cfg = user_config[section]
+    policy = saved_model.load(user_config.init_from)
+    reward_model, reward_params, norm, _ = saved_model.restore_reward_model(cfg.reward_from)
+    resolved = trainer.adopted(policy.config.to_dict(), user_config)
+    config = trainer.resolve(user_config, resolved)
+    tok, model_cfg = policy.tokenizer, policy.model_cfg
+    train, held_out, info = prompt_examples(
+        config,
+        tok,
+        policy.config.data.to_dict(),
+        model_cfg.max_seq_len,
+        eval_prompts=cfg.eval_prompts,
+        max_new_tokens=cfg.max_new_tokens,
+    )
+    prompts = prompt_batches(train, tok, config.template, model_cfg, cfg.max_new_tokens)
+    info = {
+        **info,
+        "init_from": os.path.abspath(config.init_from),
+        "reward_from": os.path.abspath(cfg.reward_from),
+        "num_prompts": len(train),
+        "prompt_width": int(prompts["prompts"].shape[1]),
+    }
+    settings = sampling.SamplingSettings.create(cfg.temperature, 0, 1.0, tok.eos_id, tok.pad_id)
+    oracle = host_oracle(train, tok) if config.data.source == "graded_tasks" else None
+    return Setting(
+        config,
+        resolved,
+        policy,
+        Transformer(model_cfg),
+        reward_model,
+        reward_params,
+        norm,
+        train,
+        held_out,
+        prompts,
+        info,
+        settings,
+        oracle,
+    )
+
+
+def frozen_models(r: Setting, policy_sharding, reward_sharding) -> dict:
+    """The reference policy and the reward model, placed from host copies (the state is donated
+    each step, so frozen arrays must not share its buffers), and the normalisation 'norm' [2]."""
+    host = jax.device_get({"reference": r.policy.params, "reward": r.reward_params})
+    frozen = jax.device_put(host, {"reference": policy_sharding, "reward": reward_sharding})
+    frozen["norm"] = jnp.asarray([r.reward_norm["mean"], r.reward_norm["std"]], jnp.float32)
+    return frozen
+
+
+def held_out_eval(r: Setting, frozen: dict):
+    """`(policy params -> eval metrics, the metric best/ keeps)`: the graded score of greedy answers
+    to the held-out prompts, or without a grader (HH) the reward model's normalised score of them
+    (responses as long as the rollouts': the prompts leave room for those)."""
+    cfg, tok, model_cfg = r.config, r.policy.tokenizer, r.policy.model_cfg
+    width = cfg[cfg.task].max_new_tokens
+    if r.oracle is not None:
+        return evaluation.grader_eval_fn(
+            model_cfg, tok, cfg.template, r.eval_examples, width
+        ), "eval_grader_score"
+    score_fn = saved_model.normalised_score_fn(r.reward_model, frozen["reward"], r.reward_norm)
+    return rm_eval_fn(model_cfg, tok, cfg.template, r.eval_examples, width, score_fn), "eval_rm_score"

@@ -124,6 +124,53 @@ def guarded_update(tx, grads, loss, params, opt_state, step, nan_at_step: int = 
     return keep_if_finite(new_params, params), keep_if_finite(new_opt_state, opt_state), grad_norm, finite
 
 
+def minibatch_epochs(
+    loss_fn,
+    params,
+    opt_state,
+    data,
+    rng,
+    *,
+    tx,
+    epochs: int,
+    minibatches: int,
+    grad_accum: int,
+    step,
+    nan_at_step: int = -1,
+):
+    """The inner loop of PPO-style RL: `epochs` passes over `data` (a dict of `[rows, ...]` arrays,
+    e.g. one rollout batch), each in `minibatches` shuffled minibatches, one `guarded_update` per
+    minibatch over `grad_accum` microbatches (a mean of their means).
+
+    Args:
+      loss_fn: `(params, minibatch, rng) -> (loss, stats)`, a mean over the minibatch.
+      step: the state's step (for `nan_at_step`).
+    Returns:
+      (params, opt_state, any_nonfinite: [] bool, stats: each of loss_fn's stats and grad_norm,
+      averaged over the updates).
+    """
+    rows = jax.tree.leaves(data)[0].shape[0]
+    per = rows // minibatches
+
+    def update(carry, index):
+        params, opt_state, bad = carry
+        mb = jax.tree.map(lambda x: x[index], data)
+        loss, stats, grads = summed_grads(loss_fn, params, mb, rng, grad_accum)
+        loss, stats, grads = jax.tree.map(lambda x: x / grad_accum, (loss, stats, grads))
+        params, opt_state, grad_norm, finite = guarded_update(
+            tx, grads, loss, params, opt_state, step, nan_at_step
+        )
+        return (params, opt_state, bad | ~finite), {**stats, "grad_norm": grad_norm}
+
+    def epoch(carry, e):
+        order = jax.random.permutation(jax.random.fold_in(rng, 1 + e), rows)[: per * minibatches]
+        return jax.lax.scan(update, carry, order.reshape(minibatches, per))
+
+    carry = (params, opt_state, jnp.zeros((), bool))
+    (params, opt_state, bad), stats = jax.lax.scan(epoch, carry, jnp.arange(epochs))
+    return params, opt_state, bad, {k: jnp.mean(v) for k, v in stats.items()}
+
+
 def train_step(
     state: TrainState,
     batch,

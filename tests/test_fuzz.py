@@ -214,9 +214,9 @@ def test_a_bug_in_the_code_exits_1_with_its_traceback(tmp_path):
     """No blanket catch: an internal error (here a ZeroDivisionError planted in the task) is not
     turned into a one-line user error."""
     planted = (
-        "import sys; from experiments import run\n"
+        "import sys; from experiments import run; from lm.tasks import pretrain\n"
         "def broken(config, workdir):\n    return 1 / 0\n"
-        "run.TASKS['pretrain'] = broken\n"
+        "pretrain.run = broken\n"
         "sys.exit(run.main(sys.argv))\n"
     )
     done = subprocess.run(

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 from configs import common as configs_common
-from lm import evaluation, rollouts, sampling, sharding
+from lm import evaluation, optim, rollouts, sampling, sharding
 from lm.data import preferences
 from lm.errors import ConfigError
 from lm.model import ModelConfig, RewardModel, Transformer
@@ -84,7 +84,8 @@ def test_ppo_optimizer_steps_the_value_model_at_its_own_learning_rate():
     opt = ml_collections.ConfigDict(
         dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_embeddings=False, clip_norm=1.0)
     )
-    tx = ppo.ppo_optimizer(opt, optax.constant_schedule(1e-4), optax.constant_schedule(1e-2))
+    schedules = {"policy": optax.constant_schedule(1e-4), "value": optax.constant_schedule(1e-2)}
+    tx = optim.per_model_optimizer(opt, schedules)
     params = {"policy": {"w": jnp.ones((3,))}, "value": {"w": jnp.ones((3,))}}
     grads = {"policy": {"w": jnp.array([5.0, -1.0, 0.5])}, "value": {"w": jnp.array([0.01, -3.0, 2.0])}}
     updates, _ = tx.update(grads, tx.init(params), params)
