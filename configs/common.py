@@ -14,7 +14,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     """The sections every task reads: task, seed, model, precision, data, optimizer, schedule, train,
     mesh and axis_rules."""
     c = ml_collections.ConfigDict()
-    c.task = "pretrain"  # pretrain | sft | reward | ppo | dpo | recipe
+    c.task = "pretrain"  # pretrain | sft | reward | ppo | grpo | dpo | recipe
     c.seed = 0
 
     # Model: keys are the fields of lm.model.ModelConfig. Defaults are GPT-2 style.
@@ -212,6 +212,30 @@ def ppo_config() -> ml_collections.ConfigDict:
     c.ppo.whiten_rewards = False
     c.ppo.missing_eos_penalty = 1.0  # subtracted from the score of a response that never ends
     c.ppo.ptx_coef = 0.0  # PPO-ptx: weight of the LM loss on SFT rows (InstructGPT: pretraining rows)
+    return c
+
+
+def grpo_config() -> ml_collections.ConfigDict:
+    """GRPO (Shao et al. 2024; Dr. GRPO's corrections as options): policy and reference from
+    init_from (SFT), no value model; the reward model from grpo.reward_from (its score, or the
+    grader's with reward='oracle'). train.global_batch_size counts prompts, each sampled group_size
+    times."""
+    c = _finetune("grpo")
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.reward_from = ""  # the reward-model workdir (also the rm_score logged beside the oracle's)
+    c.grpo.reward = "rm"  # rm | oracle (the grader itself: verifiable rewards)
+    c.grpo.group_size = 8  # responses sampled per prompt
+    c.grpo.std_normalise = True  # divide by the group's std (GRPO); False: Dr. GRPO
+    c.grpo.kl_coef = 0.04  # weight of the KL to the reference
+    c.grpo.kl_estimator = "k3"  # k3: per-token k3 in the loss | k1: sequence log-ratio in the reward
+    c.grpo.loss_norm = "token"  # token: mean over all tokens | sequence: per-response mean, then mean
+    c.grpo.epochs = 1  # passes over each rollout batch
+    c.grpo.minibatches = 1  # per pass; must divide global_batch_size * group_size
+    c.grpo.clip = 0.2
+    c.grpo.temperature = 1.0
+    c.grpo.max_new_tokens = 32  # rollouts and evaluation answers
+    c.grpo.eval_prompts = 200
+    c.grpo.missing_eos_penalty = 1.0
     return c
 
 

@@ -12,6 +12,7 @@ TASKS = {
     "sft": "lm.tasks.sft",
     "reward": "lm.tasks.reward",
     "ppo": "lm.tasks.ppo",
+    "grpo": "lm.tasks.grpo",
     "dpo": "lm.tasks.dpo",
     "recipe": "experiments.recipe",
 }
@@ -25,6 +26,7 @@ NEXT = {
     "reward": "PPO: python -m experiments.run --config configs/ppo/tasks_tiny.py --config.init_from=SFT_DIR "
     "--config.ppo.reward_from={workdir} --workdir DIR",
     "ppo": "python -m tools.sample --workdir {workdir} --chat --prompt '...'",
+    "grpo": "python -m tools.sample --workdir {workdir} --chat --prompt '...'",
     "dpo": "python -m tools.sample --workdir {workdir} --chat --prompt '...'",
     "recipe": "open {workdir}/report.md",
 }

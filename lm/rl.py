@@ -244,3 +244,86 @@ def fixed_kl_update(beta, current_kl, target, horizon, n_steps):
     """The fixed KL coefficient: `adaptive_kl_update`'s signature, returning `beta` unchanged."""
     del current_kl, target, horizon, n_steps
     return jnp.asarray(beta, jnp.float32)
+
+
+# ---- GRPO (Shao et al. 2024), with Dr. GRPO's corrections (Liu et al. 2025) as options ----------
+
+GRPO_KL_ESTIMATORS = ("k1", "k3")
+GRPO_LOSS_NORMS = ("token", "sequence")
+
+
+def group_advantages(scores, group_size: int, std_normalise: bool = True, eps: float = 1e-4):
+    """Group-relative advantages: each response's score minus its group's mean, divided by the
+    group's standard deviation (+ eps) when `std_normalise` (GRPO; Dr. GRPO drops the division).
+
+    Args:
+      scores: [groups * group_size] float, the responses of one prompt contiguous.
+    Returns:
+      [groups * group_size] float32; a group whose scores are all equal gets zeros.
+    """
+    s = scores.astype(jnp.float32).reshape(-1, group_size)
+    centred = s - jnp.mean(s, axis=1, keepdims=True)
+    if std_normalise:
+        centred = centred / (jnp.std(s, axis=1, keepdims=True) + eps)
+    return centred.reshape(-1)
+
+
+def zero_variance_fraction(scores, group_size: int):
+    """The fraction of groups whose scores are all equal (they carry no policy gradient)."""
+    s = scores.reshape(-1, group_size)
+    return jnp.mean(jnp.all(s == s[:, :1], axis=1))
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimate of KL(pi || pi_ref) for tokens sampled from pi:
+    exp(ref - logp) - (ref - logp) - 1 (Schulman's note; never negative). [batch, T] float32."""
+    d = ref_logp.astype(jnp.float32) - logp.astype(jnp.float32)
+    return jnp.exp(d) - d - 1.0
+
+
+def grpo_policy_loss(
+    logp,
+    old_logp,
+    ref_logp,
+    advantages,
+    mask,
+    *,
+    clip_eps: float,
+    kl_coef: float,
+    kl_estimator: str = "k3",
+    loss_norm: str = "token",
+):
+    """GRPO's clipped objective as a loss, with the k3 KL penalty in the loss (`kl_estimator`
+    'k3'; with 'k1' the KL is in the reward instead and nothing is added here).
+
+    Per token: `max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) + kl_coef * k3`, A the
+    response's advantage. `loss_norm` 'token': the mean over every valid token of the batch (long
+    responses weigh more, Dr. GRPO / DAPO); 'sequence': the mean over each response's tokens, then
+    over responses (the original GRPO).
+
+    Args:
+      logp, old_logp, ref_logp: [batch, T] float; advantages: [batch] float; mask: [batch, T].
+    Returns:
+      (loss, stats): stats has clip_fraction, approx_kl (k3 of old to new) and ratio_mean.
+    """
+    mask = mask.astype(jnp.float32)
+    log_ratio = _zero_masked(logp.astype(jnp.float32) - old_logp.astype(jnp.float32), mask)
+    ratio = jnp.exp(log_ratio)
+    a = advantages.astype(jnp.float32)[:, None]
+    unclipped = -a * ratio
+    clipped = -a * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = jnp.maximum(unclipped, clipped)
+    if kl_estimator == "k3":
+        per_token = per_token + kl_coef * _zero_masked(k3_kl(logp, ref_logp), mask)
+    per_token = _zero_masked(per_token, mask)
+    if loss_norm == "token":
+        loss = jnp.sum(per_token) / jnp.maximum(jnp.sum(mask), 1.0)
+    else:
+        lengths = jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+        loss = jnp.mean(jnp.sum(per_token, axis=1) / lengths)
+    stats = {
+        "clip_fraction": _masked_mean(clipped > unclipped, mask),
+        "approx_kl": _masked_mean((ratio - 1.0) - log_ratio, mask),
+        "ratio_mean": _masked_mean(ratio, mask),
+    }
+    return loss, stats

@@ -38,18 +38,19 @@ def check_source(source: str, reward: str, section: str) -> None:
         )
 
 
-def validate(config, section: str) -> None:
-    """The common checks, then those of an RL task's section (ppo, grpo): one ConfigError line."""
+def validate(config, section: str, group_size: int = 1) -> None:
+    """The common checks, then those of an RL task's section (ppo, grpo; `group_size` responses per
+    prompt): one ConfigError line."""
     trainer.validate(config)
-    cfg, batch_size = config[section], config.train.global_batch_size
+    cfg, batch_size = config[section], config.train.global_batch_size * group_size
     check_source(config.data.source, cfg.reward, section)
     name = section.upper()
     if not cfg.reward_from:
         raise ConfigError(f"config.{section}.reward_from: {name} needs a reward-model workdir")
     if cfg.minibatches < 1 or batch_size % cfg.minibatches:
         raise ConfigError(
-            f"config.{section}.minibatches={cfg.minibatches} must divide "
-            f"config.train.global_batch_size={batch_size}"
+            f"config.{section}.minibatches={cfg.minibatches} must divide the {batch_size} rollouts of an "
+            f"iteration (config.train.global_batch_size x {group_size} per prompt)"
         )
     per = batch_size // cfg.minibatches
     if per % config.train.grad_accum:
@@ -335,6 +336,12 @@ def prepare(user_config, section: str) -> Setting:
         settings,
         oracle,
     )
+
+
+def reward_init(reward_model):
+    """`rng -> boxed params` of a reward (or value) model (`trainer.Task.init_params` style)."""
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    return lambda rng: reward_model.init(rng, dummy, dummy[:, 0], dummy[:, 0])["params"]
 
 
 def frozen_models(r: Setting, policy_sharding, reward_sharding) -> dict:

@@ -286,3 +286,59 @@ def test_mean_sd_table_over_seeds():
     table = plot_rlhf.mean_sd_table(reports).splitlines()
     assert table[0] == "| stage (n = 2) | oracle_score | rm_accuracy | kl_to_sft |"  # numbers only
     assert table[2] == f"| ppo | 0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} | – | 2.000 ± 0.000 |"
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("std_normalise", [True, False])
+def test_group_advantages_equal_a_loop_over_groups(std_normalise):
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=24).astype(np.float32)
+    scores[8:12] = 0.5  # one group of equal scores
+    got = np.asarray(rl.group_advantages(jnp.asarray(scores), 4, std_normalise))
+    for g in range(6):
+        s = scores[g * 4 : (g + 1) * 4].astype(np.float64)
+        want = s - s.mean()
+        if std_normalise:
+            want = want / (s.std() + 1e-4)
+        np.testing.assert_allclose(got[g * 4 : (g + 1) * 4], want, rtol=1e-5, atol=1e-6)
+    assert np.all(got[8:12] == 0.0)
+    assert float(rl.zero_variance_fraction(jnp.asarray(scores), 4)) == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "sequence"])
+def test_groups_with_equal_rewards_contribute_no_policy_gradient(loss_norm):
+    """Without the KL term a group whose scores are all equal has zero advantages, so its tokens'
+    log-probs get exactly zero gradient; the other group's do not."""
+    rng = np.random.default_rng(1)
+    scores = jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.2])
+    advantages = rl.group_advantages(scores, 4)
+    logp = jnp.asarray(rng.normal(-2.0, 0.3, (8, 5)), jnp.float32)
+    mask = jnp.asarray(rng.random((8, 5)) < 0.8)
+
+    def loss(lp):
+        return rl.grpo_policy_loss(
+            lp, logp, logp, advantages, mask, clip_eps=0.2, kl_coef=0.0, loss_norm=loss_norm
+        )[0]
+
+    grads = np.asarray(jax.grad(loss)(logp))
+    assert np.all(grads[:4] == 0.0)
+    assert np.abs(grads[4:][np.asarray(mask[4:])]).min() > 0
+
+
+def test_grpo_loss_on_policy_is_minus_the_mean_advantage_and_k3_is_zero():
+    """On the first minibatch (logp == old_logp == ref_logp) the ratio is 1, nothing is clipped,
+    the k3 KL is 0, and the loss is minus the advantage averaged as loss_norm says."""
+    mask = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]], jnp.float32)
+    logp = jnp.full((2, 4), -1.3)
+    adv = jnp.asarray([0.5, -2.0])
+    token, stats = rl.grpo_policy_loss(logp, logp, logp, adv, mask, clip_eps=0.2, kl_coef=0.1)
+    assert float(token) == pytest.approx(-(3 * 0.5 - 2.0) / 4)
+    assert float(stats["ratio_mean"]) == 1.0 and float(stats["clip_fraction"]) == 0.0
+    sequence, _ = rl.grpo_policy_loss(
+        logp, logp, logp, adv, mask, clip_eps=0.2, kl_coef=0.1, loss_norm="sequence"
+    )
+    assert float(sequence) == pytest.approx(-(0.5 - 2.0) / 2)
+    assert float(rl.k3_kl(logp, logp).sum()) == 0.0
+    assert float(rl.k3_kl(jnp.asarray([-1.0]), jnp.asarray([-2.0]))[0]) == pytest.approx(math.exp(-1) + 1 - 1)

@@ -321,3 +321,50 @@ def test_ppo_hh_prompts_of_the_real_file(tmp_path):
     for e in train + held_out:
         assert e["prompt"].endswith("\n\nAssistant:") and e["prompt"].startswith("\n\nHuman:")
         assert len(sft_data.encode_prompt(ByteTokenizer(), config.template, e["prompt"])) <= limit
+
+
+def test_grpo_first_minibatch_is_on_policy():
+    """A GRPO rollout's first update sees ratio 1 and no clipping, its KL to an identical reference
+    is 0, and each prompt's group of responses is contiguous."""
+    from lm.tasks import grpo
+
+    model, reward_model = Transformer(CFG), RewardModel(CFG)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    policy = _params(model, tokens)
+    rm = _params(reward_model, tokens, jnp.zeros((1,), jnp.int32), seed=1)
+    prompts, lengths = sampling.left_pad([[1, 5, 9], [1, 7, 7, 3, 11, 4]], PAD, CFG, 12)
+    batch = {"prompts": jnp.asarray(prompts), "lengths": jnp.asarray(lengths), "index": jnp.arange(2)}
+    frozen = {"reference": policy, "reward": rm, "norm": jnp.array([0.0, 1.0])}
+    cfg = ml_collections.ConfigDict(
+        dict(
+            group_size=4,
+            max_new_tokens=12,
+            temperature=1.0,
+            reward="rm",
+            missing_eos_penalty=1.0,
+            kl_coef=0.05,
+            kl_estimator="k3",
+            std_normalise=True,
+            clip=0.2,
+            loss_norm="token",
+        )
+    )
+    settings = sampling.SamplingSettings.create(1.0, 0, 1.0, EOS, PAD)
+    data, stats = grpo.rollout(
+        policy,
+        frozen,
+        batch,
+        jax.random.PRNGKey(3),
+        model=model,
+        reward_model=reward_model,
+        cfg=cfg,
+        settings=settings,
+        oracle=None,
+    )
+    assert data["tokens"].shape[0] == 8 and float(stats["kl"]) == 0.0
+    np.testing.assert_array_equal(
+        np.asarray(data["tokens"][:4, : prompts.shape[1]]), np.repeat(prompts[:1], 4, axis=0)
+    )
+    _, on_policy = grpo.grpo_loss(policy, data, None, model=model, cfg=cfg, prompt_width=prompts.shape[1])
+    assert abs(float(on_policy["ratio"]) - 1.0) < 1e-5 and float(on_policy["clip_fraction"]) == 0.0
+    assert np.allclose(np.asarray(data["advantages"]).reshape(2, 4).mean(axis=1), 0.0, atol=1e-5)

@@ -86,6 +86,11 @@ def _stage_args(task: str, chain: dict) -> list[str]:
             f"--config.init_from={sft_best}",
             f"--config.dpo.comparisons_from={chain['reward']}",
         ],
+        "grpo": [
+            "--config=configs/grpo/tasks_tiny.py:smoke",
+            f"--config.init_from={sft_best}",
+            f"--config.grpo.reward_from={chain['reward']}",
+        ],
         "ppo": [
             "--config=configs/ppo/tasks_tiny.py:smoke",
             f"--config.init_from={sft_best}",
@@ -94,7 +99,7 @@ def _stage_args(task: str, chain: dict) -> list[str]:
     }[task]
 
 
-@pytest.mark.parametrize("task", ["sft", "reward", "dpo", "ppo"])
+@pytest.mark.parametrize("task", ["sft", "reward", "dpo", "ppo", "grpo"])
 def test_every_task_stops_at_a_nonfinite_step(smoke_chain, tmp_path, task):
     """train.inject_nan_at_step makes step 1's gradients NaN; under the default 'stop' policy every
     task ends with one error line at the next log step and exit 2, nothing saved past the bad step.

@@ -215,11 +215,8 @@ def run(user_config, workdir: str):
     # step: its own learning rate (ppo.value_lr) is what sets it.
     tx = per_model_optimizer(config.optimizer, {"policy": schedule, "value": value_schedule})
     throughput = trainer.throughput_info(config, model.config, s.mesh)
-    dummy = jnp.zeros((1, 8), jnp.int32)
-
-    def init_params(rng):
-        value = value_model.init(rng, dummy, dummy[:, 0], dummy[:, 0])["params"]
-        return {"policy": model.init(rng, dummy)["params"], "value": value}
+    policy_init, value_init_fn = trainer.zeros_init(model, (1, 8)), rollouts.reward_init(value_model)
+    init_params = lambda rng: {"policy": policy_init(rng), "value": value_init_fn(rng)}
 
     with s.scope():
         abstract = trainer.abstract_params(init_params, s)
