@@ -1,5 +1,14 @@
-"""The InstructGPT recipe in one command: pretrain -> SFT -> reward model -> PPO, with DPO and
-best-of-n beside PPO, each stage in DIR/<stage>/ initialised from the stage before, then a report.
+"""The InstructGPT recipe in one command: pretrain -> SFT -> reward model -> PPO, with GRPO, DPO and
+best-of-n beside PPO against the same reward model, and PPO and GRPO trained on the grader itself
+(ppo_oracle, grpo_oracle: the verifiable-reward rows); each stage in DIR/<stage>/ initialised from
+the stage before, then a report.
+
+Which data chooses what: SFT keeps its best checkpoint on its own eval prompts; the reward model
+on the selection half of its held-out comparisons, its rm_accuracy measured once on the test half;
+the RL stages on dev prompts (held out, none of SFT's), by the reward model's score (ppo, grpo),
+by held-out comparison accuracy (dpo) or by the grader (the *_oracle stages, whose reward it is).
+The report's test prompts are none of SFT's eval prompts and none of any stage's dev prompts, and
+nothing chooses on them.
 
 A stage runs as its own `experiments.run` subprocess (so a crash or a kill loses only that stage's
 progress since its last checkpoint) and is skipped once its status.json says completed; the
@@ -19,25 +28,39 @@ import jax
 import numpy as np
 
 from experiments import sweep
-from lm import evaluation, saved_model
+from lm import checkpoint, evaluation, saved_model
 from lm import metrics as metrics_lib
 from lm.data import preferences
 from lm.data import sft as sft_data
 from lm.errors import ConfigError, DataError
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "dpo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo", "ppo_oracle", "grpo_oracle")
+POLICY_STAGES = ("ppo", "grpo", "dpo", "ppo_oracle", "grpo_oracle")  # reported against SFT
 SOURCES = ("graded_tasks", "hh")  # config.recipe.source
 # recipe key -> (the stage config key it sets, the stages that take it); passed where the recipe sets it.
 PASSED = {
-    "tasks": ("data.tasks", ("reward", "ppo", "dpo")),
-    "data_files": ("data.files", ("sft", "reward", "ppo")),
+    "tasks": ("data.tasks", ("reward", "ppo", "grpo", "dpo", "ppo_oracle", "grpo_oracle")),
+    "data_files": ("data.files", ("sft", "reward", "ppo", "grpo")),
 }
 # Which earlier stages a stage's config keys point at.
 LINKS = {
     "sft": {"init_from": "pretrain"},
     "reward": {"init_from": "sft"},
     "ppo": {"init_from": "sft", "ppo.reward_from": "reward"},
+    "grpo": {"init_from": "sft", "grpo.reward_from": "reward"},
     "dpo": {"init_from": "sft", "dpo.comparisons_from": "reward"},
+    "ppo_oracle": {"init_from": "sft", "ppo.reward_from": "reward"},
+    "grpo_oracle": {"init_from": "sft", "grpo.reward_from": "reward"},
+}
+# Which data every figure of the report comes from (report.json "sources").
+SOURCES_OF_FIGURES = {
+    "policies": "test prompts: held out, none of SFT's eval prompts, the reward model's comparisons or any "
+    "stage's dev prompts; greedy answers (oracle_score, win_rate_vs_sft, rm_score) and temperature-1 "
+    "samples (*_sampled, kl_to_sft)",
+    "rm_accuracy": "the kept reward model on the test half of its held-out comparisons (the selection half "
+    "chose the checkpoint)",
+    "checkpoints": "ppo, grpo: the reward model's score on dev prompts; dpo: held-out comparison accuracy; "
+    "ppo_oracle, grpo_oracle: the grader on dev prompts; sft: the grader on its own eval prompts",
 }
 EXTRA_FIELDS = ("oracle_score_by_task",)  # in report.json beside the issue's fields, where they apply
 REPORT_FIELDS = (
@@ -85,7 +108,7 @@ def stage_overrides(config, stage: str) -> list[str]:
 def run_stages(config, workdir: str) -> None:
     """Runs every stage not yet completed, in order; ConfigError names the first that fails."""
     for stage in STAGES:
-        spec = config.recipe[stage]
+        spec = config.recipe.get(stage, "")
         if not spec:
             continue
         stage_dir = os.path.join(workdir, stage)
@@ -101,25 +124,43 @@ def run_stages(config, workdir: str) -> None:
             raise ConfigError(f"recipe stage {stage} failed ({error}); its log: {stage_dir}/log.txt")
 
 
-def report_prompts(config, sft) -> list[dict]:
+def report_prompts(config, sft, workdir: str) -> list[dict]:
     """The report's held-out examples (dicts with 'prompt'; graded tasks' also 'task' and 'meta')
     of config.recipe.source, for the SFT run `sft` (a SavedModel)."""
     if config.recipe.source == "hh":
         return hh_report_prompts(config, sft)
-    return graded_report_prompts(config, sft.config)
+    return graded_report_prompts(config, sft.config, workdir)
 
 
-def graded_report_prompts(config, sft_config) -> list[dict]:
-    """Held-out prompts for the report: the validation side of the recipe's tasks (all of SFT's
-    when recipe.tasks is empty), from a seed no stage uses, minus the SFT run's own eval prompts
-    (it chose its best checkpoint on them)."""
+def graded_report_prompts(config, sft_config, workdir: str) -> list[dict]:
+    """Held-out test prompts for the report: the validation side of the recipe's tasks (all of SFT's
+    when recipe.tasks is empty), from a seed no stage uses, minus every prompt a stage trained or
+    chose on (`chosen_on`)."""
     tasks = config.recipe.tasks or sft_config.data.tasks
+    exclude = chosen_on(workdir, sft_config.data.to_dict())
     return preferences.held_out_prompts(
-        tasks,
-        config.recipe.eval_prompts,
-        sft_config.data.task_seed + 7,
-        preferences.sft_heldout_prompts(sft_config.data.to_dict()),
+        tasks, config.recipe.eval_prompts, sft_config.data.task_seed + 7, exclude
     )
+
+
+def chosen_on(workdir: str, sft_data: dict) -> set[str]:
+    """The held-out prompts the stages in `workdir` used: SFT's eval prompts (its checkpoint), the
+    reward model's comparisons (train, selection and test), and each RL stage's dev prompts."""
+    used = set(preferences.sft_heldout_prompts(sft_data))
+    for stage in ("reward", *POLICY_STAGES):
+        if not os.path.isfile(os.path.join(workdir, stage, "config.json")):
+            continue
+        c = checkpoint.read_run_config(os.path.join(workdir, stage))
+        data = c["data"]
+        if stage == "reward":
+            num = int(c["reward"]["num_prompts"]) + int(c["reward"]["num_eval_prompts"])
+            examples = preferences.held_out_prompts(data["tasks"], num, int(data["task_seed"]), used)
+        else:
+            examples = preferences.rl_eval_prompts(
+                data["tasks"], int(c[c["task"]]["eval_prompts"]), int(data["task_seed"]), sft_data
+            )
+        used |= {e["prompt"] for e in examples}
+    return used
 
 
 def hh_report_prompts(config, sft) -> list[dict]:
@@ -260,7 +301,7 @@ def make_report(config, workdir: str) -> dict:
     """Evaluates SFT, PPO, DPO and best-of-n on the report prompts; writes report.json and report.md."""
     sft = saved_model.load(os.path.join(workdir, "sft"))
     tok = sft.tokenizer
-    examples = report_prompts(config, sft)
+    examples = report_prompts(config, sft, workdir)
     prompts = evaluation.encode_prompts(examples, tok, sft.config.template)
     width, seed = config.recipe.max_new_tokens, config.seed
     rm_dir = os.path.join(workdir, "reward")
@@ -275,7 +316,7 @@ def make_report(config, workdir: str) -> dict:
         stages["best_of_n"] = best_of_n_report(
             sft, score_fn, prompts, judges, n=config.recipe.best_of_n, max_new_tokens=width, seed=seed
         )
-    for stage in ("ppo", "dpo"):
+    for stage in POLICY_STAGES:
         if os.path.isdir(os.path.join(workdir, stage, "best")):
             policy = saved_model.load(os.path.join(workdir, stage), "best")
             responses = policy_responses(policy, tok, prompts, max_new_tokens=width, seed=seed)
@@ -289,6 +330,7 @@ def make_report(config, workdir: str) -> dict:
         },
         "num_prompts": len(examples),
         "best_of_n": config.recipe.best_of_n,
+        "sources": SOURCES_OF_FIGURES,
     }
     metrics_lib.write_json_atomic(os.path.join(workdir, "report.json"), report)
     write_markdown(os.path.join(workdir, "report.md"), report)
@@ -296,13 +338,9 @@ def make_report(config, workdir: str) -> dict:
 
 
 def reward_accuracy(rm_dir: str) -> float | None:
-    """The reward model's best held-out comparison accuracy (its metrics.jsonl)."""
-    values = [
-        r["eval_accuracy"]
-        for r in metrics_lib.read_jsonl(os.path.join(rm_dir, "metrics.jsonl"))
-        if "eval_accuracy" in r
-    ]
-    return max(values) if values else None
+    """The kept reward model's accuracy on its test comparisons (reward_norm.json's test_accuracy),
+    measured once after the selection half chose the checkpoint."""
+    return (metrics_lib.read_json(os.path.join(rm_dir, saved_model.NORM_FILE)) or {}).get("test_accuracy")
 
 
 def write_markdown(path: str, report: dict) -> None:
@@ -318,7 +356,7 @@ def write_markdown(path: str, report: dict) -> None:
 
     fields = [f for f in REPORT_FIELDS if any(row[f] is not None for row in report["stages"].values())]
     lines = [
-        f"Held-out prompts: {report['num_prompts']}; best-of-n: n = {report['best_of_n']}.",
+        f"Held-out test prompts: {report['num_prompts']}; best-of-n: n = {report['best_of_n']}.",
         "",
         "| stage | " + " | ".join(fields) + " |",
         "|---|" + "---:|" * len(fields),
@@ -345,6 +383,8 @@ def write_markdown(path: str, report: dict) -> None:
             f"| {name} | " + " | ".join(cell(row.get(t)) for t in tasks) + " |"
             for name, row in per_task.items()
         ]
+    lines += ["", "Where each figure comes from:", ""]
+    lines += [f"- {what}: {source}" for what, source in report.get("sources", {}).items()]
     metrics_lib.write_atomic(path, "\n".join(lines) + "\n")
 
 

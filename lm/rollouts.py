@@ -157,11 +157,12 @@ def prompt_examples(
     return train, held_out[:eval_prompts], info
 
 
-def rm_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new_tokens: int, score_fn):
-    """`params -> {eval_rm_score}`: the mean normalised reward-model score of greedy responses
-    (temperature 0, stop at EOS) to the prompts of `examples`, for prompts without a grader.
-    score_fn: as `saved_model.normalised_score_fn`'s."""
+def dev_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new_tokens: int, score_fn=None):
+    """`params -> {eval_rm_score (with score_fn), eval_grader_score, eval_exact_match, eval_score_<task>
+    (graded examples)}` of greedy responses (temperature 0, stop at EOS), generated once, to the
+    dev prompts of `examples`. score_fn: as `saved_model.normalised_score_fn`'s."""
     prompts = evaluation.encode_prompts(examples, tokenizer, template_cfg)
+    graded = all("task" in e for e in examples)
 
     def evaluate(params):
         responses = evaluation.sample_responses(
@@ -175,8 +176,15 @@ def rm_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_new
             pad_id=tokenizer.pad_id,
             batch=evaluation.GRADER_BATCH,
         )
-        scores = evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
-        return {"eval_rm_score": float(scores.mean())}
+        record = {}
+        if score_fn is not None:
+            scores = evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
+            record["eval_rm_score"] = float(scores.mean())
+        if graded:
+            grades = graded_tasks.grade_batch(examples, evaluation.decode(tokenizer, responses))
+            record.update(eval_grader_score=grades.pop("score"), eval_exact_match=grades.pop("exact"))
+            record.update({f"eval_{k}": v for k, v in grades.items()})
+        return record
 
     return evaluate
 
@@ -354,14 +362,19 @@ def frozen_models(r: Setting, policy_sharding, reward_sharding) -> dict:
 
 
 def held_out_eval(r: Setting, frozen: dict):
-    """`(policy params -> eval metrics, the metric best/ keeps)`: the graded score of greedy answers
-    to the held-out prompts, or without a grader (HH) the reward model's normalised score of them
-    (responses as long as the rollouts': the prompts leave room for those)."""
-    cfg, tok, model_cfg = r.config, r.policy.tokenizer, r.policy.model_cfg
-    width = cfg[cfg.task].max_new_tokens
-    if r.oracle is not None:
-        return evaluation.grader_eval_fn(
-            model_cfg, tok, cfg.template, r.eval_examples, width
-        ), "eval_grader_score"
+    """`(policy params -> eval metrics, the metric best/ keeps)` on the dev prompts: the reward
+    model's normalised score of greedy answers, and with a grader their graded score. A policy
+    trained on the reward model keeps its best checkpoint by the reward model's score (the grader
+    only measures it); one trained on the grader (reward 'oracle') by the graded score. Responses
+    are as long as the rollouts' (the prompts leave room for those)."""
+    cfg = r.config
     score_fn = saved_model.normalised_score_fn(r.reward_model, frozen["reward"], r.reward_norm)
-    return rm_eval_fn(model_cfg, tok, cfg.template, r.eval_examples, width, score_fn), "eval_rm_score"
+    evaluate = dev_eval_fn(
+        r.policy.model_cfg,
+        r.policy.tokenizer,
+        cfg.template,
+        r.eval_examples,
+        cfg[cfg.task].max_new_tokens,
+        score_fn,
+    )
+    return evaluate, "eval_grader_score" if cfg[cfg.task].reward == "oracle" else "eval_rm_score"

@@ -142,11 +142,20 @@ def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
     first = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["stages"]) == {"sft", "reward", "best_of_n", "ppo", "dpo"}
+    assert set(report["stages"]) == {
+        "sft",
+        "reward",
+        "best_of_n",
+        "ppo",
+        "grpo",
+        "dpo",
+        "ppo_oracle",
+        "grpo_oracle",
+    }
     sft = report["stages"]["sft"]
     assert sft["win_rate_vs_sft"] == 0.5 and sft["tie_rate"] == 1.0 and abs(sft["kl_to_sft"]) < 1e-6
     assert 0.0 <= report["stages"]["reward"]["rm_accuracy"] <= 1.0
-    for stage in ("ppo", "dpo", "best_of_n"):
+    for stage in ("ppo", "grpo", "dpo", "best_of_n", "ppo_oracle", "grpo_oracle"):
         row = report["stages"][stage]
         assert (
             0.0 <= row["oracle_score"] <= 1.0
@@ -167,7 +176,7 @@ def test_recipe_runs_every_stage_skips_finished_ones_and_reports(tmp_path):
         "response_length",
     } <= set(first_step)
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("completed earlier, skipped") == 5, again.stdout[
+    assert again.returncode == 0 and again.stdout.count("completed earlier, skipped") == 8, again.stdout[
         -2000:
     ]
     assert json.loads((tmp_path / "report.json").read_text()) == report
@@ -238,7 +247,11 @@ def test_hh_recipe_runs_every_stage_and_reports_rm_scores(tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "recipe" / "report.json").read_text())
-    assert set(report["stages"]) == {"sft", "reward", "best_of_n", "ppo", "dpo"} and report["num_prompts"] > 0
+    assert (
+        set(report["stages"])
+        == {"sft", "reward", "best_of_n", "ppo", "grpo", "dpo", "ppo_oracle", "grpo_oracle"}
+        and report["num_prompts"] > 0
+    )
     assert 0.0 <= report["stages"]["reward"]["rm_accuracy"] <= 1.0
     sft = report["stages"]["sft"]
     assert (
@@ -368,3 +381,81 @@ def test_grpo_first_minibatch_is_on_policy():
     _, on_policy = grpo.grpo_loss(policy, data, None, model=model, cfg=cfg, prompt_width=prompts.shape[1])
     assert abs(float(on_policy["ratio"]) - 1.0) < 1e-5 and float(on_policy["clip_fraction"]) == 0.0
     assert np.allclose(np.asarray(data["advantages"]).reshape(2, 4).mean(axis=1), 0.0, atol=1e-5)
+
+
+def test_report_test_prompts_are_disjoint_from_every_prompt_a_stage_chose_on(tmp_path):
+    """SFT's eval prompts, the reward model's comparisons, each RL stage's dev prompts and the
+    report's test prompts: disjoint, asserted on the prompts themselves."""
+    from experiments import recipe
+    from lm.data import preferences
+
+    tasks = "add,reverse,constrained_line"
+    sft_data = {
+        "source": "graded_tasks",
+        "tasks": "sort,add,reverse,constrained_line",
+        "num_eval": 400,
+        "task_seed": 0,
+    }
+    stages = {
+        "reward": {
+            "task": "reward",
+            "data": {"tasks": tasks, "task_seed": 1},
+            "reward": {"num_prompts": 300, "num_eval_prompts": 100},
+        },
+        "ppo": {"task": "ppo", "data": {"tasks": tasks, "task_seed": 0}, "ppo": {"eval_prompts": 200}},
+        "dpo": {"task": "dpo", "data": {"tasks": tasks, "task_seed": 2}, "dpo": {"eval_prompts": 200}},
+    }
+    for stage, saved in stages.items():
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "config.json").write_text(json.dumps(saved))
+    config = ml_collections.ConfigDict({"recipe": {"tasks": tasks, "eval_prompts": 1000}})
+    sft_config = ml_collections.ConfigDict({"data": sft_data})
+    test = {e["prompt"] for e in recipe.graded_report_prompts(config, sft_config, str(tmp_path))}
+    sets = {
+        "sft": preferences.sft_heldout_prompts(sft_data),
+        "reward": {
+            e["prompt"]
+            for e in preferences.held_out_prompts(tasks, 400, 1, preferences.sft_heldout_prompts(sft_data))
+        },
+        "ppo": {e["prompt"] for e in preferences.rl_eval_prompts(tasks, 200, 0, sft_data)},
+        "dpo": {e["prompt"] for e in preferences.rl_eval_prompts(tasks, 200, 2, sft_data)},
+    }
+    assert len(test) == 1000
+    for name, prompts in sets.items():
+        assert prompts and not test & prompts, name
+    assert not sets["sft"] & (sets["reward"] | sets["ppo"] | sets["dpo"])
+
+
+def test_rl_stages_on_the_reward_model_keep_their_checkpoint_without_the_grader():
+    """held_out_eval: PPO and GRPO trained on the reward model choose by eval_rm_score (the grader
+    is logged beside it, never chosen on); trained on the grader, by eval_grader_score."""
+    from lm.data import graded_tasks
+    from lm.data.tokenizer import ByteTokenizer
+
+    model, reward_model = Transformer(CFG), RewardModel(CFG)
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    policy = _params(model, tokens)
+    rm = _params(reward_model, tokens, jnp.zeros((1,), jnp.int32), seed=1)
+    examples = graded_tasks.make_examples("add", 3, 0, "validation")
+    for reward, chosen in (("rm", "eval_rm_score"), ("oracle", "eval_grader_score")):
+        config = configs_common.grpo_config()
+        config.grpo.reward, config.grpo.max_new_tokens = reward, 4
+        saved = type("Saved", (), {"params": policy, "model_cfg": CFG, "tokenizer": ByteTokenizer()})
+        setting = rollouts.Setting(
+            config,
+            {},
+            saved,
+            model,
+            reward_model,
+            rm,
+            {"mean": 0.0, "std": 1.0},
+            [],
+            examples,
+            {},
+            {},
+            None,
+            None,
+        )
+        evaluate, metric = rollouts.held_out_eval(setting, {"reward": rm})
+        record = evaluate(policy)
+        assert metric == chosen and {"eval_rm_score", "eval_grader_score"} <= set(record)

@@ -79,6 +79,16 @@ class PreferenceData:
     info: dict
 
 
+def selection_and_test(held_out: Comparisons) -> tuple[Comparisons, Comparisons]:
+    """The held-out comparisons split in two disjoint halves by prompt: the first (rounded up)
+    chooses checkpoints (eval_accuracy), the second is the test set measured once at the end."""
+    half = (held_out.num_prompts + 1) // 2
+    return (
+        Comparisons(**held_out.take(np.arange(half))),
+        Comparisons(**held_out.take(np.arange(half, held_out.num_prompts))),
+    )
+
+
 def pair_counts(ranks: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """[n, K] ranks and mask -> [n] number of valid pairs with different ranks."""
     valid = mask[:, :, None] & mask[:, None, :]

@@ -9,11 +9,10 @@ gradient. The reference log-probs are computed once, before training.
 
 Data: `dpo.comparisons_from` names a reward-model workdir whose comparisons.npz (the SFT policy's
 samples ranked by the oracle, or HH pairs) DPO reuses, so DPO and the reward model learn from the
-same preferences. Evaluated like SFT: held-out comparison loss and accuracy, and where the
-comparisons come from graded tasks (their info['source']), the graded score of greedy answers to
-held-out prompts (config.dpo.eval_prompts); best/ keeps the policy with the best graded score,
-or for HH pairs (no grader)
-the best held-out comparison accuracy (eval_accuracy).
+same preferences. Evaluated on the selection half of the reward model's held-out comparisons
+(loss and accuracy) and, where the comparisons come from graded tasks, by the graded score of
+greedy answers to held-out dev prompts (config.dpo.eval_prompts), which only measures: best/ keeps
+the policy with the best held-out comparison accuracy (eval_accuracy), never chosen by the grader.
 """
 
 import functools
@@ -116,7 +115,8 @@ def run(user_config, workdir: str):
         policy_path = checkpoint.policy_checkpoint(config.init_from, run_dir)
         reference = checkpoint.restore_params(policy_path, trainer.abstract_params(init_params, s))
         ref_train = reference_logprobs(model, reference, data.train, batch_size * k)
-        ref_eval = reference_logprobs(model, reference, data.eval, batch_size * k)
+        selection = preferences.selection_and_test(data.eval)[0]  # the reward model's selection half
+        ref_eval = reference_logprobs(model, reference, selection, batch_size * k)
         run_info.update(
             init_from=run_dir,
             policy=os.path.abspath(policy_path),
@@ -141,21 +141,19 @@ def run(user_config, workdir: str):
 
         evaluate = batches_lib.ranking_eval_fn(
             eval_step,
-            data.eval,
+            selection,
             batch_size,
             config.train.eval_batches,
             s.batch_sharding,
             "eval",
             extra={"ref_logp": ref_eval},
         )
-        best = ("eval_accuracy", "max")
-        if data.info["source"] == "graded_tasks":
+        if data.info["source"] == "graded_tasks":  # measured on dev prompts, never chooses the checkpoint
             examples = preferences.rl_eval_prompts(
                 config.data.tasks, config.dpo.eval_prompts, config.data.task_seed, saved.get("data", {})
             )
             grade = grader_eval_fn(model_cfg, tok, config.template, examples, config.dpo.max_new_tokens)
             heldout, evaluate = evaluate, lambda params: {**heldout(params), **grade(params)}
-            best = ("eval_grader_score", "max")
         tokens_per_step = batch_size * k * data.train.tokens.shape[2]
         task = trainer.Task(
             init_params=init_params,
@@ -166,7 +164,7 @@ def run(user_config, workdir: str):
             loss_fn=functools.partial(dpo_loss, model=model, beta=config.dpo.beta),
             eval_fn=evaluate,
             eval_at_start=True,
-            best=best,
+            best=("eval_accuracy", "max"),
             step_tokens=step_tokens,
             tokens_per_step=tokens_per_step,
             flops_per_step=run_info["flops_per_token"] * tokens_per_step,

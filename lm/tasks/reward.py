@@ -9,9 +9,11 @@ the same (InstructGPT). The comparisons (`lm.data.preferences`) are built once a
 workdir/comparisons.npz: a resumed run trains on the same samples without drawing them again.
 
 Logged: loss and accuracy of each logged training batch; at each eval, and before the first
-step, eval_loss and eval_accuracy on the held-out comparisons, and eval_train_loss and
+step, eval_loss and eval_accuracy on the selection half of the held-out comparisons
+(`preferences.selection_and_test`), and eval_train_loss and
 eval_train_accuracy on as many fixed training comparisons. The parameters with the best
-eval_accuracy are kept in workdir/best/. At the end the best model scores the normalisation set
+eval_accuracy are kept in workdir/best/ and measured once on the test half (test_accuracy in
+reward_norm.json). At the end the best model scores the normalisation set
 (the SFT policy's samples; for HH, the chosen responses; at most
 `comparison_batches.NORM_SAMPLES` of them) and workdir/reward_norm.json holds their mean and std,
 so that normalised scores (r - mean) / std have mean 0 and std 1 there.
@@ -144,8 +146,9 @@ def reward_loss(params, batch, rng, *, model: RewardModel, margin: float):
     return loss_sum, {"weight": weight, "accuracy": accuracy_sum}
 
 
-def write_normalisation(workdir, config, model, data, params, rows: int, batch_sharding) -> dict:
-    """Scores the normalisation responses with the best model `params`; writes reward_norm.json."""
+def write_normalisation(workdir, config, model, data, params, rows: int, batch_sharding, test: dict) -> dict:
+    """Scores the normalisation responses with the best model `params`; writes reward_norm.json
+    with them and `test` (the best model's test_loss and test_accuracy on the test comparisons)."""
     score_step = jax.jit(
         lambda p, batch: model.apply(
             {"params": p}, batch["tokens"], batch["last_index"][:, 0], batch["first_index"][:, 0]
@@ -169,12 +172,14 @@ def write_normalisation(workdir, config, model, data, params, rows: int, batch_s
         "responses": "SFT policy samples" if config.data.source == "graded_tasks" else "chosen responses",
         "best_step": best_meta["step"],
         "best_eval_accuracy": best_meta["eval_accuracy"],
+        **test,
     }
     if jax.process_index() == 0:
         metrics_lib.write_json_atomic(os.path.join(workdir, saved_model.NORM_FILE), norm)
         print(
-            f"best eval_accuracy {norm['best_eval_accuracy']:.4f} at step {norm['best_step']}; normalisation "
-            f"over {len(scores)} {norm['responses']}: mean {norm['mean']:.4f}, std {norm['std']:.4f}"
+            f"best eval_accuracy {norm['best_eval_accuracy']:.4f} at step {norm['best_step']} (selection "
+            f"comparisons); test_accuracy {norm['test_accuracy']:.4f}; normalisation over {len(scores)} "
+            f"{norm['responses']}: mean {norm['mean']:.4f}, std {norm['std']:.4f}"
         )
     return norm
 
@@ -237,16 +242,18 @@ def run(user_config, workdir: str):
             return jnp.stack([loss_sum, aux["accuracy"], aux["weight"]])
 
         num_eval = config.train.eval_batches
+        selection, test = preferences.selection_and_test(data.eval)
         heldout = batches_lib.ranking_eval_fn(
-            eval_step, data.eval, batch_size, num_eval, s.batch_sharding, "eval"
+            eval_step, selection, batch_size, num_eval, s.batch_sharding, "eval"
         )
-        shown = data.eval.num_prompts if num_eval <= 0 else min(num_eval * batch_size, data.eval.num_prompts)
+        shown = selection.num_prompts if num_eval <= 0 else min(num_eval * batch_size, selection.num_prompts)
         train_subset = preferences.Comparisons(
             **data.train.take(np.arange(min(shown, data.train.num_prompts)))
         )
         on_train = batches_lib.ranking_eval_fn(
             eval_step, train_subset, batch_size, 0, s.batch_sharding, "eval_train"
         )
+        on_test = batches_lib.ranking_eval_fn(eval_step, test, batch_size, 0, s.batch_sharding, "test")
         tokens_per_step = batch_size * k * seq_len
 
         def start_params(params):
@@ -271,5 +278,7 @@ def run(user_config, workdir: str):
         state = trainer.fit(s, task, config, workdir, run_info)
         policy.cache_clear()
         best = trainer.restore_like(os.path.join(workdir, "best"), state.params)
-        write_normalisation(workdir, config, model, data, best, batch_size * k, s.batch_sharding)
+        write_normalisation(
+            workdir, config, model, data, best, batch_size * k, s.batch_sharding, on_test(best)
+        )
     return state
