@@ -99,7 +99,14 @@ def _stage_args(task: str, chain: dict) -> list[str]:
     }[task]
 
 
-@pytest.mark.parametrize("task", ["sft", "reward", "dpo", "ppo", "grpo"])
+# The tasks on the core's own step (sft, reward, dpo) share the step pretraining's test covers
+# (tests/test_reliability.py), so they run with -m slow; PPO and GRPO bring their own step.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "task", [pytest.param(t, marks=SLOW) for t in ("sft", "reward", "dpo")] + ["ppo", "grpo"]
+)
 def test_every_task_stops_at_a_nonfinite_step(smoke_chain, tmp_path, task):
     """train.inject_nan_at_step makes step 1's gradients NaN; under the default 'stop' policy every
     task ends with one error line at the next log step and exit 2, nothing saved past the bad step.
