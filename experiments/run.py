@@ -170,11 +170,13 @@ def _slurm_parameters() -> dict:
 
 
 def run_sweep(config, members, argv, workdir: str) -> int:
-    """Validates every member's config, then runs the sweep; exit 0 when every member completed."""
+    """Validates every member's config, then creates the sweep's workdir and runs it; exit 0 when
+    every member completed."""
     for member in members:
         member_config = copy.deepcopy(config)
         overrides.apply(member_config, member.overrides, f"sweep member {member.name}")
         validate(member_config)
+    workdir = prepare_workdir(workdir)
     config_arg = _config_arg(argv)
     passthrough = [a for a in argv[1:] if a.startswith("--config.")]
     counts = sweep.run_sweep(
@@ -213,7 +215,7 @@ def main(argv) -> int:
             print_config(config)
             return 0
         if members and FLAGS.member is None:
-            return run_sweep(config, members, argv, prepare_workdir(workdir))
+            return run_sweep(config, members, argv, workdir)
         workdir = prepare_workdir(workdir)
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         start = time.time()

@@ -127,7 +127,7 @@ def test_bad_sweep_member_key_stops_before_running(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: sweep member no_such_key=nowhere: unknown config key config.data.no_such_key"
     ]
-    assert not (tmp_path / "sweep" / "no_such_key=nowhere").exists()
+    assert not (tmp_path / "sweep").exists()  # nothing written, not even the sweep's directory
 
 
 def test_isoflop_members_spend_their_budget():
