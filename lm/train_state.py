@@ -125,29 +125,28 @@ def guarded_update(tx, grads, loss, params, opt_state, step, nan_at_step: int = 
 
 
 def minibatch_epochs(
+    state,
     loss_fn,
-    params,
-    opt_state,
     data,
     rng,
     *,
     tx,
+    schedule,
     epochs: int,
     minibatches: int,
-    grad_accum: int,
-    step,
+    grad_accum: int = 1,
     nan_at_step: int = -1,
 ):
-    """The inner loop of PPO-style RL: `epochs` passes over `data` (a dict of `[rows, ...]` arrays,
-    e.g. one rollout batch), each in `minibatches` shuffled minibatches, one `guarded_update` per
-    minibatch over `grad_accum` microbatches (a mean of their means).
+    """The inner loop of PPO-style RL, one train step: `epochs` passes over `data` (a dict of
+    `[rows, ...]` arrays, e.g. one rollout batch), each in `minibatches` shuffled minibatches, one
+    `guarded_update` per minibatch over `grad_accum` microbatches (a mean of their means).
 
     Args:
       loss_fn: `(params, minibatch, rng) -> (loss, stats)`, a mean over the minibatch.
-      step: the state's step (for `nan_at_step`).
     Returns:
-      (params, opt_state, any_nonfinite: [] bool, stats: each of loss_fn's stats and grad_norm,
-      averaged over the updates).
+      (state with the new params and opt_state, step + 1, and skipped_steps + 1 if any update was
+      not finite; metrics: loss_fn's stats and grad_norm averaged over the updates, learning_rate,
+      skipped_steps).
     """
     rows = jax.tree.leaves(data)[0].shape[0]
     per = rows // minibatches
@@ -158,7 +157,7 @@ def minibatch_epochs(
         loss, stats, grads = summed_grads(loss_fn, params, mb, rng, grad_accum)
         loss, stats, grads = jax.tree.map(lambda x: x / grad_accum, (loss, stats, grads))
         params, opt_state, grad_norm, finite = guarded_update(
-            tx, grads, loss, params, opt_state, step, nan_at_step
+            tx, grads, loss, params, opt_state, state.step, nan_at_step
         )
         return (params, opt_state, bad | ~finite), {**stats, "grad_norm": grad_norm}
 
@@ -166,9 +165,13 @@ def minibatch_epochs(
         order = jax.random.permutation(jax.random.fold_in(rng, 1 + e), rows)[: per * minibatches]
         return jax.lax.scan(update, carry, order.reshape(minibatches, per))
 
-    carry = (params, opt_state, jnp.zeros((), bool))
+    carry = (state.params, state.opt_state, jnp.zeros((), bool))
     (params, opt_state, bad), stats = jax.lax.scan(epoch, carry, jnp.arange(epochs))
-    return params, opt_state, bad, {k: jnp.mean(v) for k, v in stats.items()}
+    skipped = state.skipped_steps + bad.astype(jnp.int32)
+    metrics = {k: jnp.mean(v) for k, v in stats.items()}
+    metrics.update(learning_rate=schedule(state.step), skipped_steps=skipped)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped)
+    return state, metrics
 
 
 def train_step(

@@ -29,6 +29,7 @@ import optax
 
 from lm import checkpoint, flops, lora, sharding
 from lm import metrics as metrics_lib
+from lm.data import pipeline
 from lm.errors import ConfigError
 from lm.loop import train_loop
 from lm.model import ModelConfig
@@ -153,6 +154,26 @@ def adopted(saved: dict, config) -> dict:
     if "template" in config and "template" in saved:
         out["template"] = dict(saved["template"])
     return out
+
+
+def preview_adopted(config) -> dict:
+    """What `--print_config` can resolve for a stage after pretraining: what it adopts from
+    init_from (`adopted`), where that run can be read; else nothing."""
+    try:
+        return adopted(checkpoint.pretrained_run(config.init_from)[1], config)
+    except Exception:
+        return {}
+
+
+def packed_batch_fn(rows, batch_size: int, seed: int, batch_sharding):
+    """`step -> the global batch` of packed rows (`pipeline.batch_at_step`: a pure function of
+    (seed, step)), each process giving its own rows."""
+
+    def batch_fn(step):
+        local = pipeline.batch_at_step(rows, step, batch_size, seed, jax.process_index(), jax.process_count())
+        return sharding.global_batch(local, batch_sharding)
+
+    return batch_fn
 
 
 def throughput_info(config, model_cfg: ModelConfig, mesh) -> dict:

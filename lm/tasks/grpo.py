@@ -118,24 +118,19 @@ def grpo_step(
         oracle=oracle,
     )
     loss_fn = functools.partial(grpo_loss, model=model, cfg=cfg, prompt_width=batch["prompts"].shape[1])
-    params, opt_state, bad, metrics = minibatch_epochs(
+    state, metrics = minibatch_epochs(
+        state,
         loss_fn,
-        state.params,
-        state.opt_state,
         data,
         rng,
         tx=tx,
+        schedule=schedule,
         epochs=cfg.epochs,
         minibatches=cfg.minibatches,
         grad_accum=grad_accum,
-        step=state.step,
         nan_at_step=nan_at_step,
     )
-    skipped = state.skipped_steps + bad.astype(jnp.int32)
-    metrics.update(stats, learning_rate=schedule(state.step), skipped_steps=skipped)
-    return state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped
-    ), metrics
+    return state, {**metrics, **stats}
 
 
 def validate(config) -> None:

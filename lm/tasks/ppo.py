@@ -28,8 +28,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from lm import losses, rl, rollouts, sharding, trainer
-from lm.data import pipeline
+from lm import losses, rl, rollouts, trainer
 from lm.data import sft as sft_data
 from lm.errors import ConfigError
 from lm.optim import per_model_optimizer
@@ -155,30 +154,24 @@ def ppo_step(
             loss, stats = loss + cfg.ptx_coef * ptx, {**stats, "ptx_loss": ptx}
         return loss, {**stats, "loss": loss}
 
-    params, opt_state, bad, metrics = minibatch_epochs(
+    new, metrics = minibatch_epochs(
+        state,
         minibatch_loss,
-        state.params,
-        state.opt_state,
         data,
         rng,
         tx=tx,
+        schedule=schedule,
         epochs=cfg.epochs,
         minibatches=cfg.minibatches,
         grad_accum=grad_accum,
-        step=state.step,
         nan_at_step=nan_at_step,
     )
-    skipped = state.skipped_steps + bad.astype(jnp.int32)
-    metrics.update(rollout_stats, learning_rate=schedule(state.step), skipped_steps=skipped)
-    size = data["mask"].shape[0]
-    kl_coef = (
-        rl.adaptive_kl_update(state.kl_coef, rollout_stats["kl"], cfg.kl_target, cfg.kl_horizon, size)
-        if cfg.kl_target > 0
-        else state.kl_coef
-    )
-    return state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped, kl_coef=kl_coef
-    ), metrics
+    kl_coef = state.kl_coef
+    if cfg.kl_target > 0:
+        kl_coef = rl.adaptive_kl_update(
+            kl_coef, rollout_stats["kl"], cfg.kl_target, cfg.kl_horizon, data["mask"].shape[0]
+        )
+    return new.replace(kl_coef=kl_coef), {**metrics, **rollout_stats}
 
 
 def value_init(rm_params: dict, norm: dict) -> dict:
@@ -236,20 +229,13 @@ def run(user_config, workdir: str):
         prompt_fn = rollouts.prompt_batch_fn(
             r.prompts, len(r.train_examples), batch_size, config.seed, s.batch_sharding
         )
-        ptx_rows = None
-        if cfg.ptx_coef:
-            ptx_rows = sft_data.prepare_sft_data(
+        batch_fn = prompt_fn
+        if cfg.ptx_coef:  # PPO-ptx: the SFT rows beside each rollout batch
+            sft_rows = sft_data.prepare_sft_data(
                 r.policy.config.data, config.template, r.policy.tokenizer, config.train.seq_len
             ).train
-
-        def batch_fn(step):
-            out = prompt_fn(step)
-            if ptx_rows is not None:
-                rows = pipeline.batch_at_step(
-                    ptx_rows, step, batch_size, config.seed, jax.process_index(), jax.process_count()
-                )
-                out["ptx"] = sharding.global_batch(rows, s.batch_sharding)
-            return out
+            ptx_fn = trainer.packed_batch_fn(sft_rows, batch_size, config.seed, s.batch_sharding)
+            batch_fn = lambda step: {**prompt_fn(step), "ptx": ptx_fn(step)}
 
         grade, metric = rollouts.held_out_eval(r, frozen)
         tokens_per_step = batch_size * (run_info["prompt_width"] + cfg.max_new_tokens)

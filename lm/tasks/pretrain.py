@@ -5,7 +5,7 @@ import os
 
 import jax
 
-from lm import flops, losses, sampling, sharding, trainer
+from lm import flops, losses, sampling, trainer
 from lm.data import pipeline
 from lm.errors import ConfigError
 from lm.evaluation import lm_eval_fn
@@ -111,11 +111,7 @@ def run(user_config, workdir: str):
             f"({run_info['peak_flops_source']})"
         )
 
-    def batch_fn(step):
-        rows = pipeline.batch_at_step(
-            data.train, step, batch_size, config.seed, jax.process_index(), jax.process_count()
-        )
-        return sharding.global_batch(rows, s.batch_sharding)
+    batch_fn = trainer.packed_batch_fn(data.train, batch_size, config.seed, s.batch_sharding)
 
     with s.scope():
         task = trainer.Task(

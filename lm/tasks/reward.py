@@ -70,12 +70,7 @@ def validate(config) -> None:
             raise ConfigError(f"config.reward.{key}={r[key]!r} {why}")
 
 
-def preview(config) -> dict:
-    """The architecture and template adopted from init_from, where they can be read."""
-    try:
-        return trainer.adopted(checkpoint.pretrained_run(config.init_from)[1], config)
-    except Exception:
-        return {}
+preview = trainer.preview_adopted  # what --print_config can resolve
 
 
 def fingerprint(config, policy_path: str) -> str:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 
 from lm import checkpoint, lora, losses, sharding, trainer
-from lm.data import graded_tasks, pipeline
+from lm.data import graded_tasks
 from lm.data import sft as sft_data
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
@@ -31,12 +31,7 @@ def validate(config) -> None:
             raise ConfigError(f"config.sft.{key}={config.sft[key]} must be >= 0")
 
 
-def preview(config) -> dict:
-    """The architecture adopted from init_from, where it can be read."""
-    try:
-        return trainer.adopted(checkpoint.pretrained_run(config.init_from)[1], config)
-    except Exception:
-        return {}
+preview = trainer.preview_adopted  # what --print_config can resolve
 
 
 def sft_loss(params, batch, rng, frozen=None, *, model, lora_cfg, z_loss: float):
@@ -123,11 +118,7 @@ def run(user_config, workdir: str):
                 f"({how}); {data.info.get('source')} data; mesh {run_info['mesh']}"
             )
 
-        def batch_fn(step):
-            rows = pipeline.batch_at_step(
-                data.train, step, batch_size, config.seed, jax.process_index(), jax.process_count()
-            )
-            return sharding.global_batch(rows, s.batch_sharding)
+        batch_fn = trainer.packed_batch_fn(data.train, batch_size, config.seed, s.batch_sharding)
 
         eval_loss = lm_eval_fn(
             model, data.eval, batch_size, config.train.eval_batches, tok.token_bytes(), s.batch_sharding
