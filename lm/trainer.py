@@ -257,6 +257,8 @@ class Task:
     frozen: Any = None  # arrays the step reads and never updates (LoRA base, PPO's models)
     eval_fn: Callable | None = None  # params -> {eval_...: float}
     eval_at_start: bool = False  # evaluate the starting parameters, logged at step 0
+    keep_start: bool = True  # the starting parameters are a candidate for best/ (False: RL policies,
+    # whose kept checkpoint must be trained: SFT itself is the baseline they are compared with)
     best: tuple | None = None  # (metric, 'max' | 'min'): keep the best parameters in workdir/best/
     to_plain: Callable = lambda params: params  # the plain model parameters best/ keeps
     step_tokens: Callable | None = None  # step -> tokens, where batches differ in width
@@ -346,7 +348,7 @@ def fit(s: Setup, task: Task, config, workdir: str, run_info: dict):
         if task.eval_at_start and int(state.step) == 0 and task.eval_fn is not None:
             record = task.eval_fn(state.params)
             writer.write(0, record)
-            if keep_best is not None:
+            if keep_best is not None and task.keep_start:
                 keep_best(0, state, record)
         return train_loop(
             state,

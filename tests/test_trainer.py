@@ -158,6 +158,12 @@ def test_ppo_skips_a_nonfinite_iteration_and_goes_on(smoke_chain, tmp_path):
     last = checkpoint.latest_step_in(str(workdir / "checkpoints"))
     saved = checkpoint.restore_meta(checkpoint.manager(str(workdir)), last)
     assert saved["config"]["train"]["grad_accum"] == 2
+    # Trained on the reward model: the kept policy is a trained one, chosen by the reward model's
+    # score on dev prompts, never by the grader (logged beside it).
+    best_step = checkpoint.latest_step_in(str(workdir / "best"))
+    best_meta = checkpoint.restore_meta(checkpoint.manager(str(workdir), keep=1, subdir="best"), best_step)
+    assert best_step > 0 and set(best_meta) == {"eval_rm_score", "step"}
+    assert all("eval_grader_score" in r for r in records if "eval_rm_score" in r)
     with ocp.PyTreeCheckpointer() as reader:
         state = reader.restore(str(workdir / "checkpoints" / str(last) / "state"))
     leaves = jax.tree.leaves(state["params"])

@@ -159,6 +159,7 @@ def run(user_config, workdir: str):
             loss_fn=functools.partial(dpo_loss, model=model, beta=config.dpo.beta),
             eval_fn=evaluate,
             eval_at_start=True,
+            keep_start=False,
             best=("eval_accuracy", "max"),
             step_tokens=step_tokens,
             tokens_per_step=tokens_per_step,

@@ -205,6 +205,7 @@ def run(user_config, workdir: str):
             start_params=lambda params: jax.device_put(host, jax.tree.map(lambda x: x.sharding, params)),
             eval_fn=grade,
             eval_at_start=True,
+            keep_start=False,
             best=(metric, "max"),
             tokens_per_step=tokens_per_step,
             flops_per_step=flops_per_step,

@@ -255,6 +255,7 @@ def run(user_config, workdir: str):
             start_params=lambda _: jax.device_put(host, shardings),
             eval_fn=lambda p: grade(p["policy"]),
             eval_at_start=True,
+            keep_start=False,
             best=(metric, "max"),
             to_plain=lambda p: p["policy"],
             state_cls=PPOState,
