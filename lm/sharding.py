@@ -91,10 +91,17 @@ def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) ->
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
-def process_slice(global_size: int) -> slice:
-    """This process' contiguous part of `global_size` rows (the rows `global_batch` expects from it)."""
-    local = global_size // jax.process_count()
-    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+def process_slice(
+    global_size: int, process_index: int | None = None, process_count: int | None = None
+) -> slice:
+    """The one per-process batch slice: this process' contiguous part of `global_size` rows (the
+    rows `global_batch` expects from it); index and count default to this process' own."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if global_size % count:
+        raise ValueError(f"a batch of {global_size} rows is not divisible by {count} processes")
+    local = global_size // count
+    return slice(index * local, (index + 1) * local)
 
 
 def vector_sharding(batch_sharding_: NamedSharding) -> NamedSharding:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from lm import metrics as metrics_lib
+from lm import sharding
 from lm.data import tokenizer as tokenizer_lib
 from lm.data.tokenizer import ByteTokenizer, Tokenizer
 from lm.errors import DataError
@@ -113,12 +114,8 @@ def global_row_ids(
     Global row g = step * global_batch_size + i is row permutation(epoch)[g % num_rows], with
     epoch = g // num_rows and the permutation seeded by (seed, epoch).
     """
-    if global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not divisible by {process_count} processes"
-        )
-    local = global_batch_size // process_count
-    g = step * global_batch_size + process_index * local + np.arange(local, dtype=np.int64)
+    mine = sharding.process_slice(global_batch_size, process_index, process_count)
+    g = step * global_batch_size + np.arange(mine.start, mine.stop, dtype=np.int64)
     epochs, offsets = np.divmod(g, num_rows)
     ids = np.empty_like(g)
     for epoch in np.unique(epochs):
@@ -150,12 +147,10 @@ def eval_batches(
     num_batches <= 0 (or more than there are) -> ceil(num_rows / batch_size) batches covering every
     row once; the last batch is filled with all-padding rows (loss_mask 0).
     """
-    if batch_size % process_count:
-        raise ValueError(f"eval batch size {batch_size} is not divisible by {process_count} processes")
-    local = batch_size // process_count
+    mine = sharding.process_slice(batch_size, process_index, process_count)
     total = -(-rows.num_rows // batch_size)
     for b in range(total if num_batches <= 0 else min(num_batches, total)):
-        ids = b * batch_size + process_index * local + np.arange(local)
+        ids = b * batch_size + np.arange(mine.start, mine.stop)
         real = ids < rows.num_rows
         batch = rows.rows(np.where(real, ids, 0))
         yield {
