@@ -254,9 +254,15 @@ def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
         )
-        grades = graded_tasks.grade_batch(examples, decode(tokenizer, outs))
-        record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
-        record.update({f"eval_{k}": v for k, v in grades.items()})
-        return record
+        return graded_record(examples, decode(tokenizer, outs))
 
     return evaluate
+
+
+def graded_record(examples: list[dict], answers: list[str]) -> dict:
+    """The eval metrics of [n] answers to [n] graded examples: eval_grader_score, eval_exact_match,
+    eval_score_<task>, eval_exact_<task>."""
+    grades = graded_tasks.grade_batch(examples, answers)
+    record = {"eval_grader_score": grades.pop("score"), "eval_exact_match": grades.pop("exact")}
+    record.update({f"eval_{k}": v for k, v in grades.items()})
+    return record

@@ -181,9 +181,7 @@ def dev_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max_ne
             scores = evaluation.rm_scores(score_fn, prompts, responses, pad_id=tokenizer.pad_id)
             record["eval_rm_score"] = float(scores.mean())
         if graded:
-            grades = graded_tasks.grade_batch(examples, evaluation.decode(tokenizer, responses))
-            record.update(eval_grader_score=grades.pop("score"), eval_exact_match=grades.pop("exact"))
-            record.update({f"eval_{k}": v for k, v in grades.items()})
+            record.update(evaluation.graded_record(examples, evaluation.decode(tokenizer, responses)))
         return record
 
     return evaluate
