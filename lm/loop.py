@@ -204,18 +204,3 @@ def train_loop(
     if note and jax.process_index() == 0:
         print(note)
     return state
-
-
-def train_with_evals(state, *, workdir: str, eval_fn, after_eval: Callable, **loop_args):
-    """`train_loop` for stages that evaluate their starting point: on a fresh run (step 0) the
-    parameters are evaluated, logged at step 0 and offered to `after_eval` before the first update.
-    Opens and closes the run's MetricsWriter; `loop_args` are train_loop's other arguments."""
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
-    try:
-        if int(state.step) == 0:
-            record = eval_fn(state.params)
-            writer.write(0, record)
-            after_eval(0, state, record)
-        return train_loop(state, eval_fn=eval_fn, after_eval=after_eval, writer=writer, **loop_args)
-    finally:
-        writer.close()
