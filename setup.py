@@ -19,6 +19,9 @@ setup(
         "importlib_resources",  # tfds imports it for registered datasets but does not declare it
         "array_record>=0.5",
         "sentencepiece>=0.2",
+        "tokenizers>=0.23.3",  # HFTokenizer, write_hf_tokenizer
+        "jinja2>=3.1.6",  # HF chat templates (3.1.6: the sandbox fixes transformers also requires)
+        "safetensors>=0.8.0",  # reading HF checkpoints
         "ml-collections>=0.1.1",
         "absl-py",
         "numpy",

@@ -1,7 +1,10 @@
 """Supervised fine-tuning data: (prompt, response) examples -> packed rows, loss on the response.
 
 Template. prompt_text = template.user + prompt + template.assistant (defaults 'User: ' and
-'\nAssistant: '). An example's tokens are [BOS] + encode(prompt_text) + encode(response) + [EOS].
+'\nAssistant: '). A tokenizer with a chat template (an HF model's) formats every prompt instead:
+the prompt as one user message plus the generation prompt (`format_prompt`); template.user and
+template.assistant are then unused.
+An example's tokens are [BOS] + encode(prompt_text) + encode(response) + [EOS].
 Prompt and response are encoded separately, so the prompt tokens are exactly those
 `encode_prompt` gives when sampling. HH prompts are whole transcripts ending in "\n\nAssistant:"
 and get the template like any prompt; a template with user '' and assistant ' ' keeps HH's own
@@ -39,8 +42,15 @@ DEFAULT_USER, DEFAULT_ASSISTANT = "User: ", "\nAssistant: "
 MAX_LISTED = 10  # skipped examples named in info (all are counted)
 
 
-def format_prompt(template_cfg, prompt: str) -> str:
-    """template.user + prompt + template.assistant."""
+def format_prompt(template_cfg, prompt: str, tokenizer: Tokenizer | None = None) -> str:
+    """template.user + prompt + template.assistant; or, when `tokenizer` has a chat template, the
+    prompt as one user message rendered by it with the generation prompt, less a leading BOS
+    token's text (the callers put the BOS id first themselves)."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+        return text.removeprefix(tokenizer.bos_token)
     return (
         config_get(template_cfg, "user", DEFAULT_USER)
         + prompt
@@ -50,7 +60,7 @@ def format_prompt(template_cfg, prompt: str) -> str:
 
 def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str) -> list[int]:
     """[BOS] + the ids of the formatted prompt: what the model continues with a response."""
-    return [tokenizer.bos_id, *tokenizer.encode(format_prompt(template_cfg, prompt))]
+    return [tokenizer.bos_id, *tokenizer.encode(format_prompt(template_cfg, prompt, tokenizer))]
 
 
 def prompts_that_fit(
@@ -59,7 +69,8 @@ def prompts_that_fit(
     """The [n] prompts whose `encode_prompt` tokens (BOS included) number at most max_tokens, in
     order, and how many are longer."""
     lengths = [
-        1 + len(ids) for ids in tokenizer.encode_batch([format_prompt(template_cfg, p) for p in prompts])
+        1 + len(ids)
+        for ids in tokenizer.encode_batch([format_prompt(template_cfg, p, tokenizer) for p in prompts])
     ]
     kept = [p for p, length in zip(prompts, lengths) if length <= max_tokens]
     return kept, len(prompts) - len(kept)
@@ -70,7 +81,7 @@ def tokenize_examples(
 ) -> tuple[list[list[int]], list[int]]:
     """[n] examples -> [n] token lists [BOS] + prompt + response + [EOS], and [n] prompt lengths
     (with BOS)."""
-    prompts = tokenizer.encode_batch([format_prompt(template_cfg, e["prompt"]) for e in examples])
+    prompts = tokenizer.encode_batch([format_prompt(template_cfg, e["prompt"], tokenizer) for e in examples])
     responses = tokenizer.encode_batch([e["response"] for e in examples])
     tokens = [[tokenizer.bos_id, *p, *r, tokenizer.eos_id] for p, r in zip(prompts, responses)]
     return tokens, [1 + len(p) for p in prompts]
