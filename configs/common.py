@@ -34,6 +34,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.use_bias = True
     c.model.dropout = 0.0
     c.model.rope_theta = 10000.0
+    c.model.rope_scaling = "none"  # none | llama3 (Llama 3's long-context rotary scaling)
+    c.model.rope_factor = 8.0  # llama3 only: the rope_* keys below as in Hugging Face's rope_scaling
+    c.model.rope_low_freq_factor = 1.0
+    c.model.rope_high_freq_factor = 4.0
+    c.model.rope_original_max_len = 8192
+    c.model.qkv_bias = False  # biases on the query/key/value projections only (Qwen2)
     c.model.norm_eps = 1e-5
     c.model.remat = "none"  # none | full | dots: activation recomputation per block
     c.model.attention = "xla"  # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)

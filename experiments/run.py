@@ -218,6 +218,10 @@ def main(argv) -> int:
             return run_sweep(config, members, argv, workdir)
         workdir = prepare_workdir(workdir)
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        if str(config.get("init_from", "")).startswith("hf:"):
+            from tools import import_hf  # imports the Hugging Face model into workdir/hf_import once
+
+            config.init_from = import_hf.resolve_init_from(config.init_from, workdir)
         start = time.time()
         tasks.module(config.task).run(config, workdir)
         if config.task != "recipe":

@@ -10,6 +10,8 @@ stores keys after the rotary rotation; `write_cache` puts a step's keys, values 
 ids at the write index.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -34,18 +36,38 @@ def causal_segment_mask(q_segments, k_segments, q_slots, k_slots):
     return causal & same
 
 
-def rotary(x, positions, theta: float):
+def llama3_inv_freq(
+    inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_len: int
+):
+    """Llama 3's rotary scaling of inverse frequencies [half] -> [half] (as Hugging Face's `llama3`).
+
+    Wavelengths longer than original_max_len / low_freq_factor are stretched by `factor`, shorter
+    than original_max_len / high_freq_factor kept, and those between interpolated smoothly.
+    """
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen, high_wavelen = original_max_len / low_freq_factor, original_max_len / high_freq_factor
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x, positions, theta: float, scaling: dict | None = None):
     """Rotary position embedding (RoFormer; Llama's rotate-half layout) in float32.
 
     Args:
       x: [batch, seq, heads, head_dim] with an even head_dim.
       positions: [batch, seq] int32.
       theta: base of the inverse frequencies, theta^(-2i/head_dim).
+      scaling: None, or `llama3_inv_freq`'s keyword arguments (Llama 3's long-context scaling).
     Returns:
       [batch, seq, heads, head_dim], x's dtype; dims (i, i + head_dim/2) are rotated as a pair.
     """
     half = x.shape[-1] // 2
     inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, **scaling)
     angle = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, seq, half]
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [batch, seq, heads, half]

@@ -46,6 +46,12 @@ class ModelConfig:
     use_bias: bool = True  # dense and LayerNorm biases
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | llama3 (Llama 3's frequency-dependent rotary scaling)
+    rope_factor: float = 8.0  # llama3: how much longer the context is than rope_original_max_len
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths over original/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original/high are kept
+    rope_original_max_len: int = 8192  # llama3: the context length the frequencies were trained at
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
     norm_eps: float = 1e-5
     remat: str = "none"  # none | full | dots: jax.checkpoint policy per block
     attention: str = "xla"  # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
@@ -68,6 +74,7 @@ class ModelConfig:
             )
         for key, allowed in (
             ("positions", ("learned", "rotary")),
+            ("rope_scaling", ("none", "llama3")),
             ("norm", ("layernorm", "rmsnorm")),
             ("mlp", ("gelu", "swiglu")),
             ("remat", ("none", "full", "dots")),
@@ -84,6 +91,14 @@ class ModelConfig:
             )
         self._require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         self._require(self.rope_theta > 0, "rope_theta", "must be positive")
+        if self.rope_scaling == "llama3":
+            for key in ("rope_factor", "rope_low_freq_factor", "rope_original_max_len"):
+                self._require(getattr(self, key) > 0, key, "must be positive")
+            self._require(
+                self.rope_high_freq_factor > self.rope_low_freq_factor,
+                "rope_high_freq_factor",
+                f"must exceed rope_low_freq_factor={self.rope_low_freq_factor}",
+            )
         self._require(self.norm_eps > 0, "norm_eps", "must be positive")
 
     def _require(self, ok: bool, key: str, why: str):
@@ -101,6 +116,18 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def rope_scaling_params(self) -> dict | None:
+        """The llama3 rotary scaling as `attention.rotary`'s `scaling` argument, or None."""
+        if self.rope_scaling == "none":
+            return None
+        return {
+            "factor": self.rope_factor,
+            "low_freq_factor": self.rope_low_freq_factor,
+            "high_freq_factor": self.rope_high_freq_factor,
+            "original_max_len": self.rope_original_max_len,
+        }
 
     @property
     def compute_dtype(self):
@@ -128,7 +155,7 @@ class Linear(nn.Module):
     """A dense layer on rank-2 activations whose kernel keeps its multi-axis logical shape.
 
     The kernel is `in_shape + out_shape` with logical names `axes`; it is reshaped to a matrix at
-    use. The bias (if any) has shape `out_shape`.
+    use. The bias (if any: `bias`, or config.use_bias when None) has shape `out_shape`.
     """
 
     in_shape: tuple
@@ -136,6 +163,7 @@ class Linear(nn.Module):
     axes: tuple
     config: ModelConfig
     std: float = 0.02
+    bias: bool | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -146,7 +174,7 @@ class Linear(nn.Module):
         )
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
         y = jnp.dot(x.astype(cfg.compute_dtype), kernel.reshape(n_in, n_out).astype(cfg.compute_dtype))
-        if cfg.use_bias:
+        if cfg.use_bias if self.bias is None else self.bias:
             bias_axes = self.axes[len(self.in_shape) :]
             bias = self.param(
                 "bias", _constant(nn.initializers.zeros, bias_axes), self.out_shape, cfg.params_dtype
@@ -191,14 +219,15 @@ class Attention(nn.Module):
         b, n, d = x.shape
         h, kvh, hd = cfg.num_heads, cfg.kv_heads, cfg.head_size
         x = x.reshape(b * n, d)  # [tokens, d_model]
-        q = Linear((d,), (h, hd), (EMBED, HEADS, HEAD_DIM), cfg, name="query")(x)
-        k = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name="key")(x)
-        v = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, name="value")(x)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        q = Linear((d,), (h, hd), (EMBED, HEADS, HEAD_DIM), cfg, bias=qkv_bias, name="query")(x)
+        k = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, bias=qkv_bias, name="key")(x)
+        v = Linear((d,), (kvh, hd), (EMBED, KV_HEADS, HEAD_DIM), cfg, bias=qkv_bias, name="value")(x)
         q = q.reshape(b, n, h, hd) * jnp.asarray(hd**-0.5, cfg.compute_dtype)
         k, v = k.reshape(b, n, kvh, hd), v.reshape(b, n, kvh, hd)  # [batch, seq, kv_heads, hd]
         if cfg.positions == "rotary":
-            q = attention.rotary(q, positions, cfg.rope_theta)
-            k = attention.rotary(k, positions, cfg.rope_theta)
+            q = attention.rotary(q, positions, cfg.rope_theta, cfg.rope_scaling_params)
+            k = attention.rotary(k, positions, cfg.rope_theta, cfg.rope_scaling_params)
         if layer_cache is None and cfg.attention == "cudnn":
             return self._project_out(attention.fused_attention(q, k, v, mask), b, n), None
         k, v = attention.heads_first(k), attention.heads_first(v)  # [batch, kv_heads, seq, hd]
