@@ -257,8 +257,9 @@ class Task:
     frozen: Any = None  # arrays the step reads and never updates (LoRA base, PPO's models)
     eval_fn: Callable | None = None  # params -> {eval_...: float}
     eval_at_start: bool = False  # evaluate the starting parameters, logged at step 0
-    keep_start: bool = True  # the starting parameters are a candidate for best/ (False: RL policies,
-    # whose kept checkpoint must be trained: SFT itself is the baseline they are compared with)
+    keep_start: bool = True  # the starting parameters are a candidate for best/ (False: a stage whose
+    # kept checkpoint must be trained: RL policies, whose baseline SFT is; a reward model, whose start
+    # is SFT's likelihood)
     best: tuple | None = None  # (metric, 'max' | 'min'): keep the best parameters in workdir/best/
     to_plain: Callable = lambda params: params  # the plain model parameters best/ keeps
     step_tokens: Callable | None = None  # step -> tokens, where batches differ in width

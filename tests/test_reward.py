@@ -199,7 +199,9 @@ def test_reward_run_evaluates_keeps_best_and_normalises(smoke_chain):
     assert all(0 <= r["eval_accuracy"] <= 1 and "eval_train_accuracy" in r for r in evals)
     assert {"loss", "accuracy"} <= set(records[1])
     norm = json.loads((workdir / saved_model.NORM_FILE).read_text())
-    assert norm["best_eval_accuracy"] == max(r["eval_accuracy"] for r in evals) and norm["std"] > 0
+    trained = [r for r in evals if r["step"] > 0]  # step 0 (the SFT likelihood) is never kept
+    assert norm["best_step"] > 0 and norm["std"] > 0
+    assert norm["best_eval_accuracy"] == max(r["eval_accuracy"] for r in trained)
 
     data = preferences.load(str(workdir / saved_model.COMPARISONS_FILE))
     assert data.train.tokens.shape[1:] == (4, 64) and data.info["label_noise"] == 0.0

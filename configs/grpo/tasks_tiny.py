@@ -34,6 +34,9 @@ def get_config(arg=None):
     c.grpo.epochs = 1
     if a.oracle:  # trained on the grader itself (verifiable rewards)
         c.grpo.reward = "oracle"
+        # Chosen on the dev prompts (docs/RLHF.md): samples at 0.5 agree with the greedy answers
+        # the report scores, and constrained_line reaches 0.99 in 40 iterations.
+        c.optimizer.lr, c.grpo.temperature, c.train.steps = 1e-4, 0.5, 40
     if a.smoke:
         c.data.tasks, c.data.num_train = "add,reverse", 64
         c.train.steps, c.train.eval_every, c.train.checkpoint_every, c.train.log_every = 4, 2, 2, 1

@@ -12,9 +12,11 @@ Logged: loss and accuracy of each logged training batch; at each eval, and befor
 step, eval_loss and eval_accuracy on the selection half of the held-out comparisons
 (`preferences.selection_and_test`), and eval_train_loss and
 eval_train_accuracy on as many fixed training comparisons. The parameters with the best
-eval_accuracy are kept in workdir/best/ and measured once on the test half (test_accuracy in
-reward_norm.json). At the end the best model scores the normalisation set
-(the SFT policy's samples; for HH, the chosen responses; at most
+eval_accuracy among the trained steps (not step 0: with the likelihood term that is the SFT
+policy's own likelihood, which ranks SFT's samples but prefers whatever is most like SFT) are kept
+in workdir/best/ and measured once on the test half (test_accuracy in reward_norm.json). At the
+end the best model scores the normalisation set (the SFT policy's samples; for HH, the chosen
+responses; at most
 `comparison_batches.NORM_SAMPLES` of them) and workdir/reward_norm.json holds their mean and std,
 so that normalised scores (r - mean) / std have mean 0 and std 1 there.
 `saved_model.load_reward_model` serves the normalised scores.
@@ -265,6 +267,7 @@ def run(user_config, workdir: str):
             loss_fn=functools.partial(reward_loss, model=model, margin=config.reward.margin),
             eval_fn=lambda params: {**heldout(params), **on_train(params)},
             eval_at_start=True,
+            keep_start=False,  # step 0 is the SFT policy's likelihood: it ranks, but it learned nothing
             best=("eval_accuracy", "max"),
             step_tokens=step_tokens,
             tokens_per_step=tokens_per_step,
