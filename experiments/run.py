@@ -22,6 +22,7 @@ from experiments import overrides, sweep, tasks
 from lm import distributed, trainer
 from lm.errors import ConfigError, Preempted, UserError
 from lm.quiet import quiet_libraries
+from tools import import_hf
 
 USAGE = (
     "usage: python -m experiments.run --config configs/<file>.py[:arg] [--config.KEY=VALUE ...] "
@@ -219,8 +220,6 @@ def main(argv) -> int:
         workdir = prepare_workdir(workdir)
         distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         if str(config.get("init_from", "")).startswith("hf:"):
-            from tools import import_hf  # imports the Hugging Face model into workdir/hf_import once
-
             config.init_from = import_hf.resolve_init_from(config.init_from, workdir)
         start = time.time()
         tasks.module(config.task).run(config, workdir)

@@ -18,6 +18,7 @@ import jax
 
 from lm import checkpoint, hf, saved_model
 from lm import metrics as metrics_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import UserError
 
 
@@ -56,8 +57,6 @@ def export_hf_weights(model: saved_model.SavedModel, out: str) -> str:
 
 def export_hf(workdir: str, out: str, which: str = "auto") -> str:
     """Writes `workdir` (LoRA merged) as a Hugging Face model directory `out`; returns its family."""
-    from lm.data import tokenizer as tokenizer_lib
-
     model = saved_model.load(workdir, which)
     family = export_hf_weights(model, out)
     tokenizer_lib.write_hf_tokenizer(model.tokenizer, out)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from configs import common
 from lm import checkpoint, hf
 from lm import metrics as metrics_lib
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import UserError
 from lm.model import ModelConfig
 
@@ -62,8 +63,6 @@ def jax_tree(params: dict) -> dict:
 
 def import_hf(hf_dir: str, workdir: str) -> str:
     """Imports `hf_dir` (its weights and its tokenizer) into `workdir`; returns the checkpoint directory."""
-    from lm.data import tokenizer as tokenizer_lib
-
     ModelConfig(**hf.model_fields(hf.read_config(hf_dir)))  # config errors before the tokenizer's
     return write_workdir(hf_dir, workdir, tokenizer_lib.hf_tokenizer_from_dir(hf_dir))
 
