@@ -31,8 +31,10 @@ def _layer_params(c: ModelConfig) -> int:
     attn = c.d_model * (q_width + 2 * kv_width) + q_width * c.d_model
     mlp_in = 2 if c.mlp == "swiglu" else 1
     mlp = (mlp_in + 1) * c.d_model * c.d_ff
+    if c.use_bias or c.qkv_bias:
+        attn += q_width + 2 * kv_width
     if c.use_bias:
-        attn += q_width + 2 * kv_width + c.d_model
+        attn += c.d_model
         mlp += mlp_in * c.d_ff + c.d_model
     return attn + mlp + 2 * _norm_params(c)
 

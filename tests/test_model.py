@@ -152,8 +152,9 @@ def test_gpt2_small_param_count_is_exact():
         ),
         ModelConfig(**TINY, mlp="swiglu", use_bias=True, num_kv_heads=1, tie_embeddings=False),
         ModelConfig(**TINY, norm="layernorm", use_bias=False),
+        ModelConfig(**TINY, positions="rotary", norm="rmsnorm", mlp="swiglu", use_bias=False, qkv_bias=True),
     ],
-    ids=["llama-tiny", "llama-gqa-headdim", "swiglu-bias-mqa", "layernorm-nobias"],
+    ids=["llama-tiny", "llama-gqa-headdim", "swiglu-bias-mqa", "layernorm-nobias", "qwen2-qkv-bias"],
 )
 def test_analytic_param_count_equals_real(config):
     assert flops.param_counts(config)["total"] == real_count(config)
