@@ -2,7 +2,7 @@
 
   # mean ± sd over seeds of every report field, as a markdown table
   python -m tools.plot_rlhf table runs/recipe_s0/report.json runs/recipe_s1/report.json ...
-  # oracle score against KL to SFT for PPO, DPO and best-of-n, one point per report
+  # oracle score against KL to SFT for every policy row (PPO, GRPO, DPO, best-of-n, the oracle rows)
   python -m tools.plot_rlhf frontier runs/recipe_s*/report.json --out docs/rlhf/frontier.png
   # reward over-optimisation: proxy (RM) and oracle score against sqrt(KL) over a PPO run, with
   # Gao et al.'s RL form fitted to both
@@ -24,7 +24,7 @@ import numpy as np
 
 from lm import metrics as metrics_lib
 
-POLICIES = ("ppo", "dpo", "best_of_n")
+POLICIES = ("ppo", "grpo", "dpo", "best_of_n", "ppo_oracle", "grpo_oracle")  # the report's policy rows
 
 
 def read_reports(paths: list[str]) -> list[dict]:
@@ -107,7 +107,7 @@ def plot_frontier(reports: list[dict], out: str) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     sft = [r["sft"]["oracle_score"] for r in reports if "sft" in r]
     ax.scatter([0.0] * len(sft), sft, marker="s", color="black", label="SFT")
-    for name, marker in zip(POLICIES, "o^D"):
+    for name, marker in zip(POLICIES, "o^DvPX"):
         points = [
             (r[name]["kl_to_sft"], r[name]["oracle_score"])
             for r in reports
