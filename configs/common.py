@@ -49,8 +49,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.precision.compute_dtype = "float32"
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"  # stdlib | text_files | tfds:<name> | graded_tasks | alpaca | hh
-    c.data.files = ""  # text_files, alpaca, hh: a glob or a comma-separated list of .txt/.jsonl
+    c.data.source = "stdlib"  # stdlib | text_files | tfds:<name> | graded_tasks | alpaca | hh | trl
+    c.data.files = ""  # text_files, alpaca, hh, trl: a glob or a comma-separated list of .txt/.jsonl
     c.data.text_field = "text"  # the text field of .jsonl records and TFDS datasets
     c.data.data_dir = ""  # '': $LM_DATA_DIR or ~/.cache/lm/data
     c.data.eval_fraction = 0.05
@@ -250,7 +250,7 @@ def dpo_config() -> ml_collections.ConfigDict:
     c = _finetune("dpo")
     c.train.length_group = 8
     c.dpo = ml_collections.ConfigDict()
-    c.dpo.comparisons_from = ""  # the reward-model workdir whose comparisons.npz DPO trains on
+    c.dpo.comparisons_from = ""  # a reward-model workdir whose comparisons.npz DPO trains on ('' with trl)
     c.dpo.beta = 0.1  # the implicit reward's scale (the strength of the KL constraint)
     c.dpo.eval_prompts = 200  # held-out prompts answered greedily and graded at each eval
     c.dpo.max_new_tokens = 32

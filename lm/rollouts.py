@@ -5,7 +5,8 @@ Layout: a rollout is the left-padded prompt `[batch, P]` followed by the sampled
 and the logits and values predicting response token t sit at column P - 1 + t.
 
 Prompts (config.data.source): graded tasks (the oracle, their grader, scores every rollout on
-the host) or the HH dialogues (no oracle; evaluation by the reward model's score).
+the host), the HH dialogues or the "prompt" of TRL records in config.data.files (no oracle;
+evaluation by the reward model's score).
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ from lm.errors import ConfigError, DataError
 from lm.model import Transformer
 
 REWARDS = ("rm", "oracle")  # what an RL task trains on: the reward model or the grader
-SOURCES = ("graded_tasks", "hh")  # config.data.source: where the prompts come from
+SOURCES = ("graded_tasks", "hh", "trl")  # config.data.source: where the prompts come from
 
 
 def check_source(source: str, reward: str, section: str) -> None:
@@ -31,10 +32,10 @@ def check_source(source: str, reward: str, section: str) -> None:
         raise ConfigError(f"config.{section}.reward={reward!r}: expected one of {REWARDS}")
     if source not in SOURCES:
         raise ConfigError(f"config.data.source={source!r}: {section} takes its prompts from one of {SOURCES}")
-    if source == "hh" and reward == "oracle":
+    if source != "graded_tasks" and reward == "oracle":
         raise ConfigError(
-            f"config.{section}.reward='oracle' needs a grader: the HH prompts "
-            "(config.data.source='hh') have none"
+            f"config.{section}.reward='oracle' needs a grader: the {source!r} prompts "
+            f"(config.data.source={source!r}) have none; use reward='rm'"
         )
 
 
@@ -128,11 +129,12 @@ def prompt_examples(
     """(train, eval) prompt examples of config.data.source, and what run_info records about them.
 
     graded_tasks: config.data.num_train examples of config.data.tasks from the 'train' side and
-    `preferences.rl_eval_prompts` held out (sft_data_cfg: the SFT run's config.data). hh: the HH
-    builder's distinct 'train' prompts, and the first `eval_prompts` distinct 'validation' ones;
-    each is a whole dialogue up to its last "\\n\\nAssistant:", formatted by config.template (the
-    SFT run's). Those of more than config.train.seq_len - max_new_tokens tokens are skipped and
-    counted. Examples are dicts with 'prompt'.
+    `preferences.rl_eval_prompts` held out (sft_data_cfg: the SFT run's config.data). hh and trl:
+    the builder's distinct 'train' prompts, and the first `eval_prompts` distinct 'validation' ones
+    (`preferences.file_prompts`; for hh each is a whole dialogue up to its last
+    "\\n\\nAssistant:", for trl a record's "prompt", a string or a message list), formatted by
+    config.template (the SFT run's). Those of more than config.train.seq_len - max_new_tokens
+    tokens are skipped and counted. Examples are dicts with 'prompt'.
     """
     data = config.data
     if data.source == "graded_tasks":
@@ -145,14 +147,14 @@ def prompt_examples(
     kept, skipped = {}, {}
     for split in ("train", "validation"):
         kept[split], skipped[split] = sft_data.prompts_that_fit(
-            tokenizer, config.template, preferences.hh_prompts(data, split), limit
+            tokenizer, config.template, preferences.file_prompts(data, split), limit
         )
         if not kept[split]:
             raise DataError(
-                f"config.train.seq_len={seq_len}: no HH {split} prompt has at most seq_len - "
+                f"config.train.seq_len={seq_len}: no {data.source} {split} prompt has at most seq_len - "
                 f"max_new_tokens = {limit} tokens ({skipped[split]} longer)"
             )
-    info = {"prompt_source": "hh", "num_skipped_too_long": skipped}
+    info = {"prompt_source": data.source, "num_skipped_too_long": skipped}
     train, held_out = ([{"prompt": p} for p in prompts] for prompts in (kept["train"], kept["validation"]))
     return train, held_out[:eval_prompts], info
 
@@ -298,7 +300,7 @@ class Setting:
     prompts: dict  # prompt_batches of the train examples
     info: dict  # for run_info
     settings: sampling.SamplingSettings
-    oracle: object  # host_oracle of the train examples, or None (HH prompts)
+    oracle: object  # host_oracle of the train examples, or None (HH and TRL prompts)
 
 
 def prepare(user_config, section: str) -> Setting:

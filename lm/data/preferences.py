@@ -9,6 +9,8 @@ all tie are dropped (they would add nothing to the loss).
 Sources (config.data.source):
 - 'hh': the HH builder's preference triples (`lm.data.builders.hh`), K = 2: chosen rank 0,
   rejected rank 1; train and eval from its 'train' and 'validation' splits (prompts split by hash).
+- 'trl': {"prompt", "chosen", "rejected"} records of config.data.files (`lm.data.builders.trl`,
+  read as 'preference'), exactly as 'hh'.
 - 'graded_tasks': K samples of the SFT policy per prompt, ranked by the task's grader (the oracle).
   The prompts are held out from SFT: they come from the 'validation' side of
   `graded_tasks.split_of`, a fixed function of the prompt text, so no SFT train set of any seed
@@ -201,29 +203,31 @@ def stats(comparisons: Comparisons) -> dict:
     }
 
 
-# --- HH ---------------------------------------------------------------------------------------
+# --- preference files: HH and TRL ------------------------------------------------------------
 
 
-def hh_comparisons(
+def pair_comparisons(
     data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int, limits: tuple[int, int]
 ) -> PreferenceData:
-    """The HH builder's preference triples as K = 2 comparisons (chosen rank 0, rejected rank 1).
+    """The preference triples of data_cfg.source ('hh' | 'trl') as K = 2 comparisons (chosen rank
+    0, rejected rank 1).
 
-    data_cfg: files, eval_fraction, data_dir, skip_bad_records (as SFT's 'hh' source). A triple
+    data_cfg: source, files, eval_fraction, data_dir, skip_bad_records (as SFT's). A triple
     whose longer sequence exceeds seq_len tokens is a DataError, or skipped and counted with
     skip_bad_records. limits: (train, eval) at most this many triples of each split (0: all).
     The normalisation set is the chosen responses.
     """
-    builder = open_hh(data_cfg)
+    builder = open_files_dataset(data_cfg, "preference")
     skip = bool(config_get(data_cfg, "skip_bad_records", False))
+    metadata = builder.info.metadata or {}
     splits, info = (
         {},
         {
-            "source": "hh",
+            "source": config_get(data_cfg, "source", "hh"),
             "dataset": builder.name,
             "config": builder.builder_config.name,
             "version": str(builder.version),
-            "hh": dict((builder.info.metadata or {}).get("hh", {})),
+            **{k: dict(metadata[k]) for k in ("hh", "records") if k in metadata},
         },
     )
     for split, name, limit in (("train", "train", limits[0]), ("validation", "eval", limits[1])):
@@ -254,20 +258,30 @@ def hh_comparisons(
     )
 
 
-def open_hh(data_cfg):
-    """The prepared HH builder of `data_cfg` (files, eval_fraction, data_dir, skip_bad_records),
-    prepared now under the data dir's lock when missing."""
+hh_comparisons = pair_comparisons  # the name of the HH-only days
+
+
+def open_files_dataset(data_cfg, kind: str):
+    """The prepared builder of `data_cfg` (source 'hh' | 'trl', files, eval_fraction, data_dir,
+    skip_bad_records), prepared now under the data dir's lock when missing; kind: how 'trl' files
+    are read ('sft' | 'preference' | 'prompt')."""
     data_dir = pipeline.resolve_data_dir(config_get(data_cfg, "data_dir", ""))
     os.makedirs(data_dir, exist_ok=True)
     with pipeline.file_lock(os.path.join(data_dir, ".prepare.lock")):
-        return sft_data.open_sft_dataset(data_cfg, data_dir)
+        return sft_data.open_sft_dataset(data_cfg, data_dir, kind)
 
 
-def hh_prompts(data_cfg, split: str) -> list[str]:
-    """The distinct prompts of the HH builder's `split` ('train' | 'validation') in stored order:
-    each dialogue up to and including its last "\n\nAssistant:", of every usable dialogue
-    (preference triple or not). data_cfg as `hh_comparisons`'."""
-    return list(dict.fromkeys(e["prompt"] for e in sft_data.read_examples(open_hh(data_cfg), split)))
+def file_prompts(data_cfg, split: str) -> list:
+    """The distinct prompts of `split` ('train' | 'validation') of data_cfg.source in stored order.
+    'hh': each dialogue up to and including its last "\n\nAssistant:", of every usable dialogue
+    (preference triple or not). 'trl': the "prompt" of every record (a string or a message list).
+    data_cfg as `pair_comparisons`'."""
+    examples = sft_data.read_examples(open_files_dataset(data_cfg, "prompt"), split)
+    distinct = {json.dumps(e["prompt"]): e["prompt"] for e in examples}
+    return list(distinct.values())
+
+
+hh_prompts = file_prompts
 
 
 def hh_sequences(

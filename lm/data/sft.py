@@ -8,7 +8,8 @@ An example's tokens are [BOS] + encode(prompt_text) + encode(response) + [EOS].
 Prompt and response are encoded separately, so the prompt tokens are exactly those
 `encode_prompt` gives when sampling. HH prompts are whole transcripts ending in "\n\nAssistant:"
 and get the template like any prompt; a template with user '' and assistant ' ' keeps HH's own
-format instead.
+format instead. A 'trl' prompt may be a message list (the turns before the final assistant turn
+of a {"messages": [...]} record): the chat template renders it, or else `render_messages`.
 
 Packing. Examples are packed greedily in the dataset's stored order: each goes into the current
 row while the row holds at most seq_len + 1 tokens (inputs are a row's first seq_len tokens,
@@ -26,6 +27,7 @@ with the byte tokenizer).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
@@ -37,35 +39,46 @@ from lm.data.tokenizer import Tokenizer
 from lm.errors import DataError
 from lm.quiet import quiet_libraries
 
-_SOURCES = "'alpaca', 'hh' or 'graded_tasks'"
+_SOURCES = "'alpaca', 'hh', 'trl' or 'graded_tasks'"
 DEFAULT_USER, DEFAULT_ASSISTANT = "User: ", "\nAssistant: "
 MAX_LISTED = 10  # skipped examples named in info (all are counted)
 
 
-def format_prompt(template_cfg, prompt: str, tokenizer: Tokenizer | None = None) -> str:
-    """template.user + prompt + template.assistant; or, when `tokenizer` has a chat template, the
-    prompt as one user message rendered by it with the generation prompt, less a leading BOS
-    token's text (the callers put the BOS id first themselves)."""
+def format_prompt(template_cfg, prompt: str | Sequence[dict], tokenizer: Tokenizer | None = None) -> str:
+    """The text the model continues with a response. prompt: a string, or a message list
+    [{'role': 'system' | 'user' | 'assistant', 'content': str}] (TRL's conversational prompts).
+
+    With a chat template (`tokenizer.chat_template`): the prompt (a string as one user message)
+    rendered by it with the generation prompt, less a leading BOS token's text (the callers put the
+    BOS id first themselves). Else template.user + prompt + template.assistant, a message list by
+    `render_messages`; a one-user-message list formats as its content would.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None) is not None:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return text.removeprefix(tokenizer.bos_token)
-    return (
-        config_get(template_cfg, "user", DEFAULT_USER)
-        + prompt
-        + config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)
-    )
+    return render_messages(template_cfg, messages)
 
 
-def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str) -> list[int]:
+def render_messages(template_cfg, messages: Sequence[dict]) -> str:
+    """A message list in the config template, ending with template.assistant for the response:
+    a system turn is its content + '\n\n', a user turn template.user + content, an earlier
+    assistant turn template.assistant + content + '\n'. [system s, user q, assistant a, user r]
+    with the default template: 's\n\nUser: q\nAssistant: a\nUser: r\nAssistant: '."""
+    user = config_get(template_cfg, "user", DEFAULT_USER)
+    assistant = config_get(template_cfg, "assistant", DEFAULT_ASSISTANT)
+    turns = {"system": ("", "\n\n"), "user": (user, ""), "assistant": (assistant, "\n")}
+    return "".join(turns[m["role"]][0] + m["content"] + turns[m["role"]][1] for m in messages) + assistant
+
+
+def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str | Sequence[dict]) -> list[int]:
     """[BOS] + the ids of the formatted prompt: what the model continues with a response."""
     return [tokenizer.bos_id, *tokenizer.encode(format_prompt(template_cfg, prompt, tokenizer))]
 
 
 def prompts_that_fit(
-    tokenizer: Tokenizer, template_cfg, prompts: Sequence[str], max_tokens: int
-) -> tuple[list[str], int]:
+    tokenizer: Tokenizer, template_cfg, prompts: Sequence, max_tokens: int
+) -> tuple[list, int]:
     """The [n] prompts whose `encode_prompt` tokens (BOS included) number at most max_tokens, in
     order, and how many are longer."""
     lengths = [
@@ -170,7 +183,7 @@ class SFTData:
 def prepare_sft_data(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int) -> SFTData:
     """Builds (or reuses) the dataset under the data dir and packs both splits with `tokenizer`.
 
-    data_cfg: source ('alpaca' | 'hh' | 'graded_tasks'), files, eval_fraction, data_dir ('' ->
+    data_cfg: source ('alpaca' | 'hh' | 'trl' | 'graded_tasks'), files, eval_fraction, data_dir ('' ->
     $LM_DATA_DIR or ~/.cache/lm/data), skip_bad_records, and for graded_tasks: tasks, num_train,
     num_eval, task_seed. template_cfg: user, assistant. eval_examples: the held-out examples that
     fit (dicts of the dataset's features as str, plus task and meta for every source).
@@ -192,7 +205,7 @@ def prepare_sft_data(data_cfg, template_cfg, tokenizer: Tokenizer, seq_len: int)
         "config": builder.builder_config.name,
         "version": str(builder.version),
         "dataset_dir": os.fspath(builder.data_dir),
-        "build": {k: metadata[k] for k in ("records", "hh", "tasks", "seed") if k in metadata},
+        "build": {k: metadata[k] for k in ("records", "hh", "kind", "tasks", "seed") if k in metadata},
         "template": {
             "user": config_get(template_cfg, "user", DEFAULT_USER),
             "assistant": config_get(template_cfg, "assistant", DEFAULT_ASSISTANT),
@@ -227,9 +240,10 @@ def pack_split(
     return rows, [examples[k] for k in keep], stats
 
 
-def open_sft_dataset(data_cfg, data_dir: str):
+def open_sft_dataset(data_cfg, data_dir: str, kind: str = "sft"):
     """The prepared TFDS builder of `data_cfg.source` (prepared now when missing, in one line of
-    `pipeline.first_run_note`)."""
+    `pipeline.first_run_note`). kind: how 'trl' files are read ('sft' | 'preference' | 'prompt',
+    see `lm.data.builders.trl`); the other sources ignore it."""
     quiet_libraries()
     from lm.data.builders import BUILDERS
 
@@ -238,6 +252,14 @@ def open_sft_dataset(data_cfg, data_dir: str):
     if source in ("alpaca", "hh"):
         builder = BUILDERS[source](
             files=config_get(data_cfg, "files", ""),
+            eval_fraction=float(config_get(data_cfg, "eval_fraction", 0.05)),
+            skip_bad_records=bool(config_get(data_cfg, "skip_bad_records", False)),
+            **common,
+        )
+    elif source == "trl":
+        builder = BUILDERS[source](
+            files=config_get(data_cfg, "files", ""),
+            kind=kind,
             eval_fraction=float(config_get(data_cfg, "eval_fraction", 0.05)),
             skip_bad_records=bool(config_get(data_cfg, "skip_bad_records", False)),
             **common,
@@ -259,11 +281,15 @@ def open_sft_dataset(data_cfg, data_dir: str):
 
 def read_examples(builder, split: str) -> list[dict]:
     """The split's examples in stored order: every feature (bytes decoded), plus task (default
-    the dataset's name) and meta (default '{}')."""
-    return [
-        {"task": builder.name, "meta": "{}", **{k: _plain(v) for k, v in record.items()}}
-        for record in pipeline.read_records(builder, split)
-    ]
+    the dataset's name) and meta (default '{}'). A conversational prompt (the 'trl' builder's
+    `conversational` feature) is decoded to its message list."""
+    examples = []
+    for record in pipeline.read_records(builder, split):
+        example = {"task": builder.name, "meta": "{}", **{k: _plain(v) for k, v in record.items()}}
+        if example.get("conversational"):
+            example["prompt"] = json.loads(example["prompt"])
+        examples.append(example)
+    return examples
 
 
 def _plain(value):

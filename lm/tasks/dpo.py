@@ -9,10 +9,13 @@ gradient. The reference log-probs are computed once, before training.
 
 Data: `dpo.comparisons_from` names a reward-model workdir whose comparisons.npz (the SFT policy's
 samples ranked by the oracle, or HH pairs) DPO reuses, so DPO and the reward model learn from the
-same preferences. Evaluated on the selection half of the reward model's held-out comparisons
-(loss and accuracy) and, where the comparisons come from graded tasks, by the graded score of
-greedy answers to held-out dev prompts (config.dpo.eval_prompts), which only measures: best/ keeps
-the policy with the best held-out comparison accuracy (eval_accuracy), never chosen by the grader.
+same preferences. Or, with config.data.source 'trl' (or 'hh') and no comparisons_from, DPO reads
+the {"prompt", "chosen", "rejected"} pairs of config.data.files itself
+(`preferences.pair_comparisons`: the pairs a reward model builds from the same files,
+eval_fraction and seq_len). Evaluated on the selection half of the held-out comparisons (loss and
+accuracy) and, where the comparisons come from graded tasks, by the graded score of greedy answers
+to held-out dev prompts (config.dpo.eval_prompts), which only measures: best/ keeps the policy
+with the best held-out comparison accuracy (eval_accuracy), never chosen by the grader.
 """
 
 import functools
@@ -30,12 +33,23 @@ from lm.errors import ConfigError
 from lm.evaluation import grader_eval_fn
 from lm.model import Transformer
 
+FILE_SOURCES = ("trl", "hh")  # config.data.source values DPO reads pairs of itself
+
 
 def validate(config) -> None:
     """The common checks, then DPO's own."""
     trainer.validate(config)
-    if not config.dpo.comparisons_from:
-        raise ConfigError("config.dpo.comparisons_from: DPO reuses a reward-model workdir's comparisons")
+    from_files = config.data.source in FILE_SOURCES
+    if from_files and config.dpo.comparisons_from:
+        raise ConfigError(
+            f"config.dpo.comparisons_from={config.dpo.comparisons_from!r} and config.data.source="
+            f"{config.data.source!r} both name DPO's pairs; set one"
+        )
+    if not from_files and not config.dpo.comparisons_from:
+        raise ConfigError(
+            "config.dpo.comparisons_from: DPO reuses a reward-model workdir's comparisons, or reads "
+            "config.data.files with config.data.source='trl'"
+        )
     if config.dpo.beta <= 0:
         raise ConfigError(f"config.dpo.beta={config.dpo.beta} must be positive")
     for key in ("eval_prompts", "max_new_tokens"):
@@ -85,18 +99,37 @@ def reference_logprobs(model, params, comparisons: preferences.Comparisons, rows
     return preferences.in_length_order(call, last + 1, rows, length).reshape(n, k).astype(np.float32)
 
 
-def run(user_config, workdir: str):
-    """DPO from the SFT workdir `init_from` on the comparisons of `dpo.comparisons_from`."""
-    data = preferences.load(os.path.join(user_config.dpo.comparisons_from, saved_model.COMPARISONS_FILE))
+def saved_comparisons(comparisons_from: str) -> preferences.PreferenceData:
+    """The comparisons.npz of the reward-model workdir `comparisons_from`; ConfigError without one."""
+    data = preferences.load(os.path.join(comparisons_from, saved_model.COMPARISONS_FILE))
     if data is None:
         raise ConfigError(
-            f"config.dpo.comparisons_from={user_config.dpo.comparisons_from!r}: no "
+            f"config.dpo.comparisons_from={comparisons_from!r}: no "
             f"{saved_model.COMPARISONS_FILE} there (not a reward-model workdir?)"
         )
+    return data
+
+
+def file_comparisons(config, tok, max_seq_len: int) -> preferences.PreferenceData:
+    """The K = 2 comparisons of config.data's preference files (`preferences.pair_comparisons`),
+    tokenized by `tok` in config.template (the SFT run's) at config.train.seq_len."""
+    seq_len = config.train.seq_len
+    if seq_len > max_seq_len:
+        raise ConfigError(f"config.train.seq_len={seq_len} exceeds the SFT model's max_seq_len={max_seq_len}")
+    return preferences.pair_comparisons(config.data, config.template, tok, seq_len, (0, 0))
+
+
+def run(user_config, workdir: str):
+    """DPO from the SFT workdir `init_from` on the comparisons of `dpo.comparisons_from`, or of
+    config.data.files (source 'trl' or 'hh')."""
+    from_files = user_config.data.source in FILE_SOURCES
+    data = None if from_files else saved_comparisons(user_config.dpo.comparisons_from)
     run_dir, saved = checkpoint.pretrained_run(user_config.init_from)
     resolved = trainer.adopted(saved, user_config)
     config = trainer.resolve(user_config, resolved)
     tok = load_tokenizer(os.path.join(run_dir, "tokenizer"))
+    if from_files:
+        data = file_comparisons(config, tok, config.model.max_seq_len)
     s = trainer.setup(config)
     model_cfg = trainer.model_config(config, tok.vocab_size)
     trainer.check_model_layout(model_cfg, s.mesh)
@@ -116,7 +149,7 @@ def run(user_config, workdir: str):
             init_from=run_dir,
             policy=os.path.abspath(policy_path),
             data=data.info,
-            comparisons_from=os.path.abspath(config.dpo.comparisons_from),
+            comparisons_from=os.path.abspath(config.dpo.comparisons_from) if not from_files else "",
         )
         trainer.write_run_files(workdir, user_config, resolved, run_info, tok)
         if jax.process_index() == 0:

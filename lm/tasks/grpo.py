@@ -11,7 +11,7 @@ sequence). The KL to the reference is the per-token k3 estimate in the loss (`kl
 
 Models, prompts, evaluation and best/ as PPO's (`lm.rollouts`): the policy and frozen reference
 from the SFT workdir `init_from`, the frozen reward model from `grpo.reward_from`; best/ keeps the
-policy whose greedy answers to held-out prompts grade best (or, for HH prompts, that the reward
+policy whose greedy answers to held-out prompts grade best (or, for HH and TRL prompts, that the reward
 model scores best). Logged like PPO: reward, rm_score, oracle_score, kl, entropy, clip_fraction,
 response_length, and zero_variance_fraction (groups whose scores are all equal: no gradient).
 """

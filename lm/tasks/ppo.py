@@ -9,12 +9,13 @@ Models: policy and frozen reference from the SFT workdir (`init_from`); the froz
 and its normalisation from `ppo.reward_from`; the value model is a copy of the reward model
 (backbone + scalar head, read at every position; `value_init`) and trains beside the policy.
 
-Prompts (config.data.source, `rollouts.prompt_examples`): graded tasks, or the HH dialogues'. Where
-they come from a graded task, the oracle (the grader) scores every rollout on the host: it is
-logged, never trained on unless `ppo.reward = 'oracle'`, and the policy whose greedy answers to
-held-out prompts grade best (eval_grader_score) is kept in best/. HH prompts have no oracle: no
-oracle_score is logged, and best/ keeps the policy whose greedy responses to held-out
-('validation') prompts the reward model scores best (eval_rm_score, normalised).
+Prompts (config.data.source, `rollouts.prompt_examples`): graded tasks, the HH dialogues' or the
+"prompt" of TRL records. Where they come from a graded task, the oracle (the grader) scores every
+rollout on the host: it is logged, never trained on unless `ppo.reward = 'oracle'`, and the policy
+whose greedy answers to held-out prompts grade best (eval_grader_score) is kept in best/. HH and
+TRL prompts have no oracle: no oracle_score is logged, and best/ keeps the policy whose greedy
+responses to held-out ('validation') prompts the reward model scores best (eval_rm_score,
+normalised).
 
 Every `train.*` key means what it means elsewhere: each minibatch update is split into
 train.grad_accum microbatches, and an update whose loss or gradient norm is not finite is not

@@ -15,8 +15,8 @@ eval_train_accuracy on as many fixed training comparisons. The parameters with t
 eval_accuracy among the trained steps (not step 0: with the likelihood term that is the SFT
 policy's own likelihood, which ranks SFT's samples but prefers whatever is most like SFT) are kept
 in workdir/best/ and measured once on the test half (test_accuracy in reward_norm.json). At the
-end the best model scores the normalisation set (the SFT policy's samples; for HH, the chosen
-responses; at most
+end the best model scores the normalisation set (the SFT policy's samples; for HH and TRL
+preference files, the chosen responses; at most
 `comparison_batches.NORM_SAMPLES` of them) and workdir/reward_norm.json holds their mean and std,
 so that normalised scores (r - mean) / std have mean 0 and std 1 there.
 `saved_model.load_reward_model` serves the normalised scores.
@@ -38,7 +38,7 @@ from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
 from lm.model import RewardModel
 
-SOURCES = ("graded_tasks", "hh")
+SOURCES = ("graded_tasks", "hh", "trl")
 # config.reward keys that do not change the comparisons (the rest name the cached data).
 TRAINING_ONLY_KEYS = ("margin", "likelihood_term")
 
@@ -99,8 +99,8 @@ def prepare_comparisons(
     policy_params: `() -> params` of the SFT policy (called only to sample graded-task responses).
     """
     r, seq_len = config.reward, config.train.seq_len
-    if config.data.source == "hh":
-        data = preferences.hh_comparisons(
+    if config.data.source in ("hh", "trl"):
+        data = preferences.pair_comparisons(
             config.data, config.template, tok, seq_len, (r.num_prompts, r.num_eval_prompts)
         )
     else:

@@ -62,6 +62,8 @@ def prompt_field(record: dict, field: str = "prompt") -> str | list[dict]:
     value = record[field]
     if isinstance(value, str):
         return records.text_field(record, field)
+    if not isinstance(value, list):
+        raise records.BadRecord(f"expected {field!r}: a string or {MESSAGES}")
     messages = message_list(value, field)
     if messages[-1]["role"] == "assistant":
         raise records.BadRecord(f"field {field!r} ends in an assistant turn (expected a prompt)")
@@ -73,6 +75,8 @@ def response_field(record: dict, field: str) -> str:
     value = record[field]
     if isinstance(value, str):
         return records.text_field(record, field)
+    if not isinstance(value, list):
+        raise records.BadRecord(f"expected {field!r}: a string or a list of one assistant message")
     messages = message_list(value, field)
     if len(messages) != 1 or messages[0]["role"] != "assistant" or not messages[0]["content"].strip():
         raise records.BadRecord(f"expected {field!r}: a string or a list of one non-empty assistant message")
