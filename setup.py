@@ -38,8 +38,16 @@ setup(
             "submitit",
             "hypothesis",
             "ruff==0.17.6",
+            # tests/test_hf*.py: transformers builds the reference models and loads our exports
+            "torch==2.13.0",  # as the bench extra
+            "transformers>=5.25.0",
+            "tokenizers>=0.23.3",
+            "safetensors>=0.8.0",
+            "peft>=0.22.0",
+            "wandb>=0.31.0",  # tests/test_wandb.py, offline
         ],  # the sweep tests run the SLURM path locally
         "bench": ["torch==2.13.0"],
         "slurm": ["submitit"],
+        "wandb": ["wandb>=0.31.0"],  # config.logging.wandb_project
     },
 )

@@ -28,7 +28,7 @@ GRADER_BATCH = 128  # prompts per sampler call of the grader eval
 
 
 def encode_prompts(examples: list[dict], tokenizer, template_cfg) -> list[list[int]]:
-    """[n] examples -> [n] token lists [BOS] + formatted prompt."""
+    """[n] examples -> [n] token lists [BOS] (as the tokenizer adds one) + formatted prompt."""
     return [sft_data.encode_prompt(tokenizer, template_cfg, e["prompt"]) for e in examples]
 
 

@@ -270,3 +270,151 @@ def test_cli_import_and_export_with_tokenizer(tmp_path):
     np.testing.assert_allclose(_hf_logits(again), _hf_logits(model), atol=1e-4, rtol=0)
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     assert theirs("hi").input_ids[-2:] == tokenizer_lib.ByteTokenizer().encode("hi")
+
+
+GREEDY_VOCAB = 259  # odd: the byte tokenizer's, so every id decodes
+GREEDY_STEPS = 32
+GREEDY_TEXTS = ["To be, or not", "KING RICHARD: What say you, my lord of York?", "O"]  # 3 prompt lengths
+NEAR_TIE = (
+    1e-4  # a step whose top-2 logits are closer (relative) is where comparison stops, as the check does
+)
+
+
+def _greedy_hf_model(family: str):
+    """A random transformers model with weights large enough that greedy steps are rarely near-ties:
+    GPT-2, or Llama with GQA and Llama 3 rope scaling (positions past 16 are scaled)."""
+    T = transformers
+    common = dict(
+        vocab_size=GREEDY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2
+    )
+    if family == "gpt2":
+        config = T.GPT2Config(n_embd=48, n_layer=2, n_head=3, n_positions=96, **common)
+    else:
+        rope = dict(LLAMA3_ROPE, rope_theta=500000.0)
+        config = T.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=136,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=96,
+            tie_word_embeddings=False,
+            rope_scaling=rope,
+            **common,
+        )
+    torch.manual_seed({"gpt2": 1, "llama": 2}[family])
+    return T.AutoModelForCausalLM.from_config(config).float().eval()
+
+
+def _hf_greedy(model, prompt: list[int], steps: int, eos_id: int) -> tuple[list[int], list[float]]:
+    """transformers' `generate(do_sample=False)` ids after `prompt` (up to its EOS), and each step's
+    top-2 logit gap relative to max(1, max |logit|)."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            eos_token_id=eos_id,
+            pad_token_id=0,
+        )
+    ids = out.sequences[0, len(prompt) :].tolist()
+    gaps = []
+    for logits in out.logits:
+        top = torch.topk(logits[0].float(), 2).values
+        gaps.append(float(top[0] - top[1]) / max(1.0, float(logits[0].abs().max())))
+    if eos_id in ids:
+        ids = ids[: ids.index(eos_id) + 1]
+    return ids, gaps[: len(ids)]
+
+
+def _assert_same_greedy(ours: list[int], theirs: list[int], gaps: list[float], at_least: int) -> None:
+    """ours == theirs up to the first near-tie step (and at least `at_least` steps compared)."""
+    k = next((j for j, g in enumerate(gaps) if g < NEAR_TIE), len(theirs))
+    assert k >= at_least, f"near-tie at step {k}"
+    assert ours[:k] == theirs[:k]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_tokens_equal_transformers_generate(tmp_path, capsys, family):
+    """tools.sample --json --temperature 0 (prompts of 3 lengths in one left-padded batch, KV cache)
+    gives transformers' greedy tokens."""
+    from tools import sample as sample_tool
+
+    model = _greedy_hf_model(family)
+    model.save_pretrained(tmp_path / "hf")
+    workdir = str(tmp_path / "workdir")
+    tok = tokenizer_lib.ByteTokenizer()
+    import_hf.write_workdir(str(tmp_path / "hf"), workdir, tok)
+    args = ["--workdir", workdir, "--temperature", "0", "--max_new_tokens", str(GREEDY_STEPS), "--json"]
+    assert sample_tool.main(args + [a for t in GREEDY_TEXTS for a in ("--prompt", t)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["prompt"] for r in records] == GREEDY_TEXTS
+    for text, record in zip(GREEDY_TEXTS, records):
+        theirs, gaps = _hf_greedy(model, [tok.bos_id, *tok.encode(text)], GREEDY_STEPS, tok.eos_id)
+        _assert_same_greedy(record["tokens"], theirs, gaps, at_least=16)
+        assert record["completion"] == tok.decode(t for t in record["tokens"] if t != tok.eos_id)
+
+
+def _trained_style_workdir(tmp_path):
+    """A workdir as `configs/pretrain/llama.py:smoke` trains it, cheaply: its model with perturbed
+    initial parameters and a sentencepiece tokenizer trained on this repository's code."""
+    from configs.pretrain import llama as llama_config
+    from lm import trainer
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    texts = [open(os.path.join(root, "lm", name)).read() for name in ("model.py", "sampling.py", "hf.py")]
+    tok = tokenizer_lib.train_sentencepiece(texts, tmp_path / "spm.model", vocab_size=600)
+    config = llama_config.get_config("smoke")
+    cfg = trainer.model_config(config, tok.vocab_size)
+    shapes = Transformer(cfg).init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda x: np.asarray(x, np.float32) + 0.05 * rng.normal(size=x.shape).astype(np.float32),
+        nn.meta.unbox(shapes),
+    )
+    workdir = str(tmp_path / "workdir")
+    import_hf.save_workdir(workdir, config, params, tok, {})
+    return workdir, cfg, params, tok
+
+
+def test_exported_trained_llama_loads_in_transformers(tmp_path):
+    """A llama smoke workdir exported with tools.export --hf: transformers' logits equal ours (1e-4
+    relative), and its AutoTokenizer encodes held-out text to our ids, BOS first with special tokens."""
+    workdir, cfg, params, tok = _trained_style_workdir(tmp_path)
+    out = str(tmp_path / "hf")
+    assert export_tool.main(["--workdir", workdir, "--hf", out]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    held_out = [
+        "def main(argv=None) -> int:\n    return 0\n",
+        "import os\nclass Parser:\n\tx = 'naïve ↵ ▁'  # 日本\n",
+        "",
+    ]
+    for text in held_out:
+        ids = tok.encode(text)
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ids
+        assert theirs(text)["input_ids"] == [tok.bos_id, *ids]
+    tokens = np.array([[tok.bos_id, *tok.encode(held_out[0] + held_out[1])][: cfg.max_seq_len]], np.int32)
+    ours = np.asarray(Transformer(cfg).apply({"params": params}, tokens))
+    with torch.no_grad():
+        want = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert np.abs(ours - want).max() <= 1e-4 * np.abs(want).max()
+    prompt = theirs("def main(")["input_ids"]
+    greedy, gaps = _hf_greedy(model, prompt, 16, tok.eos_id)
+    from lm import sampling
+
+    (mine,) = sampling.generate(
+        {"params": params},
+        cfg,
+        [prompt],
+        max_new_tokens=16,
+        rng=jax.random.PRNGKey(0),
+        temperature=0.0,
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
+    )
+    _assert_same_greedy(list(mine), greedy, gaps, at_least=8)

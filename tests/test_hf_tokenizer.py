@@ -271,8 +271,20 @@ def test_write_hf_tokenizer_exports_ours(tmp_path, kind, sentencepiece_tok):
     for text in VARIED + CORPUS[:5]:
         ids = ours.encode(text)
         assert theirs.encode(text, add_special_tokens=False) == ids, text
+        assert (
+            theirs(text)["input_ids"]
+            == [ours.bos_id, *ids]
+            == sft.encode_prompt(ours, {"user": "", "assistant": ""}, text)
+        )
         assert theirs.decode(ids) == text
+    assert theirs(["a", "bc"], text_pair=["d", "e"])["input_ids"][0] == [
+        ours.bos_id,
+        *ours.encode("a"),
+        ours.bos_id,
+        *ours.encode("d"),
+    ]
     converted = tl.as_hf_tokenizer(ours)
+    assert converted.adds_bos and tl.bos_prefix(converted) == tl.bos_prefix(ours) == [ours.bos_id]
     assert converted.encode_batch(VARIED) == ours.encode_batch(VARIED)
     assert (converted.token_bytes() == ours.token_bytes()).all() and converted.vocab_size == ours.vocab_size
     assert tl.hf_tokenizer_from_dir(tmp_path) == converted
@@ -301,8 +313,10 @@ def test_sft_prompts_use_the_chat_template(byte_level_dir, llama2_dir):
     for tok in (qwen, llama):
         ids = sft.encode_prompt(tok, {}, "What is 2 + 2?")
         rendered = tok.apply_chat_template(USER_ASSISTANT)
-        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-        assert tok.decode(ids) == tok.decode(tok.encode(rendered))
+        # As transformers' apply_chat_template(tokenize=True): Llama's template renders <s> (its BOS id
+        # here, once); Qwen's renders no BOS and its tokenizer adds none.
+        assert ids == tok.encode(rendered)
+        assert ids.count(tok.bos_id) == (1 if tok is llama else 0)
         tokens, prompt_lengths = sft.tokenize_examples(
             tok, {}, [{"prompt": "What is 2 + 2?", "response": "4"}]
         )
@@ -312,4 +326,39 @@ def test_sft_prompts_use_the_chat_template(byte_level_dir, llama2_dir):
             1,
         )
     im_start = qwen.encode("<|im_start|>")
-    assert im_start == [1] and sft.encode_prompt(qwen, {}, "hi")[1] == 1
+    assert im_start == [1] and sft.encode_prompt(qwen, {}, "hi")[0] == 1
+
+
+def test_bos_on_prompts_follows_the_post_processor(byte_level_dir, llama2_dir):
+    """A prompt starts with BOS exactly when transformers' tok(prompt) puts one first: our own
+    tokenizers always, Llama's (TemplateProcessing "<s> $A"), not a GPT-2/Qwen2-style one."""
+    qwen, llama = tl.hf_tokenizer_from_dir(byte_level_dir), tl.hf_tokenizer_from_dir(llama2_dir)
+    assert (qwen.adds_bos, llama.adds_bos, tl.ByteTokenizer.adds_bos) == (False, True, True)
+    plain = {"user": "", "assistant": ""}
+    for tok, path in ((qwen, byte_level_dir), (llama, llama2_dir)):
+        theirs = auto_tokenizer(path)
+        tok = tl.HFTokenizer(tok.tokenizer_json, tok.bos_id, tok.eos_id, tok.pad_id)  # no chat template
+        for text in SAMPLE[:-1]:
+            want = theirs(text)["input_ids"]
+            assert tl.bos_prefix(tok) + tok.encode(text) == want
+            assert sft.encode_prompt(tok, plain, text) == want
+        tokens, lengths = sft.tokenize_examples(tok, plain, [{"prompt": "x", "response": "y"}])
+        assert tokens == [[*theirs("x")["input_ids"], *tok.encode("y"), tok.eos_id]]
+        assert lengths == [len(theirs("x")["input_ids"])]
+        assert sft.prompts_that_fit(tok, plain, ["x", "xx"], lengths[0]) == (["x"], 1)
+
+
+def test_sft_rows_without_bos_keep_examples_apart(byte_level_dir):
+    """Examples of a tokenizer that adds no BOS still start their own segments when packed."""
+    qwen = tl.hf_tokenizer_from_dir(byte_level_dir)
+    examples = [{"prompt": "What is 2 + 2?", "response": "4"}, {"prompt": "hi", "response": "hello"}]
+    tokens, prompt_lengths = sft.tokenize_examples(qwen, {}, examples)
+    assert all(qwen.bos_id not in t for t in tokens)
+    rows = sft.pack_examples(tokens, prompt_lengths, sum(map(len, tokens)) + 3, qwen.bos_id, qwen.pad_id)
+    batch = rows.rows(np.array([0]))
+    first = len(tokens[0])
+    assert batch["segment_ids"][0, :first].tolist() == [1] * first
+    assert batch["segment_ids"][0, first : first + len(tokens[1])].tolist() == [2] * len(tokens[1])
+    assert batch["positions"][0, first] == 0
+    assert batch["loss_mask"][0].sum() == len(tokens[0]) + len(tokens[1]) - sum(prompt_lengths)
+    assert sft.split_stats(rows)["num_examples"] == 2

@@ -45,11 +45,18 @@ def write_workdir(hf_dir: str, workdir: str, tokenizer) -> str:
         "hf_model_type": hf_cfg["model_type"],
         "hf_generation_ids": hf.generation_ids(hf_cfg),
     }
+    return save_workdir(workdir, config, params, tokenizer, run)
+
+
+def save_workdir(workdir: str, config, params: dict, tokenizer, run: dict) -> str:
+    """Writes a workdir tools.sample and tools.export read: `tokenizer`, `params` (nested numpy or
+    jax arrays of `config.model`) as checkpoint 0, then config.json with `run`; returns the
+    checkpoint directory."""
     os.makedirs(workdir, exist_ok=True)
     tokenizer.save(os.path.join(workdir, "tokenizer"))
     mngr = checkpoint.manager(workdir, keep=1)
     state = {"params": jax_tree(params)}
-    checkpoint.save(mngr, 0, state, {"config": config.to_dict(), "imported_from": hf_dir})
+    checkpoint.save(mngr, 0, state, {"config": config.to_dict(), **run})
     metrics_lib.write_json_atomic(
         os.path.join(workdir, DONE_FILE), {**config.to_dict(), "resolved": {}, "run": run}
     )

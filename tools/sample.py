@@ -4,16 +4,24 @@ python -m tools.sample --workdir DIR --prompt "def " --max_new_tokens 100 --temp
     --top_k 40 --top_p 0.95 [--prompt "another prompt" ...] [--chat] [--checkpoint auto|best|latest]
 
 --chat wraps each prompt in the run's chat template (config.template: user + prompt + assistant),
-as SFT trained it; generation stops at EOS. Prompts of different lengths go in one batch.
+as SFT trained it; generation stops at EOS. Prompts of different lengths go in one batch. A prompt
+starts with BOS as the tokenizer encodes it (`bos_prefix`: ours always; an imported Hugging Face
+tokenizer when its post-processor adds one, as `transformers`' tok(prompt) does; an empty prompt
+is [BOS] either way).
+--json prints one JSON object per prompt per line instead: {"prompt", "completion", "tokens"}
+(the generated ids, EOS included); with --temperature 0 (greedy) they are what the model's argmax
+gives step by step.
 """
 
 import argparse
+import json
 import sys
 
 import jax
 
 from lm import sampling, saved_model
 from lm.data import sft as sft_data
+from lm.data import tokenizer as tokenizer_lib
 from lm.errors import UserError
 
 
@@ -33,6 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--top_k", type=int, default=40, help="0: off")
     p.add_argument("--top_p", type=float, default=0.95, help="1.0: off")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     args = p.parse_args(argv)
     try:
         model = saved_model.load(args.workdir, args.checkpoint)
@@ -43,7 +52,7 @@ def main(argv=None) -> int:
     if args.chat:
         encoded = [sft_data.encode_prompt(tok, model.config.template, t) for t in prompts]
     else:
-        encoded = [[tok.bos_id] + tok.encode(t) for t in prompts]
+        encoded = [tokenizer_lib.bos_prefix(tok) + tok.encode(t) or [tok.bos_id] for t in prompts]
     outs = sampling.generate(
         {"params": model.params},
         model.model_cfg,
@@ -57,8 +66,12 @@ def main(argv=None) -> int:
         pad_id=tok.pad_id,
     )
     for i, (prompt, out) in enumerate(zip(prompts, outs)):
-        shown = sft_data.format_prompt(model.config.template, prompt) if args.chat else prompt
-        print(f"--- sample {i} ---\n{shown}{tok.decode([t for t in out if t != tok.eos_id])}")
+        completion = tok.decode([t for t in out if t != tok.eos_id])
+        if args.json:
+            print(json.dumps({"prompt": prompt, "completion": completion, "tokens": [int(t) for t in out]}))
+            continue
+        shown = sft_data.format_prompt(model.config.template, prompt, tok) if args.chat else prompt
+        print(f"--- sample {i} ---\n{shown}{completion}")
     return 0
 
 

@@ -69,17 +69,20 @@ class PackedRows:
         return pack_window(np.where(valid, window, self.pad_id), valid, self.bos_id)
 
 
-def pack_window(window: np.ndarray, valid: np.ndarray, bos_id: int) -> dict[str, np.ndarray]:
+def pack_window(
+    window: np.ndarray, valid: np.ndarray, bos_id: int, starts: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Model inputs of rows cut from a token stream.
 
     window: [n, seq_len + 1] int token ids; valid: [n, seq_len + 1] bool, False for padding
-    (padding only at the end of a row). Returns inputs, targets, segment_ids, positions:
-    [n, seq_len] int32, and loss_mask: [n, seq_len] float32.
+    (padding only at the end of a row); starts: [n, seq_len + 1] bool, True where a segment
+    (document, example) begins, default where window is bos_id. Returns inputs, targets,
+    segment_ids, positions: [n, seq_len] int32, and loss_mask: [n, seq_len] float32.
     """
     inputs, targets = window[:, :-1], window[:, 1:]
     column = np.arange(inputs.shape[1])
     real = valid[:, :-1]
-    starts = (inputs == bos_id) | (column == 0)
+    starts = (inputs == bos_id if starts is None else starts[:, :-1]) | (column == 0)
     segment_ids = np.cumsum(starts, axis=1) * real
     segment_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
     positions = (column - segment_start) * real

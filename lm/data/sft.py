@@ -1,27 +1,28 @@
 """Supervised fine-tuning data: (prompt, response) examples -> packed rows, loss on the response.
 
 Template. prompt_text = template.user + prompt + template.assistant (defaults 'User: ' and
-'\nAssistant: '). A tokenizer with a chat template (an HF model's) formats every prompt instead:
-the prompt as one user message plus the generation prompt (`format_prompt`); template.user and
-template.assistant are then unused.
-An example's tokens are [BOS] + encode(prompt_text) + encode(response) + [EOS].
-Prompt and response are encoded separately, so the prompt tokens are exactly those
-`encode_prompt` gives when sampling. HH prompts are whole transcripts ending in "\n\nAssistant:"
-and get the template like any prompt; a template with user '' and assistant ' ' keeps HH's own
-format instead. A 'trl' prompt may be a message list (the turns before the final assistant turn
-of a {"messages": [...]} record): the chat template renders it, or else `render_messages`.
+'\nAssistant: '). A tokenizer with a chat template (an HF model's) formats every prompt instead: the
+prompt as one user message plus the generation prompt (`format_prompt`); template.user and
+template.assistant are then unused. An example's tokens are [BOS] + encode(prompt_text) +
+encode(response) + [EOS], without the BOS for a Hugging Face tokenizer whose post-processor adds
+none (GPT-2, Qwen2) and whose chat template renders none, as transformers encodes its prompts.
+Prompt and response are encoded separately, so the prompt tokens are exactly those `encode_prompt`
+gives when sampling. HH prompts are whole transcripts ending in "\n\nAssistant:" and get the
+template like any prompt; a template with user '' and assistant ' ' keeps HH's own format instead. A
+'trl' prompt may be a message list (the turns before the final assistant turn of a {"messages":
+[...]} record): the chat template renders it, or else `render_messages`.
 
-Packing. Examples are packed greedily in the dataset's stored order: each goes into the current
-row while the row holds at most seq_len + 1 tokens (inputs are a row's first seq_len tokens,
-targets its last seq_len), else it starts a new row; an example is never split. In a row the
-examples are segments 1, 2, ... with positions from 0; the tail is padding (pad id, segment 0,
-loss_mask 0). loss_mask[t] = 1 exactly when targets[t] is a response token or the closing EOS.
-An example of more than seq_len + 1 tokens is a DataError, or skipped and counted with
+Packing. Examples are packed greedily in the dataset's stored order: each goes into the current row
+while the row holds at most seq_len + 1 tokens (inputs are a row's first seq_len tokens, targets its
+last seq_len), else it starts a new row; an example is never split. In a row the examples (found by
+their offsets, BOS or not) are segments 1, 2, ... with positions from 0; the tail is padding (pad
+id, segment 0, loss_mask 0). loss_mask[t] = 1 exactly when targets[t] is a response token or the
+closing EOS. An example of more than seq_len + 1 tokens is a DataError, or skipped and counted with
 skip_bad_records.
 
-Caching. The dataset is built once under the data dir, under the pipeline's lock; the tokenized
-rows are rebuilt on every call (50k graded-task examples, 4M tokens: about 2 s on 2 CPU cores
-with the byte tokenizer).
+Caching. The dataset is built once under the data dir, under the pipeline's lock; the tokenized rows
+are rebuilt on every call (50k graded-task examples, 4M tokens: about 2 s on 2 CPU cores with the
+byte tokenizer).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from lm.data import pipeline
+from lm.data import tokenizer as tokenizer_lib
 from lm.data.pipeline import config_get
 from lm.data.tokenizer import Tokenizer
 from lm.errors import DataError
@@ -50,14 +52,24 @@ def format_prompt(template_cfg, prompt: str | Sequence[dict], tokenizer: Tokeniz
 
     With a chat template (`tokenizer.chat_template`): the prompt (a string as one user message)
     rendered by it with the generation prompt, less a leading BOS token's text (the callers put the
-    BOS id first themselves). Else template.user + prompt + template.assistant, a message list by
-    `render_messages`; a one-user-message list formats as its content would.
+    BOS id first themselves, see `encode_prompt`). Else template.user + prompt + template.assistant,
+    a message list by `render_messages`; a one-user-message list formats as its content would.
     """
+    return _split_prompt(template_cfg, prompt, tokenizer)[1]
+
+
+def _split_prompt(template_cfg, prompt, tokenizer) -> tuple[bool, str]:
+    """(whether the prompt starts with BOS, its formatted text less a rendered leading BOS).
+
+    BOS when the tokenizer adds one to a text (`tokenizer_lib.bos_prefix`: ours always, a Hugging
+    Face one as its post-processor does) or its chat template renders one first."""
+    adds_bos = tokenizer is None or bool(tokenizer_lib.bos_prefix(tokenizer))
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None) is not None:
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return text.removeprefix(tokenizer.bos_token)
-    return render_messages(template_cfg, messages)
+        rendered_bos = text.startswith(tokenizer.bos_token)
+        return adds_bos or rendered_bos, text.removeprefix(tokenizer.bos_token)
+    return adds_bos, render_messages(template_cfg, messages)
 
 
 def render_messages(template_cfg, messages: Sequence[dict]) -> str:
@@ -72,8 +84,10 @@ def render_messages(template_cfg, messages: Sequence[dict]) -> str:
 
 
 def encode_prompt(tokenizer: Tokenizer, template_cfg, prompt: str | Sequence[dict]) -> list[int]:
-    """[BOS] + the ids of the formatted prompt: what the model continues with a response."""
-    return [tokenizer.bos_id, *tokenizer.encode(format_prompt(template_cfg, prompt, tokenizer))]
+    """[BOS] (unless the tokenizer adds none, see `_split_prompt`) + the ids of the formatted
+    prompt: what the model continues with a response."""
+    bos, text = _split_prompt(template_cfg, prompt, tokenizer)
+    return [tokenizer.bos_id] * bos + tokenizer.encode(text)
 
 
 def prompts_that_fit(
@@ -81,10 +95,8 @@ def prompts_that_fit(
 ) -> tuple[list, int]:
     """The [n] prompts whose `encode_prompt` tokens (BOS included) number at most max_tokens, in
     order, and how many are longer."""
-    lengths = [
-        1 + len(ids)
-        for ids in tokenizer.encode_batch([format_prompt(template_cfg, p, tokenizer) for p in prompts])
-    ]
+    split = [_split_prompt(template_cfg, p, tokenizer) for p in prompts]
+    lengths = [bos + len(ids) for (bos, _), ids in zip(split, tokenizer.encode_batch([t for _, t in split]))]
     kept = [p for p, length in zip(prompts, lengths) if length <= max_tokens]
     return kept, len(prompts) - len(kept)
 
@@ -92,12 +104,16 @@ def prompts_that_fit(
 def tokenize_examples(
     tokenizer: Tokenizer, template_cfg, examples: Sequence[dict]
 ) -> tuple[list[list[int]], list[int]]:
-    """[n] examples -> [n] token lists [BOS] + prompt + response + [EOS], and [n] prompt lengths
-    (with BOS)."""
-    prompts = tokenizer.encode_batch([format_prompt(template_cfg, e["prompt"], tokenizer) for e in examples])
+    """[n] examples -> [n] token lists `encode_prompt` + response + [EOS] ([BOS] + prompt + response
+    + [EOS] unless the tokenizer adds no BOS), and [n] prompt lengths (with BOS)."""
+    split = [_split_prompt(template_cfg, e["prompt"], tokenizer) for e in examples]
+    prompts = [
+        [tokenizer.bos_id] * bos + ids
+        for (bos, _), ids in zip(split, tokenizer.encode_batch([t for _, t in split]))
+    ]
     responses = tokenizer.encode_batch([e["response"] for e in examples])
-    tokens = [[tokenizer.bos_id, *p, *r, tokenizer.eos_id] for p, r in zip(prompts, responses)]
-    return tokens, [1 + len(p) for p in prompts]
+    tokens = [[*p, *r, tokenizer.eos_id] for p, r in zip(prompts, responses)]
+    return tokens, [len(p) for p in prompts]
 
 
 def greedy_rows(lengths: Sequence[int], capacity: int) -> np.ndarray:
@@ -126,15 +142,18 @@ class PackedExamples:
         seq_len: int,
         bos_id: int,
         pad_id: int,
+        example_starts: np.ndarray | None = None,
     ):
         """tokens: [num_tokens] the examples back to back; loss_tokens: [num_tokens] bool, True on
-        response tokens and closing EOS; row_offsets: [num_rows + 1] where each row starts in tokens."""
+        response tokens and closing EOS; row_offsets: [num_rows + 1] where each row starts in tokens;
+        example_starts: [num_tokens] bool, True on each example's first token (default: its BOS)."""
         self.tokens = tokens
         self.loss_tokens = loss_tokens
         self.row_offsets = row_offsets
         self.seq_len = seq_len
         self.bos_id = bos_id
         self.pad_id = pad_id
+        self.example_starts = tokens == bos_id if example_starts is None else example_starts
         self.num_tokens = len(tokens)
         self.num_rows = len(row_offsets) - 1
 
@@ -147,7 +166,8 @@ class PackedExamples:
         offsets = self.row_offsets[indices][:, None] + np.arange(self.seq_len + 1)  # [n, seq_len + 1]
         valid = offsets < self.row_offsets[indices + 1][:, None]
         at = np.minimum(offsets, self.num_tokens - 1)
-        batch = pipeline.pack_window(np.where(valid, self.tokens[at], self.pad_id), valid, self.bos_id)
+        window = np.where(valid, self.tokens[at], self.pad_id)
+        batch = pipeline.pack_window(window, valid, self.bos_id, starts=valid & self.example_starts[at])
         batch["loss_mask"] = (valid & self.loss_tokens[at])[:, 1:].astype(np.float32)
         return batch
 
@@ -167,7 +187,7 @@ def pack_examples(
     in_example = np.arange(len(tokens)) - np.repeat(example_offsets[:-1], lengths)
     loss_tokens = in_example >= np.repeat(np.asarray(prompt_lengths, np.int64), lengths)
     row_offsets = example_offsets[greedy_rows(lengths.tolist(), seq_len + 1)]
-    return PackedExamples(tokens, loss_tokens, row_offsets, seq_len, bos_id, pad_id)
+    return PackedExamples(tokens, loss_tokens, row_offsets, seq_len, bos_id, pad_id, in_example == 0)
 
 
 @dataclasses.dataclass
@@ -327,7 +347,7 @@ def split_stats(rows: PackedExamples) -> dict:
     targets) and response_fraction (of the example tokens)."""
     num_loss = int(rows.loss_tokens.sum())
     return {
-        "num_examples": int((rows.tokens == rows.bos_id).sum()),
+        "num_examples": int(rows.example_starts.sum()),
         "num_rows": rows.num_rows,
         "num_tokens": rows.num_tokens,
         "num_loss_tokens": num_loss,

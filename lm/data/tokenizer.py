@@ -62,6 +62,7 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     identity: str  # short stable hash: keys the token caches
+    adds_bos: bool  # whether prompts (and SFT examples) start with bos_id: see `bos_prefix`
 
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
@@ -76,6 +77,7 @@ class ByteTokenizer:
     vocab_size = 256 + 3
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
     identity = "byte"
+    adds_bos = True
 
     def encode(self, text: str) -> list[int]:
         """text -> [len(text.encode())] ids in [3, 259)."""
@@ -100,6 +102,7 @@ class SentencePieceTokenizer:
     """A trained sentencepiece model (see the module docstring for the conventions)."""
 
     pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
+    adds_bos = True
 
     def __init__(self, model_proto: bytes):
         import sentencepiece as spm
@@ -154,6 +157,12 @@ def _piece_bytes(sp, i: int) -> bytes:
     if sp.is_byte(i):  # "<0xAB>"
         return bytes([int(piece[3:5], 16)])
     return piece.replace(SPACE, " ").replace(NEWLINE, "\n").encode("utf-8")
+
+
+def bos_prefix(tokenizer: Tokenizer) -> list[int]:
+    """The ids a prompt starts with before its text: [bos_id], or [] for a Hugging Face tokenizer
+    whose post-processor adds no BOS (GPT-2, Qwen2), as `transformers` encodes prompts."""
+    return [tokenizer.bos_id] if getattr(tokenizer, "adds_bos", True) else []
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -272,7 +281,9 @@ class HFTokenizer:
     encode adds no special tokens (the data pipeline adds BOS/EOS ids itself) but, as transformers
     does, a special token written in the text ("<|im_start|>", "</s>") becomes its id: rendered chat
     templates rely on it. decode drops special tokens. `chat_template` is the model's Jinja chat
-    template (None if it has none), rendered by `apply_chat_template`.
+    template (None if it has none), rendered by `apply_chat_template`. `adds_bos`: whether the
+    post-processor puts bos_id before a text (Llama's does, GPT-2's does not); prompts get a BOS
+    exactly then (`bos_prefix`), as transformers' `tok(text)` encodes them.
     """
 
     def __init__(
@@ -291,6 +302,7 @@ class HFTokenizer:
                 )
         self.bos_id, self.eos_id, self.pad_id = int(bos_id), int(eos_id), int(pad_id)
         self.chat_template = chat_template
+        self.adds_bos = _post_processor_adds_bos(self._tok, self.bos_id)
         self.identity = hashlib.sha256(self._saved()).hexdigest()[:16]
         self._token_bytes: np.ndarray | None = None
 
@@ -381,6 +393,14 @@ def _parse_tokenizer_json(text: str, where: str):
     except Exception as e:  # tokenizers raises plain Exception
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"{where}: not a tokenizer.json the tokenizers library reads: {message}") from None
+
+
+def _post_processor_adds_bos(tok, bos_id: int) -> bool:
+    """Whether a `tokenizers.Tokenizer` with special tokens added puts bos_id before a text's ids."""
+    text = "a b"
+    plain = tok.encode(text, add_special_tokens=False).ids
+    full = tok.encode(text, add_special_tokens=True).ids
+    return len(full) > len(plain) and full[:1] == [bos_id] and full[1 : 1 + len(plain)] == plain
 
 
 def _load_hf(data: bytes, path: str | os.PathLike) -> HFTokenizer:
@@ -604,7 +624,17 @@ def _byte_as_hf() -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.post_processor = _bos_post_processor("<s>", BOS_ID)
     return HFTokenizer(tok.to_str(), BOS_ID, EOS_ID, PAD_ID)
+
+
+def _bos_post_processor(bos: str, bos_id: int):
+    """Adds `bos` before each text when special tokens are added, as our prompts and documents begin."""
+    from tokenizers import processors
+
+    return processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, bos_id)]
+    )
 
 
 def _sentencepiece_as_hf(proto: bytes, identity: str) -> HFTokenizer:
@@ -685,6 +715,7 @@ def _sentencepiece_as_hf(proto: bytes, identity: str) -> HFTokenizer:
     tok.add_tokens(
         [AddedToken(text(p), special=False, normalized=False) for p in pieces if p.type == _SP_USER_DEFINED]
     )
+    tok.post_processor = _bos_post_processor(pieces[spec.bos_id].piece, spec.bos_id)
     return HFTokenizer(tok.to_str(), spec.bos_id, spec.eos_id, spec.pad_id)
 
 
@@ -692,7 +723,8 @@ def write_hf_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike) -> None:
     """Writes `tok` as a Hugging Face tokenizer directory: tokenizer.json, tokenizer_config.json
     (PreTrainedTokenizerFast, bos/eos/pad tokens, the chat template if any) and
     special_tokens_map.json. `transformers.AutoTokenizer.from_pretrained(out_dir)` then encodes
-    text to our ids with `add_special_tokens=False` (see as_hf_tokenizer for the conversions)."""
+    text to our ids with `add_special_tokens=False`, and with special tokens (`tok(text)`) to
+    `bos_prefix(tok)` + those ids, as our prompts (see as_hf_tokenizer for the conversions)."""
     hf = as_hf_tokenizer(tok)
     os.makedirs(out_dir, exist_ok=True)
     special = {"bos_token": hf.bos_token, "eos_token": hf.eos_token, "pad_token": hf.pad_token}
