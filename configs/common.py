@@ -2,7 +2,7 @@
 
 A config file starts from its task's `*_config()` (`pretrain_config()`, `sft_config()`, ...) and sets
 what differs. Each holds the sections every task reads (model, precision, data, optimizer, schedule,
-train, mesh, axis_rules) and its own task's keys, nothing else: the runner loads configs with
+train, mesh, axis_rules, logging) and its own task's keys, nothing else: the runner loads configs with
 `lock_config=True`, so a key the task does not read is an unknown key, and a mistyped override fails
 instead of adding one.
 """
@@ -12,7 +12,7 @@ import ml_collections
 
 def get_base_config() -> ml_collections.ConfigDict:
     """The sections every task reads: task, seed, model, precision, data, optimizer, schedule, train,
-    mesh and axis_rules."""
+    mesh, axis_rules and logging."""
     c = ml_collections.ConfigDict()
     c.task = "pretrain"  # pretrain | sft | reward | ppo | grpo | dpo | recipe
     c.seed = 0
@@ -106,6 +106,19 @@ def get_base_config() -> ml_collections.ConfigDict:
         ("kv_heads", "tensor"),
         ("vocab", "tensor"),
     ]
+    c.logging = logging_config()
+    return c
+
+
+def logging_config() -> ml_collections.ConfigDict:
+    """Where metrics go beside metrics.jsonl and TensorBoard: Weights & Biases when wandb_project is
+    set (`pip install wandb`; WANDB_MODE=offline logs without an account)."""
+    c = ml_collections.ConfigDict()
+    c.wandb_project = ""  # '': off
+    c.wandb_entity = ""  # '': your default entity
+    c.wandb_run_name = ""  # '': the workdir's name
+    c.wandb_group = ""  # '': none (the recipe sets its workdir's name)
+    c.wandb_tags = ""  # comma-separated
     return c
 
 
@@ -258,10 +271,12 @@ def dpo_config() -> ml_collections.ConfigDict:
 
 
 def recipe_config() -> ml_collections.ConfigDict:
-    """The recipe: a seed and the recipe section (its stages have their own config files)."""
+    """The recipe: a seed, logging (passed to every stage) and the recipe section (its stages have
+    their own config files)."""
     c = ml_collections.ConfigDict()
     c.task = "recipe"
     c.seed = 0
+    c.logging = logging_config()
     c.recipe = ml_collections.ConfigDict()
     return c
 

@@ -77,7 +77,9 @@ REPORT_FIELDS = (
 
 
 def validate(config) -> None:
-    """One clear line for a recipe that cannot run: an unknown source, or HH without its data."""
+    """One clear line for a recipe that cannot run: an unknown source, HH without its data, or W&B
+    logging without wandb installed."""
+    metrics_lib.check_wandb(config.get("logging"))
     source = config.recipe.source
     if source not in SOURCES:
         raise ConfigError(f"config.recipe.source={source!r}: expected one of {SOURCES}")
@@ -95,13 +97,24 @@ def stage_command(spec: str, stage_dir: str, links: dict, recipe_dir: str, overr
     return command + list(overrides)
 
 
-def stage_overrides(config, stage: str) -> list[str]:
-    """The `--config.` overrides the recipe gives `stage`: its seed, then each PASSED recipe key
-    that is set and that the stage takes."""
+def stage_overrides(config, stage: str, workdir: str = "") -> list[str]:
+    """The `--config.` overrides the recipe gives `stage`: its seed, each PASSED recipe key that is
+    set and that the stage takes, and with config.logging.wandb_project set the logging keys that
+    are set (wandb_group defaults to the name of the recipe's `workdir`, so its stages group; a
+    wandb_run_name N names the stage's run N-<stage>, else it is named <stage>)."""
     overrides = [f"--config.seed={config.seed}"]
     for name, (key, stages) in PASSED.items():
         if stage in stages and config.recipe.get(name):
             overrides.append(f"--config.{key}={config.recipe[name]}")
+    if "logging" in config and config.logging.wandb_project:
+        group = config.logging.wandb_group or os.path.basename(os.path.normpath(workdir or "."))
+        name = config.logging.wandb_run_name
+        logging = {
+            **config.logging.to_dict(),
+            "wandb_group": group,
+            "wandb_run_name": name and f"{name}-{stage}",
+        }
+        overrides += [f"--config.logging.{key}={value}" for key, value in logging.items() if value]
     return overrides
 
 
@@ -116,7 +129,7 @@ def run_stages(config, workdir: str) -> None:
         if status == "completed":
             print(f"{stage}: completed earlier, skipped")
             continue
-        overrides = tuple(stage_overrides(config, stage))
+        overrides = tuple(stage_overrides(config, stage, workdir))
         command = stage_command(spec, stage_dir, LINKS.get(stage, {}), workdir, overrides)
         print(f"{stage}: {' '.join(command[2:])}", flush=True)
         if sweep.run_member(command, stage_dir) != "completed":

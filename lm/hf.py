@@ -483,3 +483,66 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, ids: dict | None = None) 
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2)
     return family
+
+
+# Our Linear names -> the Hugging Face module each adapts, inside a block (GPT-2's q/k/v share c_attn).
+LORA_MODULES = {
+    "gpt2": {
+        "query": "attn.c_attn",
+        "key": "attn.c_attn",
+        "value": "attn.c_attn",
+        "out": "attn.c_proj",
+        "wi": "mlp.c_fc",
+        "wo": "mlp.c_proj",
+    },
+    "llama": {
+        "query": "self_attn.q_proj",
+        "key": "self_attn.k_proj",
+        "value": "self_attn.v_proj",
+        "out": "self_attn.o_proj",
+        "wi_gate": "mlp.gate_proj",
+        "wi_up": "mlp.up_proj",
+        "wo": "mlp.down_proj",
+    },
+}
+_FUSED_ORDER = ("query", "key", "value")  # c_attn's output columns: q, then k, then v
+
+
+def lora_state_dict(adapters: dict, cfg: ModelConfig, family: str) -> tuple[dict, dict]:
+    """PEFT's LoRA tensors of our adapters, and each adapted module's rank.
+
+    Args:
+      adapters: {'layers_i': {'attn'|'mlp': {name: {'a': [*in, r], 'b': [r, *out]}}}} (numpy-able),
+        as `lm.lora.init_adapters` nests them, without saved modules.
+    Returns:
+      ({'base_model.model.<module>.lora_A.weight': [R, in], '...lora_B.weight': [out, R]} float32,
+      {module suffix, e.g. 'self_attn.q_proj': R}). R is the adapter's rank r, except on GPT-2's
+      fused c_attn, where the k adapted of q/k/v stack into rank k*r: A's rows concatenated and B
+      block-diagonal over its q/k/v columns, so that B A is exactly our deltas side by side.
+    """
+    modules = LORA_MODULES["gpt2" if family == "gpt2" else "llama"]
+    block = "transformer.h.{}." if family == "gpt2" else "model.layers.{}."
+    state, ranks = {}, {}
+    for i in range(cfg.num_layers):
+        layer = {
+            name: pieces
+            for group in adapters.get(f"layers_{i}", {}).values()
+            for name, pieces in group.items()
+        }
+        for module in dict.fromkeys(modules[name] for name in layer):
+            names = [n for n in modules if n in layer and modules[n] == module]  # q, k, v in order
+            r = np.asarray(layer[names[0]]["a"]).shape[-1]
+            a = np.concatenate([np.asarray(layer[n]["a"], np.float32).reshape(-1, r).T for n in names])
+            bs = {n: np.asarray(layer[n]["b"], np.float32).reshape(r, -1).T for n in names}
+            if module == "attn.c_attn":
+                b = np.zeros((3 * cfg.d_model, len(names) * r), np.float32)
+                for j, n in enumerate(names):
+                    k = _FUSED_ORDER.index(n)
+                    b[k * cfg.d_model : (k + 1) * cfg.d_model, j * r : (j + 1) * r] = bs[n]
+            else:
+                b = bs[names[0]]
+            prefix = f"base_model.model.{block.format(i)}{module}"
+            state[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a)
+            state[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b)
+            ranks[module] = len(names) * r
+    return state, ranks

@@ -1,12 +1,19 @@
-"""Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, a progress bar."""
+"""Run outputs: metrics.jsonl (one JSON object per logged step), TensorBoard events, Weights & Biases
+(config.logging.wandb_project; optional), a progress bar."""
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
+import secrets
 
 import jax
 import tqdm
+
+from lm.errors import ConfigError, Preempted
+
+WANDB_ID_FILE = "wandb_id"  # in the workdir: the W&B run id a resumed run appends to
 
 
 @contextlib.contextmanager
@@ -66,19 +73,85 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-class MetricsWriter:
-    """Appends metric records to workdir/metrics.jsonl and TensorBoard; only process 0 writes."""
+def check_wandb(logging_cfg) -> None:
+    """A ConfigError when config.logging.wandb_project is set and the wandb package is missing
+    (found without importing it)."""
+    if logging_cfg is not None and logging_cfg.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"config.logging.wandb_project={logging_cfg.wandb_project!r} needs the wandb package: "
+            "pip install wandb"
+        )
 
-    def __init__(self, workdir: str, resume_step: int = 0):
+
+def open_wandb(workdir: str, logging_cfg):
+    """The W&B run of `workdir` (config.logging), or None when wandb_project is ''.
+
+    wandb is imported only here. The run's config is workdir/config.json as written (the user's keys,
+    "resolved" and "run"); its id is kept in workdir/wandb_id, so a resumed run appends to the same
+    W&B run. Files go to $WANDB_DIR, else the workdir.
+    """
+    if logging_cfg is None or not logging_cfg.wandb_project:
+        return None
+    check_wandb(logging_cfg)
+    import wandb
+
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(8)
+        write_atomic(id_path, run_id + "\n")
+    wandb_dir = os.environ.get("WANDB_DIR") or workdir
+    os.makedirs(wandb_dir, exist_ok=True)
+    return wandb.init(
+        project=logging_cfg.wandb_project,
+        entity=logging_cfg.wandb_entity or None,
+        name=logging_cfg.wandb_run_name or os.path.basename(os.path.normpath(workdir)),
+        group=logging_cfg.wandb_group or None,
+        tags=[t.strip() for t in logging_cfg.wandb_tags.split(",") if t.strip()] or None,
+        config=read_json(os.path.join(workdir, "config.json")) or {},
+        id=run_id,
+        resume="allow",
+        dir=wandb_dir,
+    )
+
+
+def finish_wandb(run, error: BaseException | None = None) -> None:
+    """Finishes a W&B run: exit code 0, 75 when preempted (marked preempting), else 1. With `error`
+    (the exception the run is ending on), a failure to finish is printed, never raised over it."""
+    if run is None:
+        return
+    try:
+        if isinstance(error, Preempted):
+            run.mark_preempting()
+        run.finish(exit_code=0 if error is None else 75 if isinstance(error, Preempted) else 1)
+    except Exception as e:
+        if error is None:
+            raise
+        print(f"warning: W&B run not finished cleanly: {e}")
+
+
+class MetricsWriter:
+    """Appends metric records to workdir/metrics.jsonl, TensorBoard and, with
+    config.logging.wandb_project set, Weights & Biases (`open_wandb`); only process 0 writes."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, logging_cfg=None):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
+        self._tb = self._wandb = None
         if self.active:
             truncate_jsonl(self.path, resume_step)
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(workdir, purge_step=resume_step + 1 if resume_step else None)
             self._file = open(self.path, "a", buffering=1)
+            try:
+                self._wandb = open_wandb(workdir, logging_cfg)
+            except BaseException:
+                self._file.close()
+                self._tb.close()
+                raise
 
     def write(self, step: int, metrics: dict) -> None:
         """Writes one record `{"step": step, **metrics}` (floats; NaN/inf kept as strings)."""
@@ -90,11 +163,16 @@ class MetricsWriter:
             record[k] = v if math.isfinite(v) else str(v)
             self._tb.add_scalar(k, v, step)
         self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: float(v) for k, v in metrics.items()}, step=int(step))
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
+        """Closes every output; `error`: the exception the run ends on (W&B records it as failed or
+        preempted)."""
         if self.active:
             self._file.close()
             self._tb.close()
+            finish_wandb(self._wandb, error)
 
 
 def progress_bar(start_step: int, total_steps: int):

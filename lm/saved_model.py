@@ -49,8 +49,8 @@ def _abstract_params(model: Transformer, config, mesh):
     return boxed, checkpoint.abstract_like(sharding.unboxed(boxed), shardings)
 
 
-def _merged_latest(workdir: str, config, run: dict, model: Transformer, mesh):
-    """Base (from the run's init_from) + the latest adapters, merged."""
+def _base_and_adapters(workdir: str, config, run: dict, model: Transformer, mesh):
+    """(the frozen base as trained on: from the run's init_from, NF4 for QLoRA; the latest adapters)."""
     lora_cfg = lora.from_config(config.lora)
     boxed, abstract = _abstract_params(model, config, mesh)
     base = lora.stored_base(
@@ -61,7 +61,33 @@ def _merged_latest(workdir: str, config, run: dict, model: Transformer, mesh):
     adapters = checkpoint.restore_params(
         workdir, checkpoint.abstract_like(sharding.unboxed(adapters_boxed), adapter_shardings)
     )
-    return lora.merge(base, adapters, lora_cfg)
+    return base, adapters
+
+
+def _merged_latest(workdir: str, config, run: dict, model: Transformer, mesh):
+    """Base (from the run's init_from) + the latest adapters, merged."""
+    base, adapters = _base_and_adapters(workdir, config, run, model, mesh)
+    return lora.merge(base, adapters, lora.from_config(config.lora))
+
+
+def load_adapters(workdir: str) -> tuple[SavedModel, dict]:
+    """A LoRA run's latest checkpoint unmerged, on the first device: (SavedModel whose params are the
+    plain base the adapters were trained on (QLoRA's NF4 kernels dequantised), the adapters
+    {layer path: {'a': [*in, r], 'b': [r, *out]}} and saved modules as `lora.init_adapters` nests
+    them). A run without LoRA is a UserError."""
+    config, run = read_config(workdir)
+    if not ("lora" in config and config.lora.rank):
+        raise UserError(f"--workdir {workdir}: not a LoRA run (config.lora.rank is 0), so it has no adapters")
+    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    model_cfg = trainer.model_config(config, tokenizer.vocab_size)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.axis_rules(config.axis_rules)):
+        base, adapters = _base_and_adapters(workdir, config, run, Transformer(model_cfg), mesh)
+        base = lora.merge(base, {}, lora.from_config(config.lora))
+    source = os.path.join(workdir, "checkpoints")
+    return SavedModel(
+        params=base, model_cfg=model_cfg, tokenizer=tokenizer, config=config, source=source
+    ), adapters
 
 
 def load(workdir: str, which: str = "auto") -> SavedModel:

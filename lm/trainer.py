@@ -84,6 +84,7 @@ def validate(config) -> None:
     model_config(config, vocab_size=1)  # the model's own checks, before any data is prepared
     if "lora" in config:
         lora.from_config(config.lora)
+    metrics_lib.check_wandb(config.get("logging"))
     if t.on_nonfinite not in ("stop", "skip"):
         raise ConfigError(f"config.train.on_nonfinite={t.on_nonfinite!r}: expected 'stop' or 'skip'")
     if t.global_batch_size % t.grad_accum:
@@ -344,7 +345,10 @@ def fit(s: Setup, task: Task, config, workdir: str, run_info: dict):
     frozen_shardings = jax.tree.map(lambda x: x.sharding, task.frozen)
     step_fn = _jit_step(task, config, state_shardings, batch_shardings, frozen_shardings, s.mesh)
     keep_best = None if task.best is None else best_keeper(workdir, *task.best, to_plain=task.to_plain)
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=int(state.step))
+    writer = metrics_lib.MetricsWriter(
+        workdir, resume_step=int(state.step), logging_cfg=config.get("logging")
+    )
+    error = None
     try:
         if task.eval_at_start and int(state.step) == 0 and task.eval_fn is not None:
             record = task.eval_fn(state.params)
@@ -366,8 +370,11 @@ def fit(s: Setup, task: Task, config, workdir: str, run_info: dict):
             after_eval=keep_best,
             step_tokens=task.step_tokens,
         )
+    except BaseException as e:
+        error = e
+        raise
     finally:
-        writer.close()
+        writer.close(error)
 
 
 def summary(workdir: str, task: str, seconds: float, next_command: str = "") -> str:
