@@ -102,6 +102,8 @@ def print_config(config) -> None:
 
 def prepare_workdir(workdir: str) -> str:
     """Creates the workdir and checks it is writable; returns its absolute path."""
+    if "://" in workdir:
+        raise ConfigError(f"--workdir {workdir}: expected a local or mounted path (e.g. gcsfuse), not a URL")
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)

@@ -61,6 +61,7 @@ def bad_input_cases(tmp_path):
         ),
         "unknown source": ([f"--config={TINY}", f"--workdir={w}", "--config.data.source=nowhere"], "source"),
         "unwritable workdir": ([f"--config={TINY}", f"--workdir={not_a_dir}/sub"], "workdir"),
+        "url workdir": ([f"--config={TINY}", "--workdir=gs://bucket/run"], "gs://bucket/run"),
         "vocab not divisible": (
             [f"--config={TINY}:smoke", f"--workdir={w}", "--config.mesh.tensor=2"],
             "vocab_size=259",
@@ -79,6 +80,7 @@ CASES = [
     "empty corpus",
     "unknown source",
     "unwritable workdir",
+    "url workdir",
     "vocab not divisible",
 ]
 
