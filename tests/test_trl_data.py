@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import ONE_DEVICE, run_module
 
-from lm import rollouts
+from lm import checkpoint, rollouts
 from lm.data import preferences, sft
 from lm.data.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
 from lm.errors import ConfigError, DataError
@@ -317,3 +317,38 @@ def test_a_malformed_line_is_one_error_line_and_exit_2(trl_chain, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert len(errors) == 1 and f"{files}:5 expected 'messages'" in errors[0], errors
+
+
+def test_sft_dpo_and_grpo_start_from_an_imported_hugging_face_model(trl_chain):
+    """init_from=hf:DIR: a random Qwen2 built by transformers, with our byte tokenizer exported as
+    its tokenizer.json, is SFT-ed on the TRL conversations; DPO and GRPO start from that SFT run."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lm.data import tokenizer as tokenizer_lib
+
+    root = trl_chain["root"]
+    hf_dir = str(root / "hf_qwen2")
+    config = transformers.Qwen2Config(
+        vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(config).save_pretrained(hf_dir)
+    tokenizer_lib.write_hf_tokenizer(TOK, hf_dir)
+    data = ["--config.data.eval_fraction=0.25"]
+    sft_records = _run("configs/sft/trl.py:smoke", root / "sft_hf", f"--config.init_from=hf:{hf_dir}",
+                       f"--config.data.files={trl_chain['sft_file']}", *data)  # fmt: skip
+    losses = [r["loss"] for r in sft_records if "loss" in r]
+    assert losses and np.isfinite(losses).all()
+    model = checkpoint.read_run_config(str(root / "sft_hf"))["model"]  # adopted from the import
+    assert model["qkv_bias"] and not model["use_bias"] and model["num_kv_heads"] == 2  # Qwen2's
+    common = [
+        f"--config.init_from={root / 'sft_hf'}",
+        f"--config.data.files={trl_chain['pairs_file']}",
+        *data,
+    ]
+    dpo_records = _run("configs/dpo/trl.py:smoke", root / "dpo_hf", *common)
+    assert any("eval_accuracy" in r for r in dpo_records)
+    grpo_records = _run("configs/grpo/trl.py:smoke", root / "grpo_hf", *common,
+                        f"--config.grpo.reward_from={trl_chain['reward']}")  # fmt: skip
+    assert any("eval_rm_score" in r for r in grpo_records)
