@@ -84,7 +84,7 @@ def test_message_lists_render_in_the_config_template():
 
 def test_a_chat_template_renders_the_whole_message_list():
     class Chat:
-        chat_template, bos_token = "<template>", "<s>"
+        chat_template, bos_token, bos_id = "<template>", "<s>", 1
 
         def apply_chat_template(self, messages, add_generation_prompt=True):
             assert add_generation_prompt
@@ -289,6 +289,7 @@ def test_sft_and_reward_runs_on_trl_files(trl_chain):
     assert norm["responses"] == "chosen responses" and norm["num_responses"] == 24
 
 
+@pytest.mark.slow  # DPO and GRPO on these files also run from the imported model below
 def test_dpo_ppo_and_grpo_run_on_trl_files(trl_chain):
     root, common = (
         trl_chain["root"],
