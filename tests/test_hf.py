@@ -282,13 +282,25 @@ NEAR_TIE = (
 
 def _greedy_hf_model(family: str):
     """A random transformers model with weights large enough that greedy steps are rarely near-ties:
-    GPT-2, or Llama with GQA and Llama 3 rope scaling (positions past 16 are scaled)."""
+    GPT-2, Llama with GQA and Llama 3 rope scaling (positions past 16 are scaled), Mistral or Qwen2
+    (GQA, q/k/v biases)."""
     T = transformers
     common = dict(
         vocab_size=GREEDY_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2
     )
+    gqa = dict(
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=96, tie_word_embeddings=False
+    )
     if family == "gpt2":
         config = T.GPT2Config(n_embd=48, n_layer=2, n_head=3, n_positions=96, **common)
+    elif family == "mistral":
+        config = T.MistralConfig(
+            hidden_size=48, intermediate_size=112, num_hidden_layers=2, sliding_window=None, **gqa, **common
+        )
+    elif family == "qwen2":
+        config = T.Qwen2Config(
+            hidden_size=48, intermediate_size=100, num_hidden_layers=2, rope_theta=1e6, **gqa, **common
+        )
     else:
         rope = dict(LLAMA3_ROPE, rope_theta=500000.0)
         config = T.LlamaConfig(
@@ -302,8 +314,14 @@ def _greedy_hf_model(family: str):
             rope_scaling=rope,
             **common,
         )
-    torch.manual_seed({"gpt2": 1, "llama": 2}[family])
-    return T.AutoModelForCausalLM.from_config(config).float().eval()
+    torch.manual_seed({"gpt2": 1, "llama": 2, "mistral": 3, "qwen2": 4}[family])
+    model = T.AutoModelForCausalLM.from_config(config).float().eval()
+    if family == "qwen2":  # nonzero q/k/v biases, so that importing them matters
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("proj.bias"):
+                    p.add_(0.5 * torch.randn_like(p))
+    return model
 
 
 def _hf_greedy(model, prompt: list[int], steps: int, eos_id: int) -> tuple[list[int], list[float]]:
@@ -337,7 +355,7 @@ def _assert_same_greedy(ours: list[int], theirs: list[int], gaps: list[float], a
     assert ours[:k] == theirs[:k]
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
 def test_greedy_tokens_equal_transformers_generate(tmp_path, capsys, family):
     """tools.sample --json --temperature 0 (prompts of 3 lengths in one left-padded batch, KV cache)
     gives transformers' greedy tokens."""
