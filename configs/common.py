@@ -43,6 +43,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.norm_eps = 1e-5
     c.model.remat = "none"  # none | full | dots: activation recomputation per block
     c.model.attention = "xla"  # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
+    # transformer | nnlm: Bengio et al. 2003's neural probabilistic LM, pretraining only (lm.model.NNLM).
+    # An NNLM reads d_model (its embedding size), vocab_size and the nnlm_* keys; the rest are unused.
+    c.model.kind = "transformer"
+    c.model.nnlm_context = 5  # n - 1: the tokens it conditions on (the input token and those before it)
+    c.model.nnlm_hidden = 256  # tanh hidden units
+    c.model.nnlm_direct = False  # direct connections from the concatenated embeddings to the logits
 
     c.precision = ml_collections.ConfigDict()
     c.precision.param_dtype = "float32"

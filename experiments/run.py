@@ -231,7 +231,7 @@ def main(argv) -> int:
                     workdir,
                     config.task,
                     time.time() - start,
-                    tasks.NEXT.get(config.task, "").format(workdir=workdir),
+                    tasks.next_command(config, workdir),
                 )
             )
     except UserError as e:

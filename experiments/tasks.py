@@ -30,6 +30,15 @@ NEXT = {
     "dpo": "python -m tools.sample --workdir {workdir} --chat --prompt '...'",
     "recipe": "open {workdir}/report.md",
 }
+# An NNLM (config.model.kind='nnlm') is pretrained only: no later stage starts from it.
+NEXT_NNLM = "python -m tools.sample --workdir {workdir} --prompt 'def '"
+
+
+def next_command(config, workdir: str) -> str:
+    """What to try after `config`'s run in `workdir`."""
+    if config.task == "pretrain" and config.model.get("kind") == "nnlm":
+        return NEXT_NNLM.format(workdir=workdir)
+    return NEXT.get(config.task, "").format(workdir=workdir)
 
 
 def module(task: str):

@@ -22,7 +22,7 @@ import numpy as np
 from lm import losses, rl, sampling, sharding
 from lm.data import graded_tasks, pipeline, preferences
 from lm.data import sft as sft_data
-from lm.model import Transformer
+from lm.model import build_model
 
 GRADER_BATCH = 128  # prompts per sampler call of the grader eval
 
@@ -113,7 +113,7 @@ def sequence_logprobs(
 def _sequence_logprobs_impl(params, prompts, lengths, responses, *, model_cfg, eos_id: int):
     tokens = jnp.concatenate([prompts, responses], axis=1)
     positions, segments = sampling.prompt_layout(lengths, tokens.shape[1], prompts.shape[1])
-    logits = Transformer(model_cfg).apply(
+    logits = build_model(model_cfg).apply(
         {"params": params}, tokens, positions=positions, segment_ids=segments
     )
     width = prompts.shape[1]

@@ -1,7 +1,7 @@
 """Parameter counts, training FLOPs per token and the peak FLOP/s that MFU divides by.
 
-`param_counts` is tested equal to the parameters `Transformer.init` creates; every FLOPs and MFU
-figure in the project comes from `flops_per_token` and `peak_flops_per_device`.
+`param_counts` is tested equal to the parameters `Transformer.init` and `NNLM.init` create; every
+FLOPs and MFU figure in the project comes from `flops_per_token` and `peak_flops_per_device`.
 """
 
 import statistics
@@ -44,15 +44,38 @@ def _norm_params(c: ModelConfig) -> int:
     return c.d_model * (2 if c.norm == "layernorm" and c.use_bias else 1)
 
 
+def _nnlm_params(c: ModelConfig) -> dict:
+    """An NNLM's parameters by part: 'lookup' (the token table and the no-token vector), 'hidden'
+    (H and d), 'out' (U and b) and 'direct' (W, or 0)."""
+    context = c.nnlm_context * c.d_model
+    return {
+        "lookup": (c.vocab_size + 1) * c.d_model,
+        "hidden": (context + 1) * c.nnlm_hidden,
+        "out": (c.nnlm_hidden + 1) * c.vocab_size,
+        "direct": context * c.vocab_size if c.nnlm_direct else 0,
+    }
+
+
 def param_counts(config: ModelConfig) -> dict:
     """Parameter counts by kind.
 
     Returns:
       {'total', 'non_embedding', 'embedding', 'position_embedding'} ints, where total is their
-      sum. 'embedding' holds the vocabulary matrices: the token table, plus the output head when
-      it is untied. 'non_embedding' (Kaplan et al. 2020's N) is the blocks and the final norm.
+      sum. For a Transformer, 'embedding' holds the vocabulary matrices: the token table, plus the
+      output head when it is untied; 'non_embedding' (Kaplan et al. 2020's N) is the blocks and the
+      final norm. For an NNLM, 'embedding' is what is looked up (the token table and the no-token
+      vector) and 'non_embedding' everything that is multiplied (hidden, output and direct layers).
     """
     c = config
+    if c.kind == "nnlm":
+        parts = _nnlm_params(c)
+        non_embedding = parts["hidden"] + parts["out"] + parts["direct"]
+        return {
+            "total": parts["lookup"] + non_embedding,
+            "non_embedding": non_embedding,
+            "embedding": parts["lookup"],
+            "position_embedding": 0,
+        }
     embedding = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
     position = c.max_seq_len * c.d_model if c.positions == "learned" else 0
     non_embedding = c.num_layers * _layer_params(c) + _norm_params(c)
@@ -83,8 +106,22 @@ def _chinchilla_forward(c: ModelConfig, seq_len: int) -> float:
     return 2 * t * v * d + c.num_layers * (attention + dense) + 2 * t * d * v
 
 
+def _nnlm_forward(c: ModelConfig) -> float:
+    """Forward FLOPs of one NNLM token, as Chinchilla counts them: the embedding 2·V·m (once per
+    token: its context reuses the looked-up rows), hidden 2·c·m·h, output 2·h·V, direct 2·c·m·V."""
+    context = c.nnlm_context * c.d_model
+    direct = 2 * context * c.vocab_size if c.nnlm_direct else 0
+    return (
+        2 * c.vocab_size * c.d_model + 2 * context * c.nnlm_hidden + 2 * c.nnlm_hidden * c.vocab_size + direct
+    )
+
+
 def flops_per_token(config: ModelConfig, seq_len: int, method: str = "palm") -> float:
     """Training (forward + backward) FLOPs per token.
+
+    An NNLM has no attention and its cost does not depend on seq_len: 'palm' is 6 × its multiplied
+    (non-embedding) parameters, as PaLM leaves out the looked-up position table; 'chinchilla' is
+    3 × `_nnlm_forward`; '6nd' and '6n' as below.
 
     Methods:
       'palm': 6·N + 12·L·H·Q·T (PaLM, Chowdhery et al. 2022, Appendix B; nanoGPT's
@@ -96,6 +133,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, method: str = "palm") -> 
       '6n': 6 × non-embedding parameters (Kaplan et al. 2020, C ≈ 6N).
     """
     counts = param_counts(config)
+    if config.kind == "nnlm" and method in ("palm", "chinchilla"):
+        return 6.0 * counts["non_embedding"] if method == "palm" else 3.0 * _nnlm_forward(config)
     if method == "palm":
         n = counts["total"] - counts["position_embedding"]
         return 6.0 * n + 12.0 * config.num_layers * config.num_heads * config.head_size * seq_len

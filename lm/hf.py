@@ -184,6 +184,7 @@ def family_of(cfg: ModelConfig) -> str:
                 f"config.model.{key}={getattr(cfg, key)!r}: no Hugging Face family has it ({why})"
             )
 
+    need(cfg.kind == "transformer", "kind", "every family is a transformer")
     if cfg.positions == "learned":
         need(cfg.norm == "layernorm", "norm", "learned positions go with layernorm in gpt2")
         need(cfg.mlp == "gelu", "mlp", "learned positions go with gelu in gpt2")

@@ -92,7 +92,7 @@ def next_token_loss(logits, batch, z_loss: float = 0.0):
 
 
 def lm_loss(params, batch, rng, *, model, z_loss: float = 0.0):
-    """`next_token_loss` of a language `model` (lm.model.Transformer) on a packed batch (dict of
+    """`next_token_loss` of a language `model` (`lm.model.build_model`'s) on a packed batch (dict of
     [batch, seq] `inputs`, `positions`, `segment_ids`, `targets`, `loss_mask`); `rng` None: no dropout."""
     logits = model.apply(
         {"params": params},

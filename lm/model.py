@@ -1,4 +1,5 @@
-"""Decoder-only Transformer: GPT-2 and Llama styles from one frozen config.
+"""Language models from one frozen config: a decoder-only Transformer (GPT-2 and Llama styles),
+or Bengio et al.'s neural probabilistic language model (`NNLM`); `build_model` picks by `kind`.
 
 GPT-2: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings.
 Llama: rotary positions, RMSNorm, SwiGLU, no biases, untied head, grouped-query attention.
@@ -21,6 +22,7 @@ from lm import attention, rl
 from lm.errors import ConfigError
 from lm.sharding import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, POSITIONS, VOCAB
 
+KINDS = ("transformer", "nnlm")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}
 # Keys that the runner fills from `config.precision`, named as the user wrote them.
@@ -57,8 +59,16 @@ class ModelConfig:
     attention: str = "xla"  # xla (any backend) | cudnn (fused flash attention, NVIDIA GPUs)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    kind: str = "transformer"  # transformer | nnlm (Bengio et al. 2003; d_model is its embedding size)
+    nnlm_context: int = 5  # nnlm: n - 1, the tokens (the input token and those before it) seen
+    nnlm_hidden: int = 256  # nnlm: tanh hidden units
+    nnlm_direct: bool = False  # nnlm: direct connections from the embeddings to the logits
 
     def __post_init__(self):
+        self._require(self.kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}")
+        if self.kind == "nnlm":
+            self._require(self.nnlm_context > 0, "nnlm_context", "must be positive")
+            self._require(self.nnlm_hidden > 0, "nnlm_hidden", "must be positive")
         for key in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_seq_len"):
             self._require(getattr(self, key) > 0, key, "must be positive")
         self._require(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0")
@@ -164,22 +174,27 @@ class Linear(nn.Module):
     config: ModelConfig
     std: float = 0.02
     bias: bool | None = None
+    out_dtype: object = None  # None: the compute dtype; jnp.float32 for logits
 
     @nn.compact
     def __call__(self, x):
-        """x: [tokens, prod(in_shape)] -> [tokens, prod(out_shape)] in the compute dtype."""
+        """x: [tokens, prod(in_shape)] -> [tokens, prod(out_shape)] in the compute dtype (or out_dtype)."""
         cfg = self.config
         kernel = self.param(
             "kernel", _init(self.std, self.axes), self.in_shape + self.out_shape, cfg.params_dtype
         )
         n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
-        y = jnp.dot(x.astype(cfg.compute_dtype), kernel.reshape(n_in, n_out).astype(cfg.compute_dtype))
+        y = jnp.dot(
+            x.astype(cfg.compute_dtype),
+            kernel.reshape(n_in, n_out).astype(cfg.compute_dtype),
+            preferred_element_type=self.out_dtype,
+        )
         if cfg.use_bias if self.bias is None else self.bias:
             bias_axes = self.axes[len(self.in_shape) :]
             bias = self.param(
                 "bias", _constant(nn.initializers.zeros, bias_axes), self.out_shape, cfg.params_dtype
             )
-            y = y + bias.reshape(n_out).astype(cfg.compute_dtype)
+            y = y + bias.reshape(n_out).astype(y.dtype)
         return y
 
 
@@ -392,6 +407,8 @@ class Transformer(nn.Module):
           or None without one).
         """
         cfg = self.config
+        if cfg.kind != "transformer":
+            raise ValueError(f"Transformer got a config of kind {cfg.kind!r}: build it with build_model")
         b, n = tokens.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
         slots = start + jnp.arange(n, dtype=jnp.int32)  # [seq]
@@ -457,6 +474,157 @@ class Transformer(nn.Module):
         if head == "all":
             logits = logits.reshape(b, n, cfg.vocab_size)  # [batch, seq, vocab]
         return hidden, logits, new_cache  # 'last': [batch, vocab]
+
+
+# The NNLM's embeddings start N(0, 0.1^2): large enough that the tanh layer sees its inputs from the
+# first step, small enough that a rare token's row adds little noise before it is trained.
+NNLM_EMBED_STD = 0.1
+
+
+class NNLM(nn.Module):
+    """Bengio et al. 2003's neural probabilistic language model: tokens -> next-token logits.
+
+    With c = nnlm_context and m = d_model: at each column t, the embeddings of tokens[t - c + 1 ..
+    t] (the input token and the c - 1 before it) are concatenated, most recent first, into
+    x [c * m]; then h = tanh(d + H x) [nnlm_hidden] and logits = b + U h (+ W x with nnlm_direct).
+    Context slot k (k tokens back) holds a token only when that token is in the same segment:
+    positions[t] >= k and segment_ids[t - k] == segment_ids[t]. Every other slot (before the
+    document's first token, in a previous document, before the row's first column or the cache's
+    oldest token) holds one learned "no token" vector, `empty_embed` (the same for every slot; H
+    sees which slot it is in).
+
+    Parameters (logical axes): token_embed.embedding [vocab, m] (VOCAB, EMBED), the paper's C;
+    empty_embed.embedding [1, m] (None, EMBED); hidden.kernel [c, m, nnlm_hidden] (None, EMBED,
+    MLP) and hidden.bias [nnlm_hidden], H and d; out.kernel [nnlm_hidden, vocab] (EMBED, VOCAB)
+    and out.bias [vocab], U and b; with nnlm_direct, direct.kernel [c, m, vocab] (None, EMBED,
+    VOCAB), W. Embeddings start N(0, NNLM_EMBED_STD^2) and every kernel LeCun normal (std
+    1/sqrt(fan-in)). Dropout (config.dropout) applies to h.
+    Transformer-only fields are unused.
+
+    The methods are Transformer's that a plain language model needs, with its arguments:
+      __call__       logits [batch, seq, vocab]
+      last_logits    logits of the last column [batch, vocab]
+      extend / prefill  with a cache from `init_cache` (its write index, and the last c - 1
+        tokens and their segment ids): (logits [batch, seq, vocab] / [batch, vocab], new cache)
+    It has no `hidden` (so no reward or value model is built on it).
+    """
+
+    config: ModelConfig
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+        """Next-token logits: tokens [batch, seq] -> [batch, seq, vocab] float32."""
+        logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, "all")
+        return logits
+
+    def last_logits(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+        """Logits of the last column only: tokens [batch, seq] -> [batch, vocab] float32."""
+        logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, "last")
+        return logits
+
+    def extend(self, tokens, cache, *, positions=None, segment_ids=None):
+        """Logits of tokens [batch, seq] whose context continues the cache's tokens (no dropout).
+
+        Returns:
+          (logits [batch, seq, vocab] float32, the new cache: index advanced by seq, holding the
+          last c - 1 tokens of cache + tokens).
+        """
+        return self._forward(tokens, positions, segment_ids, True, cache, "all")
+
+    def prefill(self, tokens, cache, *, positions=None, segment_ids=None):
+        """As `extend`, with the logits of the last column only: (logits [batch, vocab], new cache)."""
+        return self._forward(tokens, positions, segment_ids, True, cache, "last")
+
+    @nn.compact
+    def _forward(self, tokens, positions, segment_ids, deterministic, cache, head):
+        """The forward pass of every public method.
+
+        Args:
+          tokens: [batch, seq] int32; positions, segment_ids: [batch, seq] int32 or None (the
+            cache's index onward; all 1).
+          cache: None, or {'index': [] int32, 'tokens', 'segment_ids': [batch, c - 1] int32}, the
+            tokens before this call's first (segment 0: none).
+          head: 'all' (logits at every column) or 'last' (the last column's only).
+        Returns:
+          (logits float32 [batch, seq, vocab] or [batch, vocab], the new cache or None).
+        """
+        cfg = self.config
+        b, n = tokens.shape
+        c, m = cfg.nnlm_context, cfg.d_model
+        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(n, dtype=jnp.int32), (b, n))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, n), jnp.int32)
+        if cache is None:
+            before = jnp.zeros((b, c - 1), jnp.int32)
+            before_segments = before
+        else:
+            before, before_segments = cache["tokens"], cache["segment_ids"]
+        all_tokens = jnp.concatenate([before, tokens.astype(jnp.int32)], axis=1)  # [batch, c - 1 + seq]
+        all_segments = jnp.concatenate([before_segments, segment_ids.astype(jnp.int32)], axis=1)
+        new_cache = None
+        if cache is not None:  # the last c - 1 tokens, for the next call
+            new_cache = {
+                "index": start + n,
+                "tokens": all_tokens[:, n:],
+                "segment_ids": all_segments[:, n:],
+            }
+        embed_args = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        table = nn.Embed(
+            cfg.vocab_size,
+            m,
+            embedding_init=_init(NNLM_EMBED_STD, (VOCAB, EMBED)),
+            name="token_embed",
+            **embed_args,
+        )
+        empty = nn.Embed(
+            1, m, embedding_init=_init(NNLM_EMBED_STD, (None, EMBED)), name="empty_embed", **embed_args
+        )(jnp.zeros((1,), jnp.int32))[0]  # [m]
+        if head == "last":  # the last column alone: its context is the last c columns
+            all_tokens, all_segments = all_tokens[:, -c:], all_segments[:, -c:]
+            positions, segment_ids, n = positions[:, -1:], segment_ids[:, -1:], 1
+        elif head != "all":
+            raise ValueError(f"head={head!r} must be 'all' or 'last'")
+        embedded = table(all_tokens)  # [batch, c - 1 + seq, m]
+        slots = []
+        for k in range(c):  # slot k of column t is column t + c - 1 - k of the concatenation
+            lo = c - 1 - k
+            valid = (positions >= k) & (all_segments[:, lo : lo + n] == segment_ids)  # [batch, seq]
+            slots.append(jnp.where(valid[..., None], embedded[:, lo : lo + n], empty))
+        x = jnp.stack(slots, axis=2).reshape(b * n, c * m)  # [tokens, c * m]
+        h = Linear(
+            (c, m), (cfg.nnlm_hidden,), (None, EMBED, MLP), cfg, std=(c * m) ** -0.5, bias=True, name="hidden"
+        )(x)
+        h = nn.Dropout(cfg.dropout, deterministic=deterministic)(jnp.tanh(h))  # [tokens, nnlm_hidden]
+        logits = Linear(
+            (cfg.nnlm_hidden,),
+            (cfg.vocab_size,),
+            (EMBED, VOCAB),
+            cfg,
+            std=cfg.nnlm_hidden**-0.5,
+            bias=True,
+            out_dtype=jnp.float32,
+            name="out",
+        )(h)  # [tokens, vocab]
+        if cfg.nnlm_direct:
+            logits = logits + Linear(
+                (c, m),
+                (cfg.vocab_size,),
+                (None, EMBED, VOCAB),
+                cfg,
+                std=(c * m) ** -0.5,
+                bias=False,
+                out_dtype=jnp.float32,
+                name="direct",
+            )(x)
+        logits = logits.reshape(b, cfg.vocab_size) if head == "last" else logits.reshape(b, n, cfg.vocab_size)
+        return logits, new_cache
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The plain language model of `config.kind`: `Transformer` or `NNLM`, called alike
+    (`__call__`, `last_logits`, `extend`, `prefill`; `init_cache` makes either's cache)."""
+    return NNLM(config) if config.kind == "nnlm" else Transformer(config)
 
 
 class RewardModel(nn.Module):
@@ -533,12 +701,17 @@ class RewardModel(nn.Module):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):
-    """An empty KV cache: write index 0 and every slot empty (segment 0).
+    """An empty cache for `build_model(config)`: write index 0 and every slot empty (segment 0).
 
-    Returns:
+    Returns, for a Transformer (a KV cache):
       {'index': [] int32, 'segment_ids': [batch, max_len] int32,
-       'layers': tuple of {'key', 'value': [batch, kv_heads, max_len, head_dim] compute dtype}}.
+       'layers': tuple of {'key', 'value': [batch, kv_heads, max_len, head_dim] compute dtype}};
+    for an NNLM (max_len unused): {'index': [] int32, 'tokens', 'segment_ids': [batch,
+    nnlm_context - 1] int32}, the tokens before the next call's first.
     """
+    if config.kind == "nnlm":
+        before = jnp.zeros((batch, config.nnlm_context - 1), jnp.int32)
+        return {"index": jnp.zeros((), jnp.int32), "tokens": before, "segment_ids": before}
     shape = (batch, config.kv_heads, max_len, config.head_size)
     layer = lambda: {
         "key": jnp.zeros(shape, config.compute_dtype),

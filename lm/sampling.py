@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm.errors import ConfigError
-from lm.model import ModelConfig, Transformer, init_cache
+from lm.model import ModelConfig, build_model, init_cache
 
 PROMPT_BUCKET = 16
 
@@ -126,12 +126,12 @@ def prompt_layout(lengths, width: int, prompt_width: int):
 def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
     """tokens: [batch, prompt] left-padded, lengths: [batch] -> (new tokens, their log-probs), each
     [batch, max_new_tokens] (see `_decode`)."""
-    model = Transformer(config)
+    model = build_model(config)
     batch, prompt = tokens.shape
     positions, segments = prompt_layout(lengths, prompt, prompt)
     cache = init_cache(config, batch, prompt + max_new_tokens)
     logits, cache = model.apply(
-        params, tokens, cache, positions=positions, segment_ids=segments, method=Transformer.prefill
+        params, tokens, cache, positions=positions, segment_ids=segments, method="prefill"
     )  # [batch, vocab]
 
     def next_logits(cache, step, token):
@@ -142,7 +142,7 @@ def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelCon
             cache,
             positions=position,
             segment_ids=jnp.ones_like(position),
-            method=Transformer.extend,
+            method="extend",
         )
         return logits[:, 0], cache
 
@@ -152,7 +152,7 @@ def _generate_cached(params, tokens, lengths, rng, settings, *, config: ModelCon
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens"))
 def _generate_recompute(params, tokens, lengths, rng, settings, *, config: ModelConfig, max_new_tokens: int):
     """As `_generate_cached`, by a full forward over [batch, prompt + max_new_tokens] per step."""
-    model = Transformer(config)
+    model = build_model(config)
     batch, prompt = tokens.shape
     width = prompt + max_new_tokens
     positions, segments = prompt_layout(lengths, width, prompt)
@@ -176,7 +176,11 @@ def left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
         raise ValueError("generate needs at least one prompt, and no empty prompts")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    if config.positions == "learned" and lengths.max() + max_new_tokens > config.max_seq_len:
+    if (
+        config.kind == "transformer"
+        and config.positions == "learned"
+        and lengths.max() + max_new_tokens > config.max_seq_len
+    ):
         raise ConfigError(
             f"config.model.max_seq_len={config.max_seq_len} is less than the longest "
             f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) "
@@ -267,7 +271,7 @@ def generate(
     """Samples completions with a KV cache: one prefill call, then one token per step.
 
     Args:
-      params: the model variables ({'params': ...}) for `Transformer(config)`.
+      params: the model variables ({'params': ...}) for `build_model(config)`.
       prompts: batch of token id lists, any non-zero lengths.
       max_new_tokens: tokens generated per prompt at most.
       rng: PRNG key; step t uses fold_in(rng, t).

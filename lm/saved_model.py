@@ -18,7 +18,7 @@ from lm import checkpoint, lora, sharding, trainer
 from lm import metrics as metrics_lib
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 from lm.errors import CheckpointError, UserError
-from lm.model import ModelConfig, RewardModel, Transformer
+from lm.model import ModelConfig, RewardModel, Transformer, build_model
 
 CHOICES = ("auto", "best", "latest")
 COMPARISONS_FILE = "comparisons.npz"  # a reward-model workdir's comparisons (DPO trains on them too)
@@ -43,7 +43,8 @@ def read_config(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
     return ml_collections.ConfigDict(saved), run
 
 
-def _abstract_params(model: Transformer, config, mesh):
+def _abstract_params(model: nn.Module, config, mesh):
+    """(boxed shapes with logical axes, abstract arrays sharded on `mesh`) of `model`'s parameters."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     shardings = sharding.tree_shardings(boxed, mesh, sharding.axis_rules(config.axis_rules))
     return boxed, checkpoint.abstract_like(sharding.unboxed(boxed), shardings)
@@ -99,7 +100,7 @@ def load(workdir: str, which: str = "auto") -> SavedModel:
         config.model.attention = "xla"  # the same model; cuDNN's kernel runs on NVIDIA GPUs only
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
     model_cfg = trainer.model_config(config, tokenizer.vocab_size)
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     best = os.path.join(workdir, "best")
     if which == "auto":

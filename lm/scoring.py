@@ -33,7 +33,7 @@ from lm import losses, sampling
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
 from lm.data import tokenizer as tokenizer_lib
-from lm.model import Transformer as build_model
+from lm.model import build_model
 
 BUCKET = 32  # continuation scoring pads sequences to a multiple of this many columns
 

@@ -82,6 +82,12 @@ def validate(config) -> None:
             f"config.schedule.warmup_fraction={config.schedule.warmup_fraction} must be in [0, 1)"
         )
     model_config(config, vocab_size=1)  # the model's own checks, before any data is prepared
+    kind = config.model.get("kind", "transformer")
+    if kind != "transformer" and config.task != "pretrain":
+        raise ConfigError(
+            f"config.model.kind={kind!r}: a {config.task} run needs a transformer "
+            "(an NNLM trains in pretraining only)"
+        )
     if "lora" in config:
         lora.from_config(config.lora)
     metrics_lib.check_wandb(config.get("logging"))
@@ -123,6 +129,11 @@ def check_model_layout(model_cfg: ModelConfig, mesh) -> None:
         ("d_ff", model_cfg.d_ff, "tensor", tensor),
         ("d_model", model_cfg.d_model, "fsdp", fsdp),
     ]
+    if model_cfg.kind == "nnlm":  # its hidden units are MLP in H and EMBED in U
+        dims = [dims[0], dims[-1]] + [
+            ("nnlm_hidden", model_cfg.nnlm_hidden, "tensor", tensor),
+            ("nnlm_hidden", model_cfg.nnlm_hidden, "fsdp", fsdp),
+        ]
     for name, size, axis, ways in dims:
         if size % ways:
             hint = " (0 takes the tokenizer's; set a multiple to pad it)" if name == "vocab_size" else ""
@@ -147,6 +158,12 @@ def resolve(config, resolved: dict) -> ml_collections.ConfigDict:
 def adopted(saved: dict, config) -> dict:
     """What a stage adopts from the run it starts from (`saved`: that run's config.json, resolved):
     the architecture (config.model minus RUN_ONLY_MODEL_KEYS) and, where it has one, the template."""
+    kind = saved["model"].get("kind", "transformer")
+    if kind != "transformer":
+        raise ConfigError(
+            f"config.init_from={config.get('init_from')!r} is a run of config.model.kind={kind!r}: "
+            f"a {config.task} run needs a transformer"
+        )
     out = {
         "model": {
             k: v for k, v in saved["model"].items() if k not in RUN_ONLY_MODEL_KEYS and k in config.model

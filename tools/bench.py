@@ -59,7 +59,7 @@ from experiments import overrides
 from lm import flops, lora, quant, sampling, sharding
 from lm.errors import UserError
 from lm.losses import lm_loss
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, build_model
 from lm.optim import learning_rate_schedule, make_optimizer
 from lm.scaling import chinchilla
 from lm.train_state import init_state, jit_train_step
@@ -129,7 +129,7 @@ def compile_train_step(config, model_cfg: ModelConfig, tokens: np.ndarray, steps
       {"compile_seconds", "step_temp_bytes": XLA's temporary buffers of the compiled step
       (activations, gradients, workspace), a Figure}.
     """
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.axis_rules(config.axis_rules)
     schedule = learning_rate_schedule(config.schedule, config.optimizer.lr, config.train.steps)
@@ -365,10 +365,10 @@ def bench_decode(config, new_tokens: int = 256, repeats: int = 3) -> dict:
     vocab = config.model.vocab_size or config.tokenizer.vocab_size
     model_cfg = model_config(config, vocab)
     bucket = sampling.PROMPT_BUCKET
-    if model_cfg.positions == "learned":
+    if model_cfg.kind == "transformer" and model_cfg.positions == "learned":
         model_cfg = model_cfg.replace(max_seq_len=max(model_cfg.max_seq_len, bucket + new_tokens))
     params = nn.unbox(
-        Transformer(model_cfg).init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32))
+        build_model(model_cfg).init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 8), jnp.int32))
     )
     prompts = decode_prompts(vocab, config.train.global_batch_size, bucket)
     out = {"new_tokens": new_tokens, "prompts": len(prompts), "context": model_cfg.max_seq_len}
@@ -448,7 +448,7 @@ def bench_fit(N, D, loss, repeats: int = 3) -> dict:
 
 def bench_nf4(config) -> dict:
     """Bytes per parameter of the model's Linear kernels in NF4 (QLoRA's frozen base) vs float32."""
-    model = Transformer(model_config(config, config.model.vocab_size or 4096))
+    model = build_model(model_config(config, config.model.vocab_size or 4096))
     params = sharding.unboxed(
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     )

@@ -25,6 +25,7 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 def check_supported(c: ModelConfig) -> None:
     """Raises ValueError for configs this GPT-2 style baseline does not reproduce."""
     unsupported = {
+        "kind": (c.kind, "transformer"),
         "positions": (c.positions, "learned"),
         "norm": (c.norm, "layernorm"),
         "mlp": (c.mlp, "gelu"),

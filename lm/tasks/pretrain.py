@@ -9,7 +9,7 @@ from lm import flops, losses, sampling, trainer
 from lm.data import pipeline
 from lm.errors import ConfigError
 from lm.evaluation import lm_eval_fn
-from lm.model import ModelConfig, Transformer
+from lm.model import ModelConfig, build_model
 
 
 def validate(config) -> None:
@@ -93,7 +93,7 @@ def run(user_config, workdir: str):
     trainer.check_model_layout(model_cfg, s.mesh)
     resolved = {"model": {"vocab_size": model_cfg.vocab_size}, **resolved_steps(user_config, model_cfg)}
     config = trainer.resolve(user_config, resolved)
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     tx, schedule = trainer.optimizer(config)
     run_info = {
