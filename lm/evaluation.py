@@ -243,20 +243,28 @@ def grader_eval_fn(model_cfg, tokenizer, template_cfg, examples: list[dict], max
     prompts = encode_prompts(examples, tokenizer, template_cfg)
 
     def evaluate(params):
-        outs = sampling.generate_sorted(
-            {"params": params},
-            model_cfg,
-            prompts,
-            max_batch=GRADER_BATCH,
-            max_new_tokens=max_new_tokens,
-            rng=jax.random.PRNGKey(0),
-            temperature=0.0,
-            eos_id=tokenizer.eos_id,
-            pad_id=tokenizer.pad_id,
-        )
-        return graded_record(examples, decode(tokenizer, outs))
+        return graded_record(examples, greedy_answers(params, model_cfg, tokenizer, prompts, max_new_tokens))
 
     return evaluate
+
+
+def greedy_answers(
+    params, model_cfg, tokenizer, prompts: list[list[int]], max_new_tokens: int, max_batch: int = GRADER_BATCH
+) -> list[str]:
+    """[n] prompt token lists -> [n] greedy answers (temperature 0, stopped at EOS) as text, EOS
+    dropped; the prompts go through the sampler `max_batch` at a time in batches of similar length."""
+    outs = sampling.generate_sorted(
+        {"params": params},
+        model_cfg,
+        prompts,
+        max_batch=max_batch,
+        max_new_tokens=max_new_tokens,
+        rng=jax.random.PRNGKey(0),
+        temperature=0.0,
+        eos_id=tokenizer.eos_id,
+        pad_id=tokenizer.pad_id,
+    )
+    return decode(tokenizer, outs)
 
 
 def graded_record(examples: list[dict], answers: list[str]) -> dict:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from lm import losses, sampling
+from lm import evaluation, losses
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
 from lm.data import tokenizer as tokenizer_lib
@@ -237,17 +237,7 @@ def kshot_score(
     longest = max(map(len, prompts))
     if longest + max_new_tokens > model_cfg.max_seq_len:
         return {"score": None, "exact": None, "num_prompts": num, "prompt_tokens": longest}
-    outs = sampling.generate_sorted(
-        {"params": params},
-        model_cfg,
-        prompts,
-        max_batch=batch,
-        max_new_tokens=max_new_tokens,
-        rng=jax.random.PRNGKey(0),
-        temperature=0.0,
-        eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id,
-    )
-    answers = [first_line(tokenizer.decode([t for t in o if t != tokenizer.eos_id])) for o in outs]
+    answers = evaluation.greedy_answers(params, model_cfg, tokenizer, prompts, max_new_tokens, batch)
+    answers = [first_line(a) for a in answers]
     grades = graded_tasks.grade_batch([t for t, _ in pairs], answers)
     return {"score": grades["score"], "exact": grades["exact"], "num_prompts": num, "prompt_tokens": longest}
