@@ -9,12 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from conftest import ONE_DEVICE, run_module
 
-from lm import scoring
+from lm import saved_model, scoring
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
-from lm.data.tokenizer import ByteTokenizer
+from lm.data.tokenizer import ByteTokenizer, write_hf_tokenizer
 from lm.model import ModelConfig
 from tools import eval as eval_tool
 
@@ -164,3 +165,61 @@ def test_bad_mc_file_is_one_line_naming_it(tmp_path, capsys):
     assert eval_tool.main(["--workdir", str(tmp_path), "--mc", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
+
+
+@pytest.mark.slow  # about 20 s: builds, saves and imports a transformers model
+def test_mc_on_an_imported_model_equals_transformers(tmp_path):
+    """`--workdir hf:DIR`: each choice's log-likelihood equals transformers' on the same ids, and
+    the CLI's acc is the one those log-likelihoods give."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tools import import_hf
+
+    config = transformers.LlamaConfig(
+        vocab_size=272,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    hf_dir = str(tmp_path / "hf")
+    model.save_pretrained(hf_dir)
+    write_hf_tokenizer(ByteTokenizer(), hf_dir)
+    rng = np.random.default_rng(0)
+    words = ["alpha", "beta", "gamma", "delta", "x", "yy", "zzz"]
+    items = [
+        {
+            "context": " ".join(rng.choice(words, 4)) + " ",
+            "choices": list(rng.choice(words, 3)),
+            "gold": i % 3,
+        }
+        for i in range(6)
+    ]
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(i) + "\n" for i in items))
+
+    import_hf.import_hf(hf_dir, str(tmp_path / "w"))
+    saved = saved_model.load(str(tmp_path / "w"))
+    pairs = [scoring.encode_pair(saved.tokenizer, i["context"], c) for i in items for c in i["choices"]]
+    ours = scoring.continuation_logprobs(saved.model_cfg, saved.params, pairs, max_len=64, pad_id=0)
+    theirs = []
+    for context, continuation in pairs:
+        ids = torch.tensor([context + continuation])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        picked = logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        theirs.append(float(picked[len(context) - 1 :].sum()))
+    np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=1e-5)
+
+    out = tmp_path / "e.json"
+    assert eval_tool.main(["--workdir", f"hf:{hf_dir}", "--mc", str(mc), "--json", str(out)]) == 0
+    by_item = np.array(theirs).reshape(len(items), 3)
+    expected = np.mean([np.argmax(ll) == i["gold"] for ll, i in zip(by_item, items)])
+    assert json.load(open(out))["mc"]["acc"] == pytest.approx(expected)
