@@ -107,7 +107,7 @@ def figure(points: list[dict], lines: list[tuple[str, float]], kshots: list[dict
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out bits per byte")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, loc="lower left")
+    axes[0].legend(fontsize=6, loc="upper right", ncol=2)
     if kshots:
         ax = axes[2]
         for j in kshots:
