@@ -205,15 +205,9 @@ def lm_eval_fn(model, rows, batch_size: int, num_batches: int, token_bytes, batc
     local = list(
         pipeline.eval_batches(rows, batch_size, num_batches, jax.process_index(), jax.process_count())
     )
-    num_bytes = _sum_over_processes(
-        sum(float((token_bytes[b["targets"]] * b["loss_mask"]).sum()) for b in local)
-    )
+    num_bytes = _sum_over_processes(sum(target_bytes(b, token_bytes) for b in local))
     batches = [sharding.global_batch(b, batch_sharding) for b in local]
-
-    @jax.jit
-    def sums(params, batch):
-        loss_sum, aux = losses.lm_loss(params, batch, None, model=model)
-        return loss_sum, aux["weight"]
+    sums = lm_loss_sums(model)
 
     def evaluate(params):
         loss_sum = weight = 0.0
@@ -224,6 +218,24 @@ def lm_eval_fn(model, rows, batch_size: int, num_batches: int, token_bytes, batc
         return {"eval_loss": loss_sum / weight, "eval_bits_per_byte": loss_sum / math.log(2) / num_bytes}
 
     return evaluate
+
+
+def lm_loss_sums(model):
+    """A jitted `(params, batch) -> (summed next-token loss in nats, number of targets)` of a
+    language `model` on one packed batch (dict of [batch, seq] arrays, `losses.lm_loss`)."""
+
+    @jax.jit
+    def sums(params, batch):
+        loss_sum, aux = losses.lm_loss(params, batch, None, model=model)
+        return loss_sum, aux["weight"]
+
+    return sums
+
+
+def target_bytes(batch: dict, token_bytes: np.ndarray) -> float:
+    """The UTF-8 bytes the predicted targets of a packed batch stand for: sum over targets [batch,
+    seq] with loss_mask of token_bytes [vocab] (BOS is never a target; EOS stands for 0 bytes)."""
+    return float((token_bytes[batch["targets"]] * batch["loss_mask"]).sum())
 
 
 def _sum_over_processes(x: float) -> float:

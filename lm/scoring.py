@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from lm import evaluation, losses
+from lm import evaluation
 from lm.data import graded_tasks, pipeline
 from lm.data import sft as sft_data
 from lm.data import tokenizer as tokenizer_lib
@@ -48,19 +48,17 @@ def bits_per_byte(model, params, rows: pipeline.PackedRows, token_bytes: np.ndar
       {"bits_per_byte", "loss" (nats per target token), "targets", "bytes"}.
     """
 
-    @jax.jit
-    def sums(params, batch):
-        loss_sum, aux = losses.lm_loss(params, batch, None, model=model)
-        return loss_sum, aux["weight"]
-
-    loss_sum = weight = num_bytes = 0.0
+    sums = evaluation.lm_loss_sums(model)
+    loss_sum = weight = 0.0  # summed on the device: the host reads them once, at the end
+    num_bytes = 0.0
     total = -(-rows.num_rows // batch_size)
     for batch in tqdm.tqdm(
         pipeline.eval_batches(rows, batch_size, 0), total=total, desc="bits per byte", disable=None
     ):
-        num_bytes += float((token_bytes[batch["targets"]] * batch["loss_mask"]).sum())
+        num_bytes += evaluation.target_bytes(batch, token_bytes)
         s, w = sums(params, {k: jnp.asarray(v) for k, v in batch.items()})
-        loss_sum, weight = loss_sum + float(s), weight + float(w)
+        loss_sum, weight = loss_sum + s, weight + w
+    loss_sum, weight = float(loss_sum), float(weight)
     return {
         "bits_per_byte": loss_sum / math.log(2) / num_bytes,
         "loss": loss_sum / weight,
