@@ -148,8 +148,8 @@ def member_row(sweep_dir: str, member: Member) -> dict:
     run = (metrics_lib.read_json(os.path.join(workdir, "config.json")) or {}).get("run", {})
     if run:
         row.update(
-            N=run["params"]["total"],
-            N_nonembedding=run["params"]["non_embedding"],
+            N=run["params"],
+            N_nonembedding=run["param_counts"]["non_embedding"],
             D=run["scaling"]["tokens"],
             C=run["scaling"]["compute"],
         )

@@ -197,10 +197,15 @@ def packed_batch_fn(rows, batch_size: int, seed: int, batch_sharding):
 def throughput_info(config, model_cfg: ModelConfig, mesh) -> dict:
     """What MFU is computed from: parameter counts, training FLOPs per token (PaLM convention) and
     the peak FLOP/s per device with its source; plus the devices and mesh. Call it outside the mesh
-    (the peak may be measured)."""
+    (the peak may be measured). `params` is the model's total, `param_counts` its parts
+    (`flops.param_counts`), `trainable_params` what the optimizer updates (all, unless the task
+    freezes a base and says otherwise)."""
     peak, source = flops.peak_flops_per_device(config.train.peak_flops, model_cfg.dtype)
+    counts = flops.param_counts(model_cfg)
     return {
-        "params": flops.param_counts(model_cfg),
+        "params": counts["total"],
+        "trainable_params": counts["total"],
+        "param_counts": counts,
         "flops_per_token": flops.flops_per_token(model_cfg, config.train.seq_len),
         "peak_flops_per_device": peak,
         "peak_flops_source": source,
@@ -400,8 +405,8 @@ def summary(workdir: str, task: str, seconds: float, next_command: str = "") -> 
     the workdir and the next command to try."""
     records = metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     saved = metrics_lib.read_json(os.path.join(workdir, "config.json")) or {}
-    params = saved.get("run", {}).get("params") or {}
-    size = params.get("total") if isinstance(params.get("total"), int) else None
+    size = saved.get("run", {}).get("params")
+    size = size if isinstance(size, int) else None
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval_") for k in r)]
     timed = [r for r in train if r.get("step", 0) > 1 and "tokens_per_sec" in r] or train

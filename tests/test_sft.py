@@ -152,7 +152,7 @@ def test_sft_run_evaluates_trains_keeps_best_and_exports(pretrained, tmp_path, v
     assert {"eval_exact_match", "eval_score_add", "eval_exact_reverse"} <= set(evals[0])
     assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] - 0.05  # the response loss falls in 6 steps
     config = json.loads((workdir / "config.json").read_text())
-    total, trained = config["run"]["params"]["total"], config["run"]["trainable_params"]
+    total, trained = config["run"]["params"], config["run"]["trainable_params"]
     assert (trained == total) if variant == "full" else (0 < trained < total / 5)
     best = json.loads(
         open(

@@ -40,7 +40,8 @@ def run_point(eval_json: dict) -> dict:
         seen = r["tokens_seen"]
     kind = saved.get("model", {}).get("kind", "transformer")
     steps = saved.get("train", {}).get("steps")
-    params = run.get("params", {}).get("total")
+    params = run.get("params")
+    params = params.get("total") if isinstance(params, dict) else params  # a dict in older workdirs
     name = "NNLM (Bengio et al. 2003)" if kind == "nnlm" else "Transformer"
     return {
         "label": f"{name}, {steps} steps",

@@ -219,8 +219,15 @@ def run(user_config, workdir: str):
         host = jax.device_get(
             {"policy": r.policy.params, "value": value_init(r.reward_params, r.reward_norm)}
         )
-        params = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract.items()}
-        run_info = {**throughput, **r.info, "params": params}
+        counts = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in abstract.items()}
+        total = sum(counts.values())
+        run_info = {
+            **throughput,
+            **r.info,
+            "params": total,
+            "trainable_params": total,
+            "param_counts": counts,
+        }
         trainer.write_run_files(workdir, user_config, r.resolved, run_info, r.policy.tokenizer)
         if jax.process_index() == 0:
             print(

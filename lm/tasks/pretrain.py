@@ -103,7 +103,7 @@ def run(user_config, workdir: str):
     }
     trainer.write_run_files(workdir, user_config, resolved, run_info, tok)
     if jax.process_index() == 0:
-        counts = run_info["params"]
+        counts = run_info["param_counts"]
         print(
             f"model: {counts['total']:,} parameters ({counts['non_embedding']:,} non-embedding); "
             f"data: {data.info.get('source')} {data.train.num_tokens:,} train tokens; "

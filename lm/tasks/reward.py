@@ -224,7 +224,7 @@ def run(user_config, workdir: str):
                 for split in ("train", "eval")
             }
             print(
-                f"reward model from {run_dir}: {run_info['params']['total']:,} parameters; "
+                f"reward model from {run_dir}: {run_info['params']:,} parameters; "
                 f"{config.data.source} comparisons (K={k}): train {counts['train']}, eval {counts['eval']}; "
                 f"mesh {run_info['mesh']}"
             )

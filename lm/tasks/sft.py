@@ -114,7 +114,7 @@ def run(user_config, workdir: str):
                 else "full"
             )
             print(
-                f"SFT from {run_dir}: {run_info['params']['total']:,} parameters, {trainable:,} trained "
+                f"SFT from {run_dir}: {run_info['params']:,} parameters, {trainable:,} trained "
                 f"({how}); {data.info.get('source')} data; mesh {run_info['mesh']}"
             )
 
