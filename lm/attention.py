@@ -36,6 +36,15 @@ def causal_segment_mask(q_segments, k_segments, q_slots, k_slots):
     return causal & same
 
 
+def segment_mask(q_segments, k_segments):
+    """Which keys each query may attend to in an encoder: every key of its own segment.
+
+    q_segments: [batch, q_len], k_segments: [batch, k_len] int32 (0 = padding) -> [batch, q_len,
+    k_len] bool; padding attends to padding only, so no row is empty.
+    """
+    return q_segments[:, :, None] == k_segments[:, None, :]
+
+
 def llama3_inv_freq(
     inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float, original_max_len: int
 ):

@@ -63,6 +63,12 @@ class ModelConfig:
     nnlm_context: int = 5  # nnlm: n - 1, the tokens (the input token and those before it) seen
     nnlm_hidden: int = 256  # nnlm: tanh hidden units
     nnlm_direct: bool = False  # nnlm: direct connections from the embeddings to the logits
+    bidirectional: bool = False  # every token attends to its whole segment (an encoder: BERT)
+    # Parameter-efficient tuning, set by the run (lm.prompt_tuning), not by config.model: learned
+    # key/value prefixes at every layer (Li and Liang 2021) and soft prompt embeddings (Lester et al.
+    # 2021), both visible to every query.
+    prefix_length: int = 0
+    prompt_length: int = 0
 
     def __post_init__(self):
         self._require(self.kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}")
@@ -72,6 +78,8 @@ class ModelConfig:
         for key in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff", "max_seq_len"):
             self._require(getattr(self, key) > 0, key, "must be positive")
         self._require(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0")
+        self._require(self.prefix_length >= 0, "prefix_length", "must be >= 0")
+        self._require(self.prompt_length >= 0, "prompt_length", "must be >= 0")
         self._require(
             self.num_heads % self.kv_heads == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}"
         )
@@ -218,17 +226,21 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions, layer_cache=None, cache_index=None):
+    def __call__(self, x, mask, positions, layer_cache=None, cache_index=None, extra_kv=None):
         """Attends within the sequence, or over the cache after writing this step into it.
 
         Args:
           x: [batch, seq, d_model].
-          mask: [batch, seq, keys] bool; keys = seq, or the cache length with a cache.
+          mask: [batch, seq, extra + keys] bool; keys = seq, or the cache length with a cache;
+            the first `extra` columns are extra_kv's.
           positions: [batch, seq] int32, used by rotary positions.
           layer_cache: None or {'key', 'value': [batch, kv_heads, cache_len, head_dim]}.
           cache_index: [] int32 slot where this step's keys are written.
+          extra_kv: None or (key, value) [batch, kv_heads, extra, head_dim]: keys and values put
+            before the sequence's own (a learned prefix, a soft prompt's).
         Returns:
-          ([batch, seq, d_model], the updated layer cache or None).
+          ([batch, seq, d_model], the updated layer cache or None, this call's own (key, value)
+          [batch, kv_heads, seq, head_dim]).
         """
         cfg = self.config
         b, n, d = x.shape
@@ -243,18 +255,24 @@ class Attention(nn.Module):
         if cfg.positions == "rotary":
             q = attention.rotary(q, positions, cfg.rope_theta, cfg.rope_scaling_params)
             k = attention.rotary(k, positions, cfg.rope_theta, cfg.rope_scaling_params)
-        if layer_cache is None and cfg.attention == "cudnn":
-            return self._project_out(attention.fused_attention(q, k, v, mask), b, n), None
+        causal_only = extra_kv is None and not cfg.bidirectional
+        if layer_cache is None and cfg.attention == "cudnn" and causal_only:
+            own = (attention.heads_first(k), attention.heads_first(v))
+            return self._project_out(attention.fused_attention(q, k, v, mask), b, n), None, own
         k, v = attention.heads_first(k), attention.heads_first(v)  # [batch, kv_heads, seq, hd]
-        if layer_cache is None:
-            new_cache = None
-            out = attention.causal_attention(q, k, v, mask)  # [batch, seq, heads, hd]
-        else:
+        own, new_cache = (k, v), None
+        if layer_cache is not None:
             k = attention.write_cache(layer_cache["key"], k, cache_index, axis=2)  # [b, kvh, cache, hd]
             v = attention.write_cache(layer_cache["value"], v, cache_index, axis=2)
             new_cache = {"key": k, "value": v}
+        if extra_kv is not None:
+            k = jnp.concatenate([extra_kv[0].astype(k.dtype), k], axis=2)  # [b, kvh, extra + keys, hd]
+            v = jnp.concatenate([extra_kv[1].astype(v.dtype), v], axis=2)
+        if layer_cache is None and causal_only:
+            out = attention.causal_attention(q, k, v, mask)  # [batch, seq, heads, hd]
+        else:
             out = attention.dot_product_attention(q, k, v, mask)
-        return self._project_out(out, b, n), new_cache
+        return self._project_out(out, b, n), new_cache, own
 
     def _project_out(self, out, b: int, n: int):
         """[batch, seq, heads, head_dim] -> [batch, seq, d_model] through the 'out' projection."""
@@ -291,19 +309,20 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, mask, positions, layer_cache, cache_index, deterministic):
-        """x: [batch, seq, d_model] -> ([batch, seq, d_model], updated layer cache or None)."""
+    def __call__(self, x, mask, positions, layer_cache, cache_index, deterministic, extra_kv=None):
+        """x: [batch, seq, d_model] -> ([batch, seq, d_model], updated layer cache or None, the
+        attention's own (key, value) [batch, kv_heads, seq, head_dim]); `Attention` for the rest."""
         cfg = self.config
         b, n, d = x.shape
         x = nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED))
         dropout = nn.Dropout(cfg.dropout, deterministic=deterministic)
-        h, new_cache = Attention(cfg, name="attn")(
-            norm_layer(cfg, "ln_attn")(x), mask, positions, layer_cache, cache_index
+        h, new_cache, own = Attention(cfg, name="attn")(
+            norm_layer(cfg, "ln_attn")(x), mask, positions, layer_cache, cache_index, extra_kv
         )
         x = x + dropout(h)
         h = Mlp(cfg, name="mlp")(norm_layer(cfg, "ln_mlp")(x).reshape(b * n, d))
         x = x + dropout(h.reshape(b, n, d))
-        return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED)), new_cache
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, ACT_EMBED)), new_cache, own
 
 
 class LMHead(nn.Module):
@@ -416,6 +435,7 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(slots, (b, n))
         if segment_ids is None:
             segment_ids = jnp.ones((b, n), jnp.int32)
+        positions = positions + cfg.prompt_length  # a soft prompt takes the first positions
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,
@@ -424,16 +444,21 @@ class Transformer(nn.Module):
             param_dtype=cfg.params_dtype,
             name="token_embed",
         )
-        x = embed(tokens)  # [batch, seq, d_model]
+        pos_table = None
         if cfg.positions == "learned":
-            x = x + nn.Embed(
+            pos_table = nn.Embed(
                 cfg.max_seq_len,
                 cfg.d_model,
                 embedding_init=_init(0.02, (POSITIONS, EMBED)),
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.params_dtype,
                 name="pos_embed",
-            )(positions)
+            )
+
+        def pos_embed(x, p):  # x [..., seq, d_model] + learned positions p [..., seq]
+            return x if pos_table is None else x + pos_table(p)
+
+        x = pos_embed(embed(tokens), positions)  # [batch, seq, d_model]
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
 
         if cache is None:
@@ -441,9 +466,16 @@ class Transformer(nn.Module):
         else:
             key_segments = attention.write_cache(cache["segment_ids"], segment_ids, start)
             key_slots = jnp.arange(key_segments.shape[1], dtype=jnp.int32)
-        mask = attention.causal_segment_mask(
-            segment_ids, key_segments, jnp.broadcast_to(slots, (b, n)), key_slots
-        )
+        if cfg.bidirectional:
+            mask = attention.segment_mask(segment_ids, key_segments)
+        else:
+            mask = attention.causal_segment_mask(
+                segment_ids, key_segments, jnp.broadcast_to(slots, (b, n)), key_slots
+            )
+        extra = cfg.prompt_length + cfg.prefix_length
+        if extra:  # every query sees the prompt's and the prefix's keys
+            mask = jnp.concatenate([jnp.ones((b, n, extra), bool), mask], axis=2)
+        prompt, prefix = self._prompt_and_prefix(pos_embed, deterministic)
 
         block = Block
         if cfg.remat != "none":
@@ -451,9 +483,26 @@ class Transformer(nn.Module):
         new_layers = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer = block(cfg, name=f"layers_{i}")(
-                x, mask, positions, layer_cache, start, deterministic
+            layer = block(cfg, name=f"layers_{i}")
+            extra_kv = []
+            if prompt is not None:  # the soft prompt through this layer: its keys and values
+                prompt, _, prompt_kv = layer(
+                    prompt, *self._prompt_mask_positions(), None, start, deterministic
+                )
+                extra_kv.append(prompt_kv)
+            if prefix is not None:
+                extra_kv.append((prefix[0][i][None], prefix[1][i][None]))
+            extra_kv = (
+                tuple(
+                    jnp.concatenate(
+                        [jnp.broadcast_to(kv[j], (b,) + kv[j].shape[1:]) for kv in extra_kv], axis=2
+                    )
+                    for j in (0, 1)
+                )
+                if extra_kv
+                else None
             )
+            x, new_layer, _ = layer(x, mask, positions, layer_cache, start, deterministic, extra_kv)
             new_layers.append(new_layer)
         hidden = norm_layer(cfg, "ln_final")(x)  # [batch, seq, d_model]
         new_cache = (
@@ -474,6 +523,32 @@ class Transformer(nn.Module):
         if head == "all":
             logits = logits.reshape(b, n, cfg.vocab_size)  # [batch, seq, vocab]
         return hidden, logits, new_cache  # 'last': [batch, vocab]
+
+    def _prompt_mask_positions(self):
+        """The soft prompt's causal mask [1, P, P] and positions [1, P] (it comes first)."""
+        p = self.config.prompt_length
+        return jnp.tril(jnp.ones((1, p, p), bool)), jnp.arange(p, dtype=jnp.int32)[None]
+
+    def _prompt_and_prefix(self, pos_embed, deterministic):
+        """(the soft prompt's input [1, prompt_length, d_model] or None, the prefix (key, value)
+        [num_layers, kv_heads, prefix_length, head_dim] or None): parameters 'prompt' [P, d_model]
+        and 'prefix_key', 'prefix_value', where the config asks for them."""
+        cfg = self.config
+        prompt = prefix = None
+        if cfg.prompt_length:
+            table = self.param(
+                "prompt", _init(0.02, (None, EMBED)), (cfg.prompt_length, cfg.d_model), cfg.params_dtype
+            )
+            prompt = pos_embed(table.astype(cfg.compute_dtype)[None], self._prompt_mask_positions()[1])
+            prompt = nn.Dropout(cfg.dropout, deterministic=deterministic)(prompt)
+        if cfg.prefix_length:
+            shape = (cfg.num_layers, cfg.kv_heads, cfg.prefix_length, cfg.head_size)
+            axes = (None, KV_HEADS, None, HEAD_DIM)
+            prefix = tuple(
+                self.param(name, _init(0.02, axes), shape, cfg.params_dtype).astype(cfg.compute_dtype)
+                for name in ("prefix_key", "prefix_value")
+            )
+        return prompt, prefix
 
 
 # The NNLM's embeddings start N(0, 0.1^2): large enough that the tanh layer sees its inputs from the
