@@ -14,7 +14,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     """The sections every task reads: task, seed, model, precision, data, optimizer, schedule, train,
     mesh, axis_rules and logging."""
     c = ml_collections.ConfigDict()
-    c.task = "pretrain"  # pretrain | sft | reward | ppo | grpo | dpo | recipe
+    c.task = "pretrain"  # pretrain | mlm | finetune | sft | reward | ppo | grpo | dpo | recipe
     c.seed = 0
 
     # Model: keys are the fields of lm.model.ModelConfig. Defaults are GPT-2 style.
@@ -49,6 +49,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.nnlm_context = 5  # n - 1: the tokens it conditions on (the input token and those before it)
     c.model.nnlm_hidden = 256  # tanh hidden units
     c.model.nnlm_direct = False  # direct connections from the concatenated embeddings to the logits
+    c.model.bidirectional = False  # True: every token attends to its whole segment (an encoder: mlm)
 
     c.precision = ml_collections.ConfigDict()
     c.precision.param_dtype = "float32"
@@ -128,6 +129,17 @@ def logging_config() -> ml_collections.ConfigDict:
     return c
 
 
+def tokenizer_config() -> ml_collections.ConfigDict:
+    """The tokenizer a run trains (once, cached in the data dir) or loads: pretraining's and mlm's."""
+    c = ml_collections.ConfigDict()
+    c.kind = "sentencepiece"  # sentencepiece | byte
+    c.vocab_size = 4096
+    c.model_type = "bpe"  # bpe | unigram
+    c.split_digits = True
+    c.path = ""  # a trained .model to use instead of training one
+    return c
+
+
 def _template() -> ml_collections.ConfigDict:
     """Chat template of SFT and later stages: user + prompt + assistant, then the response and EOS."""
     t = ml_collections.ConfigDict()
@@ -154,17 +166,24 @@ def pretrain_config() -> ml_collections.ConfigDict:
     c.train.sample_tokens = 64
     c.train.sample_prompt = ""  # '': each sample starts from BOS alone
 
-    c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "sentencepiece"  # sentencepiece | byte
-    c.tokenizer.vocab_size = 4096
-    c.tokenizer.model_type = "bpe"  # bpe | unigram
-    c.tokenizer.split_digits = True
-    c.tokenizer.path = ""  # a trained .model to use instead of training one
+    c.tokenizer = tokenizer_config()
 
     # IsoFLOP members: a FLOP budget sets train.steps, so the schedule ends at the member's own budget.
     c.scaling = ml_collections.ConfigDict()
     c.scaling.budget = 0.0  # training FLOPs; 0: train.steps as set
     c.scaling.flops = "chinchilla"  # how C is counted: chinchilla (with attention) | 6nd | 6n | palm
+    return c
+
+
+def mlm_config() -> ml_collections.ConfigDict:
+    """Masked-LM pretraining (BERT): the base sections with bidirectional attention, the tokenizer,
+    and next-sentence prediction."""
+    c = get_base_config()
+    c.task = "mlm"
+    c.model.bidirectional = True
+    c.tokenizer = tokenizer_config()
+    c.mlm = ml_collections.ConfigDict()
+    c.mlm.nsp = "binary"  # none | binary (next or another document) | three_way (+ same document)
     return c
 
 

@@ -9,6 +9,8 @@ import importlib
 
 TASKS = {
     "pretrain": "lm.tasks.pretrain",
+    "mlm": "lm.tasks.mlm",
+    "finetune": "lm.tasks.finetune",
     "sft": "lm.tasks.sft",
     "reward": "lm.tasks.reward",
     "ppo": "lm.tasks.ppo",
@@ -21,6 +23,9 @@ TASKS = {
 NEXT = {
     "pretrain": "python -m tools.sample --workdir {workdir} --prompt 'def '   (then SFT: python -m "
     "experiments.run --config configs/sft/tasks_tiny.py --config.init_from={workdir} --workdir DIR)",
+    "mlm": "fine-tune it: python -m experiments.run --config configs/finetune/tagging.py "
+    "--config.init_from={workdir} --workdir DIR",
+    "finetune": "",
     "sft": "python -m tools.sample --workdir {workdir} --chat --prompt '...'   (then a reward model: "
     "configs/reward/tasks_tiny.py with --config.init_from={workdir})",
     "reward": "PPO: python -m experiments.run --config configs/ppo/tasks_tiny.py --config.init_from=SFT_DIR "
