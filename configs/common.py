@@ -187,6 +187,18 @@ def mlm_config() -> ml_collections.ConfigDict:
     return c
 
 
+def add_peft_sections(c: ml_collections.ConfigDict) -> None:
+    """Prefix tuning (Li and Liang 2021; per-layer key/value prefixes, P-tuning v2) and prompt
+    tuning (Lester et al. 2021) beside LoRA: length 0 = off; either freezes the base."""
+    c.prefix = ml_collections.ConfigDict()
+    c.prefix.length = 0  # key/value prefix positions at every layer
+    c.prefix.reparam_hidden = 0  # > 0: the prefixes come from an MLP of this width (Li and Liang)
+    c.prefix.lr = 0.0  # > 0: the peak learning rate when length > 0
+    c.prompt_tuning = ml_collections.ConfigDict()
+    c.prompt_tuning.length = 0  # soft prompt embeddings before every sequence
+    c.prompt_tuning.lr = 0.0  # > 0: the peak learning rate when length > 0
+
+
 def sft_config() -> ml_collections.ConfigDict:
     """SFT: init_from, the template, LoRA and the graded evaluation."""
     c = _finetune("sft")
@@ -204,6 +216,8 @@ def sft_config() -> ml_collections.ConfigDict:
     c.lora.quantize = ""  # '' | 'nf4'
     c.lora.double_quant = False  # NF4: 8-bit block scales with a float32 scale per 256 blocks
     c.lora.lr = 0.0  # > 0: the peak learning rate when rank > 0 (adapters take larger steps)
+
+    add_peft_sections(c)
 
     c.sft = ml_collections.ConfigDict()
     c.sft.reinit = False  # architecture and tokenizer from init_from, parameters random

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lm.model import Linear, ModelConfig, Transformer
-from lm.sharding import EMBED
+from lm.sharding import EMBED, VOCAB
 
 HEADS = ("classify", "tag", "span")
 
@@ -33,8 +33,8 @@ def _pooled(cfg: ModelConfig, hidden, segment_ids):
 class MaskedLM(nn.Module):
     """BERT's pretraining heads on a (bidirectional) Transformer 'lm' with tied embeddings.
 
-    Params: {'lm': Transformer params, 'pooler': [d, d] tanh layer, 'nsp': [d, nsp_classes]}
-    (the last two only when nsp_classes > 1).
+    Params: {'lm': Transformer params, 'bias': [vocab] of the masked-LM logits, 'pooler': [d, d]
+    tanh layer, 'nsp': [d, nsp_classes]} (the last two only when nsp_classes > 1).
     """
 
     config: ModelConfig
@@ -61,6 +61,11 @@ class MaskedLM(nn.Module):
         mlm_logits = jnp.einsum(
             "bpd,vd->bpv", picked, table.astype(cfg.compute_dtype), preferred_element_type=jnp.float32
         )
+        # BERT's output bias: it learns the token frequencies at once (named so no decay applies).
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (VOCAB,)), (cfg.vocab_size,)
+        )
+        mlm_logits = mlm_logits + bias.astype(jnp.float32)
         if self.nsp_classes <= 1:
             return mlm_logits, None
         d = cfg.d_model

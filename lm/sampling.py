@@ -179,10 +179,11 @@ def left_pad(prompts, pad_id: int, config: ModelConfig, max_new_tokens: int):
     if (
         config.kind == "transformer"
         and config.positions == "learned"
-        and lengths.max() + max_new_tokens > config.max_seq_len
+        and config.prompt_length + lengths.max() + max_new_tokens > config.max_seq_len
     ):
+        soft = f"a soft prompt ({config.prompt_length}) + " if config.prompt_length else ""
         raise ConfigError(
-            f"config.model.max_seq_len={config.max_seq_len} is less than the longest "
+            f"config.model.max_seq_len={config.max_seq_len} is less than {soft}the longest "
             f"prompt ({lengths.max()}) + max_new_tokens ({max_new_tokens}) "
             "that learned positions must cover"
         )
