@@ -187,6 +187,20 @@ def mlm_config() -> ml_collections.ConfigDict:
     return c
 
 
+def finetune_config() -> ml_collections.ConfigDict:
+    """Downstream fine-tuning (lm.tasks.finetune): init_from, the downstream task, and the suite's
+    size (data.num_train, data.num_eval: examples at most, 0 all)."""
+    c = get_base_config()
+    c.task = "finetune"
+    c.init_from = ""  # an mlm, pretrain or later workdir (its architecture and tokenizer)
+    c.data.num_train = 0
+    c.data.num_eval = 0
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.task = "tagging"  # tagging | package | pair | span (lm.data.downstream)
+    c.finetune.reinit = False  # True: the architecture and tokenizer of init_from, parameters random
+    return c
+
+
 def add_peft_sections(c: ml_collections.ConfigDict) -> None:
     """Prefix tuning (Li and Liang 2021; per-layer key/value prefixes, P-tuning v2) and prompt
     tuning (Lester et al. 2021) beside LoRA: length 0 = off; either freezes the base."""
