@@ -204,7 +204,10 @@ def _span_examples(path, source, tree, tokenizer, token_bytes, seq_len, special)
     first one's line, from its value on, is the copy-first-span baseline."""
     out = []
     line_starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
-    char = lambda row, col: int(line_starts[row - 1]) + col  # noqa: E731 (ast columns are UTF-8 bytes)
+
+    def char(row: int, col: int) -> int:  # ast's columns count UTF-8 bytes: equal to characters in ASCII
+        return int(line_starts[row - 1]) + col
+
     for index, node in enumerate(
         n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
     ):
@@ -220,7 +223,8 @@ def _span_examples(path, source, tree, tokenizer, token_bytes, seq_len, special)
             char(last.end_lineno, last.end_col_offset) - start,
         )
         first_start = char(first.lineno, first.col_offset) - start
-        baseline = (first_start, text.find("\n", first_start) % (len(text) + 1))
+        line_end = text.find("\n", first_start)
+        baseline = (first_start, len(text) if line_end < 0 else line_end)
         ids = tokenizer.encode(text)
         spans = piece_spans(text, ids, token_bytes)
         if spans is None or len(ids) > seq_len - 2:
