@@ -1,6 +1,8 @@
 """Encoders: BERT's masking rule, NSP pairs, bidirectional attention, the masked-LM loss, downstream
 heads and labels."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +170,34 @@ def test_span_examples_point_at_the_last_return_value():
     assert tok.decode(example["tokens"][start : end + 1]) == "g(a)"
     b0, b1 = example["baseline"]
     assert tok.decode(example["tokens"][b0 : b1 + 1]) == "a + 1"
+
+
+@pytest.mark.slow
+def test_mlm_then_finetune_runs(tmp_path):
+    """The smoke chain: an encoder with NSP, then each downstream head from it."""
+    from conftest import ONE_DEVICE, run_module
+
+    mlm_dir = tmp_path / "mlm"
+    result = run_module(
+        "-m", "experiments.run", "--config=configs/mlm/tiny.py:smoke", f"--workdir={mlm_dir}", env=ONE_DEVICE
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in open(mlm_dir / "metrics.jsonl")]
+    assert {"eval_mlm_loss", "eval_mlm_accuracy", "eval_nsp_accuracy"} <= set(records[-1])
+    run = json.load(open(mlm_dir / "config.json"))["run"]
+    assert run["trainable_params"] == run["params"] > 0
+    for task in ("tagging", "span"):
+        workdir = tmp_path / task
+        result = run_module(
+            "-m",
+            "experiments.run",
+            f"--config=configs/finetune/{task}.py:smoke",
+            f"--config.init_from={mlm_dir}",
+            f"--workdir={workdir}",
+            env=ONE_DEVICE,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        last = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+        baseline = "eval_copy_first_span_accuracy" if task == "span" else "eval_majority_accuracy"
+        assert {"eval_loss", "eval_accuracy", baseline} <= set(last)
+        assert (workdir / "best").is_dir()
