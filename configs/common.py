@@ -50,6 +50,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.nnlm_hidden = 256  # tanh hidden units
     c.model.nnlm_direct = False  # direct connections from the concatenated embeddings to the logits
     c.model.bidirectional = False  # True: every token attends to its whole segment (an encoder: mlm)
+    c.model.type_vocab_size = 0  # > 0: token-type embeddings, 1 after a row's first [SEP] (mlm: 2)
 
     c.precision = ml_collections.ConfigDict()
     c.precision.param_dtype = "float32"
@@ -181,6 +182,7 @@ def mlm_config() -> ml_collections.ConfigDict:
     c = get_base_config()
     c.task = "mlm"
     c.model.bidirectional = True
+    c.model.type_vocab_size = 2  # BERT's segment embeddings: A (through the first [SEP]) and B
     c.tokenizer = tokenizer_config()
     c.mlm = ml_collections.ConfigDict()
     c.mlm.nsp = "binary"  # none | binary (next or another document) | three_way (+ same document)

@@ -21,6 +21,13 @@ from lm.sharding import EMBED, VOCAB
 HEADS = ("classify", "tag", "span")
 
 
+def token_types(tokens, sep_id: int):
+    """BERT's segment of each token: tokens [batch, seq] -> [batch, seq] int32, 0 through the first
+    [SEP] (`sep_id`), 1 after it."""
+    is_sep = (tokens == sep_id).astype(jnp.int32)
+    return (jnp.cumsum(is_sep, axis=1) - is_sep > 0).astype(jnp.int32)
+
+
 def _pooled(cfg: ModelConfig, hidden, segment_ids):
     """The row's summary [batch, d_model]: the first column when bidirectional, else the last
     token of segment > 0 (a causal model's only token that has seen the whole row)."""
@@ -39,6 +46,7 @@ class MaskedLM(nn.Module):
 
     config: ModelConfig
     nsp_classes: int = 2  # 1 or 0: no NSP head
+    sep_id: int = 2  # [SEP]: token types (with config.type_vocab_size) switch to 1 after the first
 
     @nn.compact
     def __call__(self, tokens, mlm_positions, *, positions=None, segment_ids=None, deterministic=True):
@@ -53,7 +61,13 @@ class MaskedLM(nn.Module):
         """
         cfg = self.config
         lm = Transformer(cfg, name="lm")
-        hidden = lm.hidden(tokens, positions=positions, segment_ids=segment_ids, deterministic=deterministic)
+        hidden = lm.hidden(
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            deterministic=deterministic,
+            token_types=token_types(tokens, self.sep_id),
+        )
         picked = jnp.take_along_axis(
             hidden, mlm_positions[..., None].astype(jnp.int32), axis=1
         )  # [b, picks, d]
@@ -80,6 +94,7 @@ class DownstreamModel(nn.Module):
     config: ModelConfig
     head: str  # one of HEADS
     num_labels: int = 2  # classify and tag; span has 2 outputs (start, end)
+    sep_id: int = 2  # as MaskedLM's
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
@@ -90,7 +105,11 @@ class DownstreamModel(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, n), jnp.int32)
         hidden = Transformer(cfg, name="lm").hidden(
-            tokens, positions=positions, segment_ids=segment_ids, deterministic=deterministic
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            deterministic=deterministic,
+            token_types=token_types(tokens, self.sep_id),
         )
         outputs = 2 if self.head == "span" else self.num_labels
         head = Linear(

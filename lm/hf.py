@@ -185,6 +185,10 @@ def family_of(cfg: ModelConfig) -> str:
             )
 
     need(cfg.kind == "transformer", "kind", "every family is a transformer")
+    need(not cfg.bidirectional, "bidirectional", "every family is a causal decoder")
+    need(cfg.type_vocab_size == 0, "type_vocab_size", "no family has token-type embeddings")
+    need(cfg.prefix_length == 0, "prefix_length", "no family has learned prefixes")
+    need(cfg.prompt_length == 0, "prompt_length", "no family has a soft prompt")
     if cfg.positions == "learned":
         need(cfg.norm == "layernorm", "norm", "learned positions go with layernorm in gpt2")
         need(cfg.mlp == "gelu", "mlp", "learned positions go with gelu in gpt2")

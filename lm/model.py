@@ -64,6 +64,7 @@ class ModelConfig:
     nnlm_hidden: int = 256  # nnlm: tanh hidden units
     nnlm_direct: bool = False  # nnlm: direct connections from the embeddings to the logits
     bidirectional: bool = False  # every token attends to its whole segment (an encoder: BERT)
+    type_vocab_size: int = 0  # > 0: BERT's token-type (segment A/B) embeddings, 'type_embed'
     # Parameter-efficient tuning, set by the run (lm.prompt_tuning), not by config.model: learned
     # key/value prefixes at every layer (Li and Liang 2021) and soft prompt embeddings (Lester et al.
     # 2021), both visible to every query.
@@ -79,6 +80,7 @@ class ModelConfig:
             self._require(getattr(self, key) > 0, key, "must be positive")
         self._require(self.num_kv_heads >= 0, "num_kv_heads", "must be >= 0")
         self._require(self.prefix_length >= 0, "prefix_length", "must be >= 0")
+        self._require(self.type_vocab_size >= 0, "type_vocab_size", "must be >= 0")
         self._require(self.prompt_length >= 0, "prompt_length", "must be >= 0")
         self._require(
             self.num_heads % self.kv_heads == 0, "num_kv_heads", f"must divide num_heads={self.num_heads}"
@@ -378,10 +380,11 @@ class Transformer(nn.Module):
         _, logits, _ = self._forward(tokens, positions, segment_ids, deterministic, None, "last")
         return logits
 
-    def hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
+    def hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True, token_types=None):
         """Final-normed hidden states: tokens [batch, seq] -> [batch, seq, d_model] in the compute
-        dtype. No output projection: an untied model makes no `lm_head` parameter here."""
-        hidden, _, _ = self._forward(tokens, positions, segment_ids, deterministic, None, None)
+        dtype. No output projection: an untied model makes no `lm_head` parameter here.
+        token_types: [batch, seq] int32 (< type_vocab_size; default 0), with type_vocab_size > 0."""
+        hidden, _, _ = self._forward(tokens, positions, segment_ids, deterministic, None, None, token_types)
         return hidden
 
     def logits_and_hidden(self, tokens, *, positions=None, segment_ids=None, deterministic=True):
@@ -412,7 +415,7 @@ class Transformer(nn.Module):
         return logits, new_cache
 
     @nn.compact
-    def _forward(self, tokens, positions, segment_ids, deterministic, cache, head):
+    def _forward(self, tokens, positions, segment_ids, deterministic, cache, head, token_types=None):
         """The forward pass that every public method runs.
 
         Args:
@@ -459,6 +462,16 @@ class Transformer(nn.Module):
             return x if pos_table is None else x + pos_table(p)
 
         x = pos_embed(embed(tokens), positions)  # [batch, seq, d_model]
+        if cfg.type_vocab_size:
+            types = jnp.zeros((b, n), jnp.int32) if token_types is None else token_types
+            x = x + nn.Embed(
+                cfg.type_vocab_size,
+                cfg.d_model,
+                embedding_init=_init(0.02, (None, EMBED)),
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                name="type_embed",
+            )(types)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
 
         if cache is None:

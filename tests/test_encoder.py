@@ -201,3 +201,10 @@ def test_mlm_then_finetune_runs(tmp_path):
         baseline = "eval_copy_first_span_accuracy" if task == "span" else "eval_majority_accuracy"
         assert {"eval_loss", "eval_accuracy", baseline} <= set(last)
         assert (workdir / "best").is_dir()
+
+
+def test_token_types_switch_after_the_first_sep():
+    from lm.heads import token_types
+
+    tokens = jnp.asarray([[1, 5, 2, 6, 7, 2, 0], [1, 5, 6, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(token_types(tokens, 2), [[0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1]])

@@ -104,10 +104,11 @@ def test_cached_decoding_matches_the_full_forward(kind):
     cfg = CFG.replace(**PEFTS[kind].model_fields())
     model = Transformer(cfg)
     tokens = jnp.asarray(np.random.default_rng(1).integers(3, 259, (2, 10)), jnp.int32)
-    params = model.init(jax.random.PRNGKey(0), tokens)
-    full = model.apply(params, tokens)
-    _, cache = model.apply(params, tokens[:, :7], init_cache(cfg, 2, 12), method="prefill")
-    step, _ = model.apply(params, tokens[:, 7:8], cache, method="extend")
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), tokens)
+    apply = jax.jit(model.apply, static_argnames="method")
+    full = apply(params, tokens)
+    _, cache = apply(params, tokens[:, :7], init_cache(cfg, 2, 12), method="prefill")
+    step, _ = apply(params, tokens[:, 7:8], cache, method="extend")
     np.testing.assert_allclose(np.asarray(step[:, 0]), np.asarray(full[:, 7]), atol=1e-5)
 
 

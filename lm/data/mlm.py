@@ -1,11 +1,10 @@
 """Masked-LM and next-sentence-prediction rows (Devlin et al. 2019, BERT) from documents of lines.
 
 A document is a file of the corpus and its sentences are its non-blank lines, each tokenized on its
-own (`LineCorpus`, cached under the data dir). A row is `[CLS] A [SEP]` in its first half and
-`B [SEP]` from its middle column on, padding after each (so every token's position tells its
-segment, the role of BERT's segment embeddings), with [CLS] the tokenizer's BOS, [SEP] its EOS and
-[MASK] one id past its vocabulary (`special_ids`). A holds whole consecutive lines of a document;
-B, by the NSP label:
+own (`LineCorpus`, cached under the data dir). A row is `[CLS] A [SEP] B [SEP]` then padding,
+with [CLS] the tokenizer's BOS, [SEP] its EOS and [MASK] one id past its vocabulary
+(`special_ids`). A holds whole consecutive lines of a document (up to half the row); B, by the
+NSP label:
   binary:    0 the lines that follow A; 1 lines of another document.
   three_way: 0 the lines that follow A; 1 other lines of A's document (never A's next line nor A
              itself); 2 lines of another document.
@@ -147,9 +146,9 @@ def _take_lines(lines: list[np.ndarray], budget: int) -> list[int]:
     return out
 
 
-def nsp_pair(corpus: LineCorpus, rng: np.random.Generator, kind: str, budget: int, b_budget: int = 0) -> dict:
+def nsp_pair(corpus: LineCorpus, rng: np.random.Generator, kind: str, budget: int) -> dict:
     """One (A, B) pair and its label (see the module docstring): A of at most `budget` tokens
-    (kind 'none') or half of it, B of at most b_budget (0: what A leaves of `budget`).
+    (kind 'none') or half of it, B of what A leaves.
 
     Returns {'a', 'b': lists of ids, 'label': int, 'a_lines', 'b_lines': (doc, first, end) line
     ranges they were taken from (end exclusive; the last line may be cut short)}.
@@ -176,7 +175,7 @@ def nsp_pair(corpus: LineCorpus, rng: np.random.Generator, kind: str, budget: in
         choices = list(range(0, first)) + list(range(end + 1, n))
         b_doc, b_first = doc, int(choices[rng.integers(len(choices))])
     b_lines = corpus.lines(b_doc, b_first, corpus.num_lines(b_doc))
-    b = _take_lines(b_lines, b_budget or budget - len(a))
+    b = _take_lines(b_lines, budget - len(a))
     b_end = b_first + _lines_used(b_lines, len(b))
     return {"a": a, "b": b, "label": label, "a_lines": (doc, first, end), "b_lines": (b_doc, b_first, b_end)}
 
@@ -229,16 +228,10 @@ def mlm_row(
     """One row: {'inputs', 'positions', 'segment_ids': [seq] int32 (segment 1, padding 0),
     'mlm_positions', 'mlm_targets': [max_predictions] int32, 'mlm_weights': [max_predictions]
     float32, 'nsp_labels': [1] int32} (every array of a batch is sharded over its first axis)."""
-    half = seq_len // 2
-    if kind == "none":
-        pair = nsp_pair(corpus, rng, kind, seq_len - 2)
-    else:
-        pair = nsp_pair(corpus, rng, kind, 2 * (half - 2), seq_len - half - 1)
+    pair = nsp_pair(corpus, rng, kind, seq_len - (2 if kind == "none" else 3))
+    ids = [special.cls] + pair["a"] + [special.sep] + (pair["b"] + [special.sep] if kind != "none" else [])
     tokens = np.full([seq_len], special.pad, np.int32)
-    a = [special.cls] + pair["a"] + [special.sep]
-    tokens[: len(a)] = a
-    if kind != "none":
-        tokens[half : half + len(pair["b"]) + 1] = pair["b"] + [special.sep]
+    tokens[: len(ids)] = ids
     inputs, positions, targets, weights = mask_tokens(tokens, special, rng, max_predictions(seq_len))
     return {
         "inputs": inputs,

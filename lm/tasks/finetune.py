@@ -135,13 +135,13 @@ def eval_fn(model, batches, baseline: dict):
     return evaluate
 
 
-def pretrained_lm(config, saved: dict, model_cfg, s):
+def pretrained_lm(config, saved: dict, model_cfg, s, tok_sep: int):
     """The 'lm' parameters of the init_from run, restored sharded like `s`'s (an mlm run's
     encoder, or a causal LM's whole model)."""
     if saved.get("task") == "mlm":
         nsp = saved["mlm"]["nsp"]
         seq_len = saved["train"]["seq_len"]
-        saved_model = MaskedLM(model_cfg, mlm_data.NSP_CLASSES[nsp] if nsp != "none" else 0)
+        saved_model = MaskedLM(model_cfg, mlm_data.NSP_CLASSES[nsp] if nsp != "none" else 0, tok_sep)
         init = trainer.zeros_init(saved_model, (1, seq_len), (1, mlm_data.max_predictions(seq_len)))
         return checkpoint.restore_params(config.init_from, trainer.abstract_params(init, s))["lm"]
     from lm.model import Transformer
@@ -174,7 +174,7 @@ def run(user_config, workdir: str):
     )
     model_cfg = trainer.model_config(config, tok.vocab_size)
     trainer.check_model_layout(model_cfg, s.mesh)
-    model = DownstreamModel(model_cfg, downstream.HEAD[task], max(len(suite.label_names), 2))
+    model = DownstreamModel(model_cfg, downstream.HEAD[task], max(len(suite.label_names), 2), tok.eos_id)
     tx, schedule = trainer.optimizer(config)
     run_info = trainer.throughput_info(config, model_cfg, s.mesh)
     run_info.update(
@@ -206,7 +206,7 @@ def run(user_config, workdir: str):
     with s.scope():
         start_params = None
         if not config.finetune.reinit:
-            lm_params = functools.cache(lambda: pretrained_lm(config, saved, model_cfg, s))
+            lm_params = functools.cache(lambda: pretrained_lm(config, saved, model_cfg, s, tok.eos_id))
             start_params = lambda params: {**params, "lm": lm_params()}  # noqa: E731
         task_ = trainer.Task(
             init_params=trainer.zeros_init(model, (1, seq_len)),

@@ -107,7 +107,7 @@ def run(user_config, workdir: str):
     resolved = {"model": {"vocab_size": model_cfg.vocab_size}}
     config = trainer.resolve(user_config, resolved)
     nsp = config.mlm.nsp
-    model = MaskedLM(model_cfg, mlm_data.NSP_CLASSES[nsp] if nsp != "none" else 0)
+    model = MaskedLM(model_cfg, mlm_data.NSP_CLASSES[nsp] if nsp != "none" else 0, special.sep)
     seq_len, batch_size = config.train.seq_len, config.train.global_batch_size
     tx, schedule = trainer.optimizer(config)
     run_info = {
