@@ -19,15 +19,15 @@ def get_config(arg=None, task="tagging"):
     c.finetune.task = task
     c.data.num_train = 4000
     c.data.num_eval = 500
-    c.optimizer.lr = 5e-4
+    c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.01
     c.schedule.warmup_fraction = 0.1
-    c.train.steps = 200
+    c.train.steps = 400
     c.train.global_batch_size = 32
     c.train.seq_len = 128
     c.train.log_every = 10
-    c.train.eval_every = 100
-    c.train.checkpoint_every = 100
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
     if a.smoke:  # from a configs/mlm/tiny.py:smoke run: bytes, 64 positions
         c.data.num_train, c.data.num_eval = 64, 32
         c.train.steps, c.train.eval_every, c.train.checkpoint_every = 4, 2, 2

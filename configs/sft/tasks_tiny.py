@@ -2,7 +2,7 @@
 
   python -m experiments.run --config configs/pretrain/tiny.py --workdir runs/tiny
   python -m experiments.run --config configs/sft/tasks_tiny.py --workdir runs/sft_tiny \
-      --config.init_from=runs/tiny [--config.lora.rank=8]
+      --config.init_from=runs/tiny [--config.lora.rank=8 | --config.prefix.length=16]
 
 Evaluates before the first step and every eval_every steps: held-out loss and the graded score of
 greedy answers to held-out prompts (eval_grader_score, eval_exact_match, per task).
@@ -24,6 +24,8 @@ def get_config(arg=None):
     # and adapters inside the blocks cannot move them (rank 8 on attention alone: 0.10 at 400 steps;
     # with the embeddings trained too: 0.23).
     c.lora.modules_to_save = ("token_embed", "pos_embed", "ln_final")
+    c.prefix.lr = 1e-2  # with --config.prefix.length > 0 (docs/ENCODERS.md)
+    c.prompt_tuning.lr = 1e-2  # with --config.prompt_tuning.length > 0
     c.optimizer.weight_decay = 0.0
     c.schedule.warmup_fraction = 0.05
     c.train.steps = 800
