@@ -1,5 +1,6 @@
 """Scaling-law fits: each approach recovers a known law; Approach 3 matches scipy and reproduces
-Epoch AI's refit of Chinchilla; bootstrap intervals cover the truth; the CLI fails cleanly."""
+Epoch AI's refit of Chinchilla; variable projection reaches the L-BFGS grid's optimum; bootstrap
+intervals cover the truth; the CLI fails cleanly."""
 
 import json
 import os
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm.errors import DataError
-from lm.scaling import bootstrap, chinchilla, kaplan, results, tables
+from lm.scaling import bootstrap, chinchilla, kaplan, results, tables, varpro
 from tools import fit_scaling
 
 TRUTH = {"E": 1.9, "A": 500.0, "B": 1500.0, "alpha": 0.35, "beta": 0.32}
@@ -68,6 +69,73 @@ def test_vectorised_lbfgs_matches_the_scipy_loop(grid_data):
     ref = chinchilla.fit_approach3_scipy(*grid_data, starts=starts)
     assert ours.objective == pytest.approx(ref.objective, rel=1e-6)
     np.testing.assert_allclose(ours.theta, ref.theta, rtol=2e-3, atol=2e-3)
+
+
+def test_nnls3_matches_scipy_nnls():
+    from scipy import optimize
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        M = rng.normal(size=(12, 3)) * [1.0, 10.0, 0.1]
+        L = rng.normal(size=12)
+        (u,), _ = varpro.nnls3((M.T @ M)[None], (M.T @ L)[None])
+        ref, _ = optimize.nnls(M, L)
+        np.testing.assert_allclose(u, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_varpro_hessian_matches_the_gradient(grid_data, grid_fit):
+    N, D, loss = grid_data
+    logs = np.log(N), np.log(D), np.log(loss)
+    for theta in (grid_fit.theta + [0.3, -0.2, 0.05, 0.02, -0.01], np.array([5.0, 8.0, 0.5, 0.5, 0.4])):
+        value, grad, hess = varpro.value_grad_hess(theta, *logs)
+        ref, ref_grad = chinchilla.huber_value_and_grad(theta[None], 1.0, *logs, xp=np)
+        assert value == pytest.approx(ref[0], rel=1e-12)
+        np.testing.assert_allclose(grad, ref_grad[0], rtol=1e-10)
+        eps = 1e-6 * np.eye(5)
+        grad_at = lambda t: chinchilla.huber_value_and_grad(t[None], 1.0, *logs, xp=np)[1][0]
+        numeric = np.stack([(grad_at(theta + e) - grad_at(theta - e)) / 2e-6 for e in eps])
+        np.testing.assert_allclose(hess, numeric, rtol=1e-5, atol=1e-9 * np.abs(hess).max())
+
+
+def test_varpro_recovers_the_law_as_the_grid_does(grid_data, grid_fit):
+    fit = varpro.fit_approach3_varpro(*grid_data)
+    assert abs(fit.E - 1.9) < 0.03
+    assert abs(fit.alpha - 0.35) < 0.02 and abs(fit.beta - 0.32) < 0.02
+    assert fit.objective == pytest.approx(grid_fit.objective, rel=1e-8)
+    np.testing.assert_allclose(fit.theta, grid_fit.theta, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def epoch_points():
+    """N, D, loss [240]: Epoch's points less the 5 highest losses, read as the CLI reads them."""
+    if not os.path.exists(EPOCH_CSV):
+        pytest.skip("shared/data/chinchilla_epoch_svg_extracted_data.csv is not present")
+    table = results.read_table(EPOCH_CSV)
+    N, D, _, loss = results.fit_inputs(table, "Model Size", "loss", None, "Training FLOP")
+    keep = results.without_highest(loss, 5)
+    return N[keep], D[keep], loss[keep]
+
+
+def test_varpro_reaches_the_grid_optimum_on_epoch_data(epoch_points):
+    grid = chinchilla.fit_approach3(*epoch_points)
+    fit = varpro.fit_approach3_varpro(*epoch_points)
+    assert fit.objective == pytest.approx(grid.objective, rel=1e-8)
+    np.testing.assert_allclose(fit.theta, grid.theta, rtol=1e-4)
+    with np.errstate(all="ignore"):
+        ours = chinchilla.huber_value_and_grad(fit.theta[None], 1.0, *np.log(epoch_points), xp=np)[0][0]
+    assert ours == pytest.approx(fit.objective, rel=1e-14)  # the objective is the grid's function
+
+
+def test_cli_solver_varpro_on_epoch_data(epoch_points, capsys):
+    args = [EPOCH_CSV, "--n_col", "Model Size", "--c_col", "Training FLOP", "--loss_col", "loss"]
+    rc = fit_scaling.main(args + ["--drop_highest", "5", "--solver", "varpro", "--format", "json"])
+    assert rc == 0
+    p = json.loads(capsys.readouterr().out)["params"]
+    for name, ours in {"E": 1.8172, "alpha": 0.3473, "beta": 0.3672, "A": 477.8, "B": 2143}.items():
+        assert p[name] == pytest.approx(ours, rel=5e-4), name
+    assert fit_scaling.main(args + ["--approach", "2", "--solver", "varpro"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["error: --solver applies to --approach 3 only; got --approach 2"]
 
 
 def test_bootstrap_intervals_cover_the_truth(grid_data, grid_fit):

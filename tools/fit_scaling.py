@@ -1,7 +1,7 @@
 """Fit compute-optimal scaling laws (Hoffmann et al. 2022, Approaches 1-3) to a CSV of runs.
 
-python -m tools.fit_scaling RESULTS.csv --approach 1|2|3 [--bootstrap 1000] [--budgets 1e21,1e23]
-    [--drop_highest K] [--format markdown|latex|json] [--plot out.png]
+python -m tools.fit_scaling RESULTS.csv --approach 1|2|3 [--solver lbfgs|varpro] [--bootstrap 1000]
+    [--budgets 1e21,1e23] [--drop_highest K] [--format markdown|latex|json] [--plot out.png]
     [--n_col N] [--d_col D] [--c_col C] [--loss_col eval_loss] [--budget_col budget]
 
 The defaults read a sweep's results.csv: completed rows only, N = total parameters (Chinchilla's
@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 from lm.errors import UserError
-from lm.scaling import bootstrap, chinchilla, results, tables
+from lm.scaling import bootstrap, chinchilla, results, tables, varpro
 
 
 def parse_budgets(text: str | None) -> list[float] | None:
@@ -105,8 +105,8 @@ def run_approach2(args, N, D, C, loss, budget, budgets):
 
 
 def run_approach3(args, N, D, loss, budgets):
-    """Approach 3 on points [n]: (fit, quantities, vectorised bootstrap samples)."""
-    fit = chinchilla.fit_approach3(N, D, loss)
+    """Approach 3 on points [n] by `args.solver`: (fit, quantities, vectorised bootstrap samples)."""
+    fit = SOLVERS[args.solver or "lbfgs"](N, D, loss)
     samples = (
         bootstrap.bootstrap_approach3(N, D, loss, fit, budgets, args.bootstrap, args.seed)
         if args.bootstrap
@@ -115,6 +115,7 @@ def run_approach3(args, N, D, loss, budgets):
     return fit, chinchilla.approach3_quantities(fit.E, fit.A, fit.B, fit.alpha, fit.beta, budgets), samples
 
 
+SOLVERS = {"lbfgs": chinchilla.fit_approach3, "varpro": varpro.fit_approach3_varpro}
 PARAMS = {1: ("k_N", "a", "k_D", "b"), 2: ("k_N", "a", "k_D", "b"), 3: ("E", "A", "B", "alpha", "beta")}
 
 
@@ -122,6 +123,8 @@ def fit_and_render(args) -> str:
     """Runs the fit `args` ask for; returns the text to print (and writes the plot)."""
     if args.bootstrap < 0 or not 0 < args.level < 1:
         raise UserError("--bootstrap must be >= 0 and --level in (0, 1)")
+    if args.solver and args.approach != 3:
+        raise UserError(f"--solver applies to --approach 3 only; got --approach {args.approach}")
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise UserError(f"--plot {args.plot}: no such directory")
     budgets = parse_budgets(args.budgets)
@@ -250,6 +253,13 @@ def main(argv=None) -> int:
         default=3,
         help="1: min-loss envelope of the training curves; 2: IsoFLOP parabolas; "
         "3: parametric L(N, D) (default)",
+    )
+    p.add_argument(
+        "--solver",
+        choices=sorted(SOLVERS),
+        default=None,
+        help="Approach 3: lbfgs, L-BFGS from Epoch's 4,500-start grid (default); varpro, variable "
+        "projection over (alpha, beta)",
     )
     p.add_argument("--bootstrap", type=int, default=0, help="resamples for confidence intervals (0: none)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the intervals")
