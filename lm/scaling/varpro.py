@@ -209,10 +209,10 @@ def fit_approach3_varpro(
     alphas, betas = np.asarray(alphas, np.float64), np.asarray(betas, np.float64)
     with np.errstate(all="ignore"):
         _, rss = nnls_profile(log_n, log_d, loss, alphas, betas)
+        phi = lambda v: profile(v, log_n, log_d, loss, delta)
         thetas, values = [], []
         for i, j in grid_minima(rss, starts):
-            fun = lambda v: profile(v, log_n, log_d, loss, delta)
-            exponents, value, *_ = newton(fun, [alphas[i], betas[j]])
+            exponents, value, *_ = newton(phi, [alphas[i], betas[j]])
             thetas.append(solve_inner(exponents, log_n, log_d, loss, delta)[0])
             values.append(value)
     if not thetas:
