@@ -42,7 +42,9 @@ def run_point(eval_json: dict) -> dict:
     steps = saved.get("train", {}).get("steps")
     params = run.get("params")
     params = params.get("total") if isinstance(params, dict) else params  # a dict in older workdirs
-    name = "NNLM (Bengio et al. 2003)" if kind == "nnlm" else "Transformer"
+    model = saved.get("model", {})
+    shape = f"{model.get('num_layers')} x {model.get('d_model')}"
+    name = "NNLM (Bengio et al. 2003)" if kind == "nnlm" else f"Transformer {shape}"
     return {
         "label": f"{name}, {steps} steps",
         "bits_per_byte": eval_json["bits_per_byte"],
@@ -93,14 +95,17 @@ def figure(points: list[dict], lines: list[tuple[str, float]], kshots: list[dict
         (axes[0], "flops", "training FLOPs"),
         (axes[1], "train_seconds", "training seconds (2 CPU cores)"),
     ):
-        for kind, marker in (("transformer", "o"), ("nnlm", "s")):
-            mine = sorted((p for p in points if p["kind"] == kind and p[key]), key=lambda p: p[key])
+        series = dict.fromkeys(p["label"].split(",")[0] for p in points)  # one line per model shape
+        for name in series:
+            mine = sorted(
+                (p for p in points if p["label"].startswith(name + ",") and p[key]), key=lambda p: p[key]
+            )
             if mine:
                 ax.plot(
                     [p[key] for p in mine],
                     [p["bits_per_byte"] for p in mine],
-                    marker=marker,
-                    label=mine[0]["label"].split(",")[0],
+                    marker="s" if mine[0]["kind"] == "nnlm" else "o",
+                    label=name,
                 )
         for i, (label, bpb) in enumerate(lines):
             ax.axhline(bpb, color=colors[(i + 2) % len(colors)], linestyle="--", linewidth=1, label=label)
