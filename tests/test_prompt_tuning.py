@@ -8,22 +8,14 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common
 from lm import lora, prompt_tuning, sharding
 from lm.model import ModelConfig, Transformer, init_cache
 from lm.tasks import sft
 from lm.train_state import init_state, jit_train_step
 
 CFG = ModelConfig(vocab_size=264, num_layers=2, num_heads=4, d_model=32, d_ff=64, max_seq_len=64)
-RULES = sharding.axis_rules(
-    [
-        ("batch", ("data", "fsdp")),
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv_heads", "tensor"),
-        ("vocab", "tensor"),
-    ]
-)
+RULES = sharding.axis_rules(common.get_base_config().axis_rules)
 PEFTS = {
     "prefix": prompt_tuning.PeftConfig(prefix_length=4),
     "reparam": prompt_tuning.PeftConfig(prefix_length=4, reparam_hidden=8),
