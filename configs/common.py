@@ -256,7 +256,7 @@ def reward_config() -> ml_collections.ConfigDict:
     c.reward.label_noise = 0.0  # probability that a train prompt's ranking is reversed
     c.reward.margin = 0.0  # subtracted from every score difference in the loss (Llama 2)
     c.reward.likelihood_term = (
-        False  # add a learned multiple of the response's mean log-prob (model.RewardModel)
+        False  # add a learned multiple of the response's mean log-prob (heads.RewardModel)
     )
     return c
 

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm import attention, rl
+from lm import attention
 from lm.errors import ConfigError
 from lm.sharding import ACT_EMBED, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP, POSITIONS, VOCAB
 
@@ -713,79 +713,6 @@ def build_model(config: ModelConfig) -> nn.Module:
     """The plain language model of `config.kind`: `Transformer` or `NNLM`, called alike
     (`__call__`, `last_logits`, `extend`, `prefill`; `init_cache` makes either's cache)."""
     return NNLM(config) if config.kind == "nnlm" else Transformer(config)
-
-
-class RewardModel(nn.Module):
-    """A scalar reward per sequence: the language model ('lm', a Transformer) read at each row's
-    last valid token by a Dense(1) 'head'. Its params are {'lm': plain LM params, 'head': ...}, so a
-    language model's checkpoint drops in under 'lm' (an untied model's lm_head is used only with
-    the likelihood term). Read at every position instead (`last_index=None`), the same network is
-    PPO's value model.
-
-    With `likelihood_term`, the score adds `likelihood_weight` (a learned scalar, starting at 1)
-    times the mean log-probability of the response tokens under the model's own language-model
-    head, and the head starts at zero: the SFT policy's judgement of its samples, which the
-    final-token head alone does not learn
-    to read (see docs/RLHF.md for the measured difference).
-    """
-
-    config: ModelConfig
-    likelihood_term: bool = False
-
-    @nn.compact
-    def __call__(
-        self,
-        tokens,
-        last_index=None,
-        first_index=None,
-        *,
-        positions=None,
-        segment_ids=None,
-        deterministic=True,
-    ):
-        """Scores sequences, or every position of any layout.
-
-        Args:
-          tokens: [batch, seq] int32; with last_index, row i is valid through column last_index[i].
-          last_index: [batch] int32 column of each row's last valid token (its EOS), or None.
-          first_index: [batch] int32 column of each row's first response token; needed with
-            `likelihood_term` and last_index.
-          positions, segment_ids: [batch, seq] int32 as for Transformer; with last_index, the
-            segment ids default to 1 through last_index and 0 after.
-          deterministic: False applies dropout (needs the 'dropout' rng).
-        Returns:
-          [batch] float32 scores at last_index; without it, [batch, seq] float32 per position.
-        """
-        cfg = self.config
-        b, n = tokens.shape
-        if last_index is not None and segment_ids is None:
-            segment_ids = (jnp.arange(n, dtype=jnp.int32)[None, :] <= last_index[:, None]).astype(jnp.int32)
-        lm = Transformer(cfg, name="lm")
-        kw = dict(positions=positions, segment_ids=segment_ids, deterministic=deterministic)
-        with_likelihood = self.likelihood_term and last_index is not None
-        if with_likelihood:
-            logits, hidden = lm.logits_and_hidden(tokens, **kw)  # [batch, seq, vocab], [batch, seq, d]
-        else:
-            hidden = lm.hidden(tokens, **kw)  # [batch, seq, d_model]
-        # N(0, 1/sqrt(d_model + 1)) as in lm-human-preferences: initial scores of about unit scale.
-        # With the likelihood term, zero: the model starts as the policy's likelihood (which ranks
-        # better than chance) and the head learns what it misses, not first to undo its own noise.
-        std = 0.0 if self.likelihood_term else 1 / math.sqrt(cfg.d_model + 1)
-        head = Linear((cfg.d_model,), (1,), (EMBED, None), cfg, std=std, name="head")
-        if last_index is None:
-            return head(hidden.reshape(b * n, cfg.d_model)).reshape(b, n).astype(jnp.float32)  # [batch, seq]
-        last = jnp.take_along_axis(hidden, last_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        score = head(last)[:, 0].astype(jnp.float32)  # [batch]
-        if not with_likelihood:
-            return score
-        if first_index is None:
-            raise ValueError("a reward model with the likelihood term needs first_index")
-        column = jnp.arange(n, dtype=jnp.int32)[None, :]
-        in_response = (column >= first_index[:, None]) & (column <= last_index[:, None])  # [batch, seq]
-        token_logp = rl.sequence_logprobs(logits, tokens, in_response)  # [batch, seq - 1]
-        mean_logp = jnp.sum(token_logp, axis=1) / jnp.maximum(jnp.sum(in_response[:, 1:], axis=1), 1)
-        weight = self.param("likelihood_weight", _constant(nn.initializers.ones, ()), (), cfg.params_dtype)
-        return score + weight.astype(jnp.float32) * mean_logp
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int):

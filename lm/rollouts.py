@@ -292,7 +292,7 @@ class Setting:
     resolved: dict  # what was adopted from the SFT run (architecture, template)
     policy: object  # saved_model.SavedModel of the SFT policy
     model: Transformer
-    reward_model: object  # lm.model.RewardModel (also the value model's network)
+    reward_model: object  # lm.heads.RewardModel (also the value model's network)
     reward_params: dict
     reward_norm: dict
     train_examples: list

@@ -18,7 +18,8 @@ from lm import checkpoint, lora, sharding, trainer
 from lm import metrics as metrics_lib
 from lm.data.tokenizer import Tokenizer, load_tokenizer
 from lm.errors import CheckpointError, UserError
-from lm.model import ModelConfig, RewardModel, Transformer, build_model
+from lm.heads import RewardModel
+from lm.model import ModelConfig, Transformer, build_model
 
 CHOICES = ("auto", "best", "latest")
 COMPARISONS_FILE = "comparisons.npz"  # a reward-model workdir's comparisons (DPO trains on them too)

@@ -16,7 +16,8 @@ from lm import losses, saved_model, sharding
 from lm.data import comparison_batches, graded_tasks, pipeline, preferences
 from lm.data.tokenizer import ByteTokenizer
 from lm.errors import DataError
-from lm.model import ModelConfig, RewardModel, Transformer
+from lm.heads import RewardModel
+from lm.model import ModelConfig, Transformer
 from lm.tasks import reward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,8 @@ from configs import common as configs_common
 from lm import evaluation, optim, rollouts, sampling, sharding
 from lm.data import preferences
 from lm.errors import ConfigError
-from lm.model import ModelConfig, RewardModel, Transformer
+from lm.heads import RewardModel
+from lm.model import ModelConfig, Transformer
 from lm.tasks import dpo, ppo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

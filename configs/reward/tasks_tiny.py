@@ -9,7 +9,7 @@ trains on the ranked pairs and reports eval_accuracy on the held-out prompts' co
 Tasks: add, reverse and constrained_line. Not sort: the tiny SFT policy scores 0.16 on it and its
 samples are numbers that are not in the prompt, whose grader ranks turn on chance coincidences:
 held-out accuracy on sort pairs is 0.51-0.58 for every reward model we trained and 0.52 for the
-SFT policy's own likelihood (docs/RLHF.md). The likelihood term (model.RewardModel) lifts reverse
+SFT policy's own likelihood (docs/RLHF.md). The likelihood term (heads.RewardModel) lifts reverse
 from 0.68 to 0.81 and constrained_line from 0.80 to 0.85.
 """
 

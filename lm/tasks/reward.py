@@ -36,7 +36,7 @@ from lm.data import comparison_batches as batches_lib
 from lm.data import preferences
 from lm.data.tokenizer import load_tokenizer
 from lm.errors import ConfigError
-from lm.model import RewardModel
+from lm.heads import RewardModel
 
 SOURCES = ("graded_tasks", "hh", "trl")
 # config.reward keys that do not change the comparisons (the rest name the cached data).
