@@ -167,6 +167,18 @@ def _init(std: float, axes: tuple):
     return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
 
 
+def _embedding(cfg: ModelConfig, rows: int, row_axis, name: str) -> nn.Embed:
+    """A [rows, d_model] table of the Transformer (token, position or token-type embeddings)."""
+    return nn.Embed(
+        rows,
+        cfg.d_model,
+        embedding_init=_init(0.02, (row_axis, EMBED)),
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        name=name,
+    )
+
+
 def _constant(init, axes: tuple):
     return nn.with_logical_partitioning(init, axes)
 
@@ -439,24 +451,10 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, n), jnp.int32)
         positions = positions + cfg.prompt_length  # a soft prompt takes the first positions
-        embed = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            embedding_init=_init(0.02, (VOCAB, EMBED)),
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-            name="token_embed",
-        )
+        embed = _embedding(cfg, cfg.vocab_size, VOCAB, "token_embed")
         pos_table = None
         if cfg.positions == "learned":
-            pos_table = nn.Embed(
-                cfg.max_seq_len,
-                cfg.d_model,
-                embedding_init=_init(0.02, (POSITIONS, EMBED)),
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.params_dtype,
-                name="pos_embed",
-            )
+            pos_table = _embedding(cfg, cfg.max_seq_len, POSITIONS, "pos_embed")
 
         def pos_embed(x, p):  # x [..., seq, d_model] + learned positions p [..., seq]
             return x if pos_table is None else x + pos_table(p)
@@ -464,14 +462,7 @@ class Transformer(nn.Module):
         x = pos_embed(embed(tokens), positions)  # [batch, seq, d_model]
         if cfg.type_vocab_size:
             types = jnp.zeros((b, n), jnp.int32) if token_types is None else token_types
-            x = x + nn.Embed(
-                cfg.type_vocab_size,
-                cfg.d_model,
-                embedding_init=_init(0.02, (None, EMBED)),
-                dtype=cfg.compute_dtype,
-                param_dtype=cfg.params_dtype,
-                name="type_embed",
-            )(types)
+            x = x + _embedding(cfg, cfg.type_vocab_size, None, "type_embed")(types)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
 
         if cache is None:
